@@ -1,0 +1,384 @@
+/**
+ * AdminService: the operator's API. Thin handlers that validate the request, call the MarketStore
+ * and translate records to proto messages (Dates → Unix ms bigint, null → zero values). Every
+ * failure leaves through toConnectError, so status codes are decided in one place.
+ */
+import type { MessageInitShape } from "@bufbuild/protobuf";
+import type { ServiceImpl } from "@connectrpc/connect";
+import {
+  type AccountSchema,
+  type AdminService,
+  type ApiKeySchema,
+  type BalanceSchema,
+  type OrderSchema,
+  OrderStatus,
+  type RoutingDefaultsSchema,
+  type WorkerSchema,
+} from "../../gen/locallmarket/v1/admin_pb.js";
+import type { OfferSchema } from "../../gen/locallmarket/v1/common_pb.js";
+import { MarketError } from "../market/errors.js";
+import type { WorkerConnection, WorkerRegistry } from "../market/registry.js";
+import type {
+  AccountRecord,
+  ApiKeyRecord,
+  Balance,
+  MarketStore,
+  OfferRecord,
+  OrderRecord,
+  OrderStatus as OrderStatusName,
+  RoutingDefaults,
+  WorkerRecord,
+} from "../market/store-port.js";
+import { toConnectError } from "./connect-error.js";
+
+export interface AdminServiceDeps {
+  store: MarketStore;
+  registry: WorkerRegistry;
+}
+
+/** ListOrders' page size when the request says 0, and the most it returns at once. */
+export const DEFAULT_ORDER_LIMIT = 50;
+export const MAX_ORDER_LIMIT = 1000;
+/** The label of the API key created with an account. */
+export const FIRST_API_KEY_LABEL = "default";
+const MAX_NAME_LENGTH = 200;
+const MAX_LABEL_LENGTH = 200;
+const MAX_IDEMPOTENCY_KEY_LENGTH = 200;
+const UINT32_MAX = 0xffff_ffff;
+
+const ORDER_STATUSES: Readonly<Record<OrderStatusName, OrderStatus>> = {
+  running: OrderStatus.RUNNING,
+  completed: OrderStatus.COMPLETED,
+  failed: OrderStatus.FAILED,
+  cancelled: OrderStatus.CANCELLED,
+};
+
+export function createAdminService(deps: AdminServiceDeps): ServiceImpl<typeof AdminService> {
+  const { store, registry } = deps;
+
+  const impl: ServiceImpl<typeof AdminService> = {
+    async createAccount(req) {
+      const name = requireText(req.name, "name", MAX_NAME_LENGTH);
+      if (req.initialDeposit < 0n) {
+        throw invalid(
+          `initial_deposit must be zero or a positive number of micro-credits, got ${req.initialDeposit}`,
+          "initial_deposit",
+        );
+      }
+      const account = await store.createAccount({ name });
+      const { secret } = await store.createApiKey(account.id, FIRST_API_KEY_LABEL);
+      const balance =
+        req.initialDeposit > 0n
+          ? await store.deposit(account.id, req.initialDeposit)
+          : await store.getBalance(account.id);
+      return { account: accountMessage(account), apiKey: secret, balance: balanceMessage(balance) };
+    },
+
+    async getAccount(req) {
+      const accountId = requireText(req.accountId, "account_id");
+      const account = await store.getAccount(accountId);
+      if (!account) throw new MarketError("not_found", `account ${accountId} not found`, "account_id");
+      const balance = await store.getBalance(accountId);
+      return { account: accountMessage(account), balance: balanceMessage(balance) };
+    },
+
+    async listAccounts() {
+      const accounts = await store.listAccounts();
+      return { accounts: accounts.map(accountMessage) };
+    },
+
+    async updateAccountDefaults(req) {
+      const accountId = requireText(req.accountId, "account_id");
+      const defaults = routingDefaultsFromMessage(req.defaults);
+      const account = await store.updateAccountDefaults(accountId, defaults);
+      return { account: accountMessage(account) };
+    },
+
+    async createApiKey(req) {
+      const accountId = requireText(req.accountId, "account_id");
+      const label = optionalLabel(req.label, FIRST_API_KEY_LABEL);
+      const { key, secret } = await store.createApiKey(accountId, label);
+      return { key: apiKeyMessage(key), apiKey: secret };
+    },
+
+    async listApiKeys(req) {
+      const accountId = requireText(req.accountId, "account_id");
+      const keys = await store.listApiKeys(accountId);
+      return { keys: keys.map(apiKeyMessage) };
+    },
+
+    async revokeApiKey(req) {
+      const keyId = requireText(req.keyId, "key_id");
+      const key = await store.revokeApiKey(keyId);
+      return { key: apiKeyMessage(key) };
+    },
+
+    async createWorkerToken(req) {
+      const accountId = requireText(req.accountId, "account_id");
+      const label = optionalLabel(req.label, "worker");
+      const { workerId, secret } = await store.createWorkerToken(accountId, label);
+      return { workerId, workerToken: secret };
+    },
+
+    async deposit(req) {
+      const accountId = requireText(req.accountId, "account_id");
+      const amount = requirePositiveAmount(req.amount);
+      const balance = await store.deposit(accountId, amount, idempotencyKey(req.idempotencyKey));
+      return { balance: balanceMessage(balance) };
+    },
+
+    async withdraw(req) {
+      const accountId = requireText(req.accountId, "account_id");
+      const amount = requirePositiveAmount(req.amount);
+      const balance = await store.withdraw(accountId, amount, idempotencyKey(req.idempotencyKey));
+      return { balance: balanceMessage(balance) };
+    },
+
+    async getBalance(req) {
+      const accountId = requireText(req.accountId, "account_id");
+      const balance = await store.getBalance(accountId);
+      return { balance: balanceMessage(balance) };
+    },
+
+    async listOrders(req) {
+      const accountId = req.accountId.trim();
+      const limit = req.limit === 0 ? DEFAULT_ORDER_LIMIT : Math.min(req.limit, MAX_ORDER_LIMIT);
+      const orders = await store.listOrders(accountId ? { accountId, limit } : { limit });
+      return { orders: orders.map(orderMessage) };
+    },
+
+    async getOrder(req) {
+      const orderId = requireText(req.orderId, "order_id");
+      const order = await store.getOrder(orderId);
+      if (!order) throw new MarketError("not_found", `order ${orderId} not found`, "order_id");
+      return { order: orderMessage(order) };
+    },
+
+    async listWorkers() {
+      const stored = await store.listWorkers();
+      const known = new Set(stored.map((worker) => worker.id));
+      const workers = stored.map((worker) => workerMessage(worker, registry.get(worker.id)));
+      // A live connection the store does not list yet (e.g. a listing taken mid-connect) is still
+      // a worker the operator should see.
+      for (const live of registry.list()) {
+        if (!known.has(live.workerId)) workers.push(liveOnlyWorkerMessage(live));
+      }
+      return { workers };
+    },
+
+    async auditLedger() {
+      const audit = await store.auditLedger();
+      return {
+        ok: audit.ok,
+        entriesSum: audit.entriesSum,
+        entryCount: BigInt(audit.entryCount),
+        problems: audit.problems,
+      };
+    },
+  };
+
+  return withConnectErrors(impl);
+}
+
+/** Wraps every method so that whatever it throws reaches the client through toConnectError. */
+function withConnectErrors(impl: ServiceImpl<typeof AdminService>): ServiceImpl<typeof AdminService> {
+  const wrapped: Record<string, unknown> = {};
+  for (const [name, method] of Object.entries(impl) as [string, (...args: unknown[]) => Promise<unknown>][]) {
+    wrapped[name] = async (...args: unknown[]) => {
+      try {
+        return await method(...args);
+      } catch (error) {
+        throw toConnectError(error);
+      }
+    };
+  }
+  return wrapped as ServiceImpl<typeof AdminService>;
+}
+
+// --- validation -------------------------------------------------------------------------------
+
+function invalid(message: string, param: string): MarketError {
+  return new MarketError("invalid_request", message, param);
+}
+
+function requireText(value: string, field: string, maxLength = 200): string {
+  const text = value.trim();
+  if (!text) throw invalid(`${field} is required`, field);
+  if (text.length > maxLength) throw invalid(`${field} must be at most ${maxLength} characters`, field);
+  return text;
+}
+
+function optionalLabel(value: string, fallback: string): string {
+  const label = value.trim();
+  if (label.length > MAX_LABEL_LENGTH) {
+    throw invalid(`label must be at most ${MAX_LABEL_LENGTH} characters`, "label");
+  }
+  return label || fallback;
+}
+
+function requirePositiveAmount(amount: bigint): bigint {
+  if (amount <= 0n) {
+    throw invalid(`amount must be a positive number of micro-credits, got ${amount}`, "amount");
+  }
+  return amount;
+}
+
+function idempotencyKey(value: string): string | undefined {
+  const key = value.trim();
+  if (key.length > MAX_IDEMPOTENCY_KEY_LENGTH) {
+    throw invalid(
+      `idempotency_key must be at most ${MAX_IDEMPOTENCY_KEY_LENGTH} characters`,
+      "idempotency_key",
+    );
+  }
+  return key || undefined;
+}
+
+function routingDefaultsFromMessage(
+  message:
+    | { maxPricePerMillionInput?: bigint; maxPricePerMillionOutput?: bigint; minTokensPerSecond?: number }
+    | undefined,
+): RoutingDefaults {
+  const defaults: RoutingDefaults = {};
+  if (!message) return defaults;
+  if (message.maxPricePerMillionInput !== undefined) {
+    if (message.maxPricePerMillionInput < 0n) {
+      throw invalid(
+        "defaults.max_price_per_million_input must not be negative",
+        "max_price_per_million_input",
+      );
+    }
+    defaults.maxPricePerMillionInput = message.maxPricePerMillionInput;
+  }
+  if (message.maxPricePerMillionOutput !== undefined) {
+    if (message.maxPricePerMillionOutput < 0n) {
+      throw invalid(
+        "defaults.max_price_per_million_output must not be negative",
+        "max_price_per_million_output",
+      );
+    }
+    defaults.maxPricePerMillionOutput = message.maxPricePerMillionOutput;
+  }
+  if (message.minTokensPerSecond !== undefined) {
+    if (!Number.isFinite(message.minTokensPerSecond) || message.minTokensPerSecond < 0) {
+      throw invalid(
+        "defaults.min_tokens_per_second must be a finite number of tokens per second, zero or more",
+        "min_tokens_per_second",
+      );
+    }
+    defaults.minTokensPerSecond = message.minTokensPerSecond;
+  }
+  return defaults;
+}
+
+// --- records → messages -----------------------------------------------------------------------
+
+function unixMs(date: Date | null): bigint {
+  return date ? BigInt(date.getTime()) : 0n;
+}
+
+/** Milliseconds between two instants as a uint32, 0 when either is missing. */
+function elapsedMs(from: Date, to: Date | null): number {
+  if (!to) return 0;
+  return Math.min(UINT32_MAX, Math.max(0, Math.round(to.getTime() - from.getTime())));
+}
+
+function routingDefaultsMessage(defaults: RoutingDefaults): MessageInitShape<typeof RoutingDefaultsSchema> {
+  const message: MessageInitShape<typeof RoutingDefaultsSchema> = {};
+  if (defaults.maxPricePerMillionInput !== undefined) {
+    message.maxPricePerMillionInput = defaults.maxPricePerMillionInput;
+  }
+  if (defaults.maxPricePerMillionOutput !== undefined) {
+    message.maxPricePerMillionOutput = defaults.maxPricePerMillionOutput;
+  }
+  if (defaults.minTokensPerSecond !== undefined) message.minTokensPerSecond = defaults.minTokensPerSecond;
+  return message;
+}
+
+function accountMessage(account: AccountRecord): MessageInitShape<typeof AccountSchema> {
+  return {
+    id: account.id,
+    name: account.name,
+    createdAtUnixMs: unixMs(account.createdAt),
+    defaults: routingDefaultsMessage(account.defaults),
+  };
+}
+
+function balanceMessage(balance: Balance): MessageInitShape<typeof BalanceSchema> {
+  return { available: balance.available, held: balance.held };
+}
+
+function apiKeyMessage(key: ApiKeyRecord): MessageInitShape<typeof ApiKeySchema> {
+  return {
+    id: key.id,
+    accountId: key.accountId,
+    label: key.label,
+    prefix: key.prefix,
+    createdAtUnixMs: unixMs(key.createdAt),
+    revokedAtUnixMs: unixMs(key.revokedAt),
+  };
+}
+
+function orderMessage(order: OrderRecord): MessageInitShape<typeof OrderSchema> {
+  return {
+    id: order.id,
+    consumerAccountId: order.consumerAccountId,
+    workerId: order.workerId ?? "",
+    model: order.model,
+    status: ORDER_STATUSES[order.status] ?? OrderStatus.UNSPECIFIED,
+    promptTokens: order.promptTokens,
+    completionTokens: order.completionTokens,
+    cost: order.cost,
+    fee: order.fee,
+    hold: order.hold,
+    createdAtUnixMs: unixMs(order.createdAt),
+    timeToFirstTokenMs: elapsedMs(order.createdAt, order.firstTokenAt),
+    durationMs: elapsedMs(order.createdAt, order.finishedAt),
+    error: order.error ?? "",
+    pricePerMillionInput: order.pricePerMillionInput,
+    pricePerMillionOutput: order.pricePerMillionOutput,
+  };
+}
+
+function offerMessage(offer: OfferRecord): MessageInitShape<typeof OfferSchema> {
+  return {
+    model: offer.model,
+    pricePerMillionInput: offer.pricePerMillionInput,
+    pricePerMillionOutput: offer.pricePerMillionOutput,
+    advertisedTokensPerSecond: offer.advertisedTokensPerSecond,
+    maxConcurrency: offer.maxConcurrency,
+    contextLength: offer.contextLength,
+    quantization: offer.quantization,
+    engine: offer.engine,
+  };
+}
+
+/** A stored worker, with its live state when it is connected now (live offers win: they are current). */
+function workerMessage(
+  worker: WorkerRecord,
+  live: WorkerConnection | undefined,
+): MessageInitShape<typeof WorkerSchema> {
+  return {
+    id: worker.id,
+    accountId: worker.accountId,
+    name: live?.name || worker.name,
+    online: live !== undefined,
+    offers: (live?.offers ?? worker.offers).map(offerMessage),
+    activeJobs: live?.activeJobs ?? 0,
+    lastSeenUnixMs: unixMs(worker.lastSeenAt),
+    agentVersion: worker.agentVersion,
+  };
+}
+
+function liveOnlyWorkerMessage(live: WorkerConnection): MessageInitShape<typeof WorkerSchema> {
+  return {
+    id: live.workerId,
+    accountId: live.providerAccountId,
+    name: live.name,
+    online: true,
+    offers: live.offers.map(offerMessage),
+    activeJobs: live.activeJobs,
+    lastSeenUnixMs: BigInt(Date.now()),
+    agentVersion: "",
+  };
+}

@@ -1,0 +1,946 @@
+/**
+ * `locallmarket admin …`: the operator's command line, a gRPC client of AdminService.
+ *
+ * Every command is one row of COMMANDS (name, options, help text, run). Amounts typed on the
+ * command line are credits (decimals allowed); amounts printed with --json are micro-credits as
+ * decimal strings. Exit codes: 0 success, 1 server error (or a failed ledger audit), 2 usage error.
+ */
+import { parseArgs } from "node:util";
+import { toJson } from "@bufbuild/protobuf";
+import { type Client, Code, ConnectError, createClient } from "@connectrpc/connect";
+import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
+import {
+  type Account,
+  AdminService,
+  type ApiKey,
+  AuditLedgerResponseSchema,
+  type Balance,
+  GetAccountResponseSchema,
+  GetOrderResponseSchema,
+  ListAccountsResponseSchema,
+  ListApiKeysResponseSchema,
+  ListOrdersResponseSchema,
+  ListWorkersResponseSchema,
+  type Order,
+  OrderStatus,
+  RevokeApiKeyResponseSchema,
+  type RoutingDefaults,
+  UpdateAccountDefaultsResponseSchema,
+} from "../../gen/locallmarket/v1/admin_pb.js";
+import { isMarketError } from "../market/errors.js";
+import { formatCredits, parseCredits } from "../market/money.js";
+import { adminTokenHeaderInterceptor } from "./admin-auth.js";
+
+const PROGRAM = "locallmarket admin";
+const DEFAULT_SERVER = "http://127.0.0.1:50051";
+const DEFAULT_API_URL = "http://127.0.0.1:8080";
+const CALL_TIMEOUT_MS = 30_000;
+
+export interface AdminCliIo {
+  /** Receives everything meant for stdout (text ends with "\n"). */
+  stdout: (text: string) => void;
+  /** Receives errors and diagnostics. */
+  stderr: (text: string) => void;
+  /** Where LOCALLMARKET_* defaults come from. */
+  env: Readonly<Record<string, string | undefined>>;
+}
+
+// --- the option and command model ------------------------------------------------------------
+
+interface OptionSpec {
+  type: "string" | "boolean";
+  /** How a string option's value is shown in help, e.g. "ID". */
+  value?: string;
+  short?: string;
+  description: string;
+  required?: boolean;
+  env?: string;
+  default?: string;
+}
+
+type Options = Record<string, OptionSpec>;
+
+class UsageError extends Error {}
+
+type AdminClient = Client<typeof AdminService>;
+
+/** What a command's run() gets: its parsed options, the client and the output. */
+class Context {
+  constructor(
+    readonly client: AdminClient,
+    private readonly values: Record<string, string | boolean | undefined>,
+    private readonly options: Options,
+    private readonly io: AdminCliIo,
+    readonly json: boolean,
+    readonly server: string,
+  ) {}
+
+  /** A string option's value: the flag, else its env var, else its default. */
+  text(name: string): string | undefined {
+    const spec = this.options[name];
+    const flag = this.values[name];
+    if (typeof flag === "string") return flag;
+    const fromEnv = spec?.env ? nonEmpty(this.io.env[spec.env]) : undefined;
+    return fromEnv ?? spec?.default;
+  }
+
+  required(name: string): string {
+    const value = this.text(name);
+    if (value === undefined || value.trim() === "") throw new UsageError(`--${name} is required`);
+    return value.trim();
+  }
+
+  /** A credit amount typed by the operator, in µc. */
+  credits(name: string, rule: "positive" | "non-negative"): bigint | undefined {
+    const value = this.text(name);
+    if (value === undefined) return undefined;
+    const micros = parseCredits(value, `--${name}`);
+    if (rule === "positive" && micros <= 0n) throw new UsageError(`--${name} must be more than 0 credits`);
+    return micros;
+  }
+
+  positiveInteger(name: string): number | undefined {
+    const value = this.text(name);
+    if (value === undefined) return undefined;
+    const number = /^\d+$/.test(value.trim()) ? Number(value) : Number.NaN;
+    if (!Number.isSafeInteger(number) || number < 1 || number > 0xffff_ffff) {
+      throw new UsageError(`--${name} must be a positive whole number, got "${value}"`);
+    }
+    return number;
+  }
+
+  nonNegativeNumber(name: string): number | undefined {
+    const value = this.text(name);
+    if (value === undefined) return undefined;
+    const number = /^\d+(\.\d+)?$/.test(value.trim()) ? Number(value) : Number.NaN;
+    if (!Number.isFinite(number))
+      throw new UsageError(`--${name} must be a number, zero or more, got "${value}"`);
+    return number;
+  }
+
+  /** Prints `human` lines, or `json` as one line of JSON with --json. */
+  print(human: () => string[], json: () => unknown): void {
+    if (this.json) this.io.stdout(`${stringifyJson(json())}\n`);
+    else this.io.stdout(`${human().join("\n")}\n`);
+  }
+}
+
+interface Command {
+  /** One or two words, e.g. "account create". */
+  name: string;
+  summary: string;
+  /** Extra help paragraphs. */
+  details?: string[];
+  /** What --json prints. */
+  jsonOutput: string;
+  options: Options;
+  /** Resolves to the exit code; undefined means 0. */
+  run: (ctx: Context) => Promise<number | undefined>;
+}
+
+const GLOBAL_OPTIONS: Options = {
+  server: {
+    type: "string",
+    value: "URL",
+    description: "the control plane's gRPC address",
+    env: "LOCALLMARKET_SERVER",
+    default: DEFAULT_SERVER,
+  },
+  "admin-token": {
+    type: "string",
+    value: "TOKEN",
+    description: "the admin token (printed by the server on its first start, kept in <data-dir>/admin-token)",
+    env: "LOCALLMARKET_ADMIN_TOKEN",
+  },
+  json: { type: "boolean", description: "print one line of JSON; amounts in micro-credits as strings" },
+  help: { type: "boolean", short: "h", description: "show help for the command" },
+};
+
+const ACCOUNT: OptionSpec = { type: "string", value: "ID", description: "the account's id", required: true };
+const LABEL: OptionSpec = { type: "string", value: "LABEL", description: "a label to recognise it by" };
+const IDEMPOTENCY_KEY: OptionSpec = {
+  type: "string",
+  value: "KEY",
+  description: "repeating the command with the same key has no further effect",
+};
+const API_URL: OptionSpec = {
+  type: "string",
+  value: "URL",
+  description: "the OpenAI-compatible HTTP API's base URL, used in the printed curl example",
+  env: "LOCALLMARKET_API_URL",
+  default: DEFAULT_API_URL,
+};
+const PROTO_JSON = "the response message as proto JSON (camelCase fields, int64 as strings)";
+
+// --- the commands ----------------------------------------------------------------------------
+
+const COMMANDS: Command[] = [
+  {
+    name: "account create",
+    summary: "create an account with a first API key and an optional deposit",
+    details: ["The API key is printed only once. The account can both consume and provide."],
+    jsonOutput: '{"accountId":"…","apiKey":"…","name":"…","balance":{"available":"µc","held":"µc"}}',
+    options: {
+      name: { type: "string", value: "NAME", description: "a display name", required: true },
+      deposit: {
+        type: "string",
+        value: "CREDITS",
+        description: "credits to deposit now, decimals allowed",
+        default: "0",
+      },
+      "api-url": API_URL,
+    },
+    async run(ctx) {
+      const res = await ctx.client.createAccount({
+        name: ctx.required("name"),
+        initialDeposit: ctx.credits("deposit", "non-negative") ?? 0n,
+      });
+      const id = res.account?.id ?? "";
+      const balance = balanceJson(res.balance);
+      ctx.print(
+        () => [
+          `Created account ${id} ("${res.account?.name ?? ""}").`,
+          `API key: ${res.apiKey}`,
+          "  It is shown only this once: store it now.",
+          `Balance: ${describeBalance(res.balance)}`,
+          "",
+          "Next:",
+          "  Call the API with the key:",
+          ...curlExample(ctx.text("api-url") ?? DEFAULT_API_URL, res.apiKey).map((line) => `    ${line}`),
+          "  Add credits:",
+          `    ${PROGRAM} deposit --account ${id} --amount 10`,
+          "  Sell compute with this account (creates the credential a worker connects with):",
+          `    ${PROGRAM} worker-token create --account ${id} --label my-gpu`,
+        ],
+        () => ({ accountId: id, apiKey: res.apiKey, name: res.account?.name ?? "", balance }),
+      );
+      return 0;
+    },
+  },
+  {
+    name: "account list",
+    summary: "list all accounts, newest first",
+    jsonOutput: `{"accounts":[…]}, ${PROTO_JSON}`,
+    options: {},
+    async run(ctx) {
+      const res = await ctx.client.listAccounts({});
+      ctx.print(
+        () =>
+          res.accounts.length === 0
+            ? ["No accounts yet."]
+            : table(
+                ["ID", "NAME", "CREATED", "DEFAULTS"],
+                res.accounts.map((a) => [
+                  a.id,
+                  a.name,
+                  timestamp(a.createdAtUnixMs),
+                  describeDefaults(a.defaults),
+                ]),
+              ),
+        () => toJson(ListAccountsResponseSchema, res, { alwaysEmitImplicit: true }),
+      );
+      return 0;
+    },
+  },
+  {
+    name: "account get",
+    summary: "show one account and its balance",
+    jsonOutput: `{"account":{…},"balance":{…}}, ${PROTO_JSON}`,
+    options: { account: ACCOUNT },
+    async run(ctx) {
+      const res = await ctx.client.getAccount({ accountId: ctx.required("account") });
+      ctx.print(
+        () => [...describeAccount(res.account), `Balance:  ${describeBalance(res.balance)}`],
+        () => toJson(GetAccountResponseSchema, res, { alwaysEmitImplicit: true }),
+      );
+      return 0;
+    },
+  },
+  {
+    name: "account defaults",
+    summary: "set an account's default routing caps (used when a request has no `provider` object)",
+    details: ["The caps given replace the old ones entirely: a cap left out is removed."],
+    jsonOutput: `{"account":{…}}, ${PROTO_JSON}`,
+    options: {
+      account: ACCOUNT,
+      "max-price-in": {
+        type: "string",
+        value: "CREDITS_PER_1M",
+        description: "highest acceptable price per 1M prompt tokens, credits (default: no cap)",
+      },
+      "max-price-out": {
+        type: "string",
+        value: "CREDITS_PER_1M",
+        description: "highest acceptable price per 1M completion tokens, credits (default: no cap)",
+      },
+      "min-tps": {
+        type: "string",
+        value: "N",
+        description: "lowest acceptable throughput, tokens per second (default: no cap)",
+      },
+    },
+    async run(ctx) {
+      const res = await ctx.client.updateAccountDefaults({
+        accountId: ctx.required("account"),
+        defaults: {
+          maxPricePerMillionInput: ctx.credits("max-price-in", "non-negative"),
+          maxPricePerMillionOutput: ctx.credits("max-price-out", "non-negative"),
+          minTokensPerSecond: ctx.nonNegativeNumber("min-tps"),
+        },
+      });
+      ctx.print(
+        () => [`Defaults of ${res.account?.id ?? ""}: ${describeDefaults(res.account?.defaults)}`],
+        () => toJson(UpdateAccountDefaultsResponseSchema, res, { alwaysEmitImplicit: true }),
+      );
+      return 0;
+    },
+  },
+  {
+    name: "key create",
+    summary: "create another API key for an account",
+    details: ["The key is printed only once."],
+    jsonOutput: '{"apiKey":"…","keyId":"…","accountId":"…","label":"…","prefix":"…"}',
+    options: { account: ACCOUNT, label: { ...LABEL, default: "default" }, "api-url": API_URL },
+    async run(ctx) {
+      const res = await ctx.client.createApiKey({
+        accountId: ctx.required("account"),
+        label: ctx.text("label"),
+      });
+      const key = res.key;
+      ctx.print(
+        () => [
+          `Created API key ${key?.id ?? ""} ("${key?.label ?? ""}") for account ${key?.accountId ?? ""}.`,
+          `API key: ${res.apiKey}`,
+          "  It is shown only this once: store it now.",
+          "",
+          "Call the API with it:",
+          ...curlExample(ctx.text("api-url") ?? DEFAULT_API_URL, res.apiKey).map((line) => `  ${line}`),
+        ],
+        () => ({
+          apiKey: res.apiKey,
+          keyId: key?.id ?? "",
+          accountId: key?.accountId ?? "",
+          label: key?.label ?? "",
+          prefix: key?.prefix ?? "",
+        }),
+      );
+      return 0;
+    },
+  },
+  {
+    name: "key list",
+    summary: "list an account's API keys (never their secrets)",
+    jsonOutput: `{"keys":[…]}, ${PROTO_JSON}`,
+    options: { account: ACCOUNT },
+    async run(ctx) {
+      const res = await ctx.client.listApiKeys({ accountId: ctx.required("account") });
+      ctx.print(
+        () =>
+          res.keys.length === 0
+            ? ["No API keys."]
+            : table(
+                ["ID", "LABEL", "PREFIX", "CREATED", "REVOKED"],
+                res.keys.map((k) => [
+                  k.id,
+                  k.label,
+                  k.prefix,
+                  timestamp(k.createdAtUnixMs),
+                  timestamp(k.revokedAtUnixMs),
+                ]),
+              ),
+        () => toJson(ListApiKeysResponseSchema, res, { alwaysEmitImplicit: true }),
+      );
+      return 0;
+    },
+  },
+  {
+    name: "key revoke",
+    summary: "revoke an API key; requests with it get 401 from then on",
+    jsonOutput: `{"key":{…}}, ${PROTO_JSON}`,
+    options: {
+      key: { type: "string", value: "KEY_ID", description: "the key's id (not its secret)", required: true },
+    },
+    async run(ctx) {
+      const res = await ctx.client.revokeApiKey({ keyId: ctx.required("key") });
+      ctx.print(
+        () => [describeRevokedKey(res.key)],
+        () => toJson(RevokeApiKeyResponseSchema, res, { alwaysEmitImplicit: true }),
+      );
+      return 0;
+    },
+  },
+  {
+    name: "worker-token create",
+    summary: "create a worker token: the credential a worker machine connects with",
+    details: [
+      "The account is the provider paid for the worker's jobs. The token is printed only once and",
+      "always connects as the same worker id.",
+    ],
+    jsonOutput: '{"workerToken":"…","workerId":"…","accountId":"…"}',
+    options: { account: { ...ACCOUNT, value: "ACCOUNT_ID" }, label: { ...LABEL, default: "worker" } },
+    async run(ctx) {
+      const accountId = ctx.required("account");
+      const res = await ctx.client.createWorkerToken({ accountId, label: ctx.text("label") });
+      ctx.print(
+        () => [
+          `Created worker ${res.workerId} for account ${accountId}.`,
+          `Worker token: ${res.workerToken}`,
+          "  It is shown only this once: give it to the worker machine now.",
+          `The worker connects to ${ctx.server} with it and is paid into ${accountId}.`,
+          `Check it came online with: ${PROGRAM} workers`,
+        ],
+        () => ({ workerToken: res.workerToken, workerId: res.workerId, accountId }),
+      );
+      return 0;
+    },
+  },
+  {
+    name: "deposit",
+    summary: "add credits to an account from outside the platform",
+    jsonOutput: '{"available":"µc","held":"µc"} (the balance after the deposit)',
+    options: {
+      account: ACCOUNT,
+      amount: {
+        type: "string",
+        value: "CREDITS",
+        description: "credits to add, decimals allowed",
+        required: true,
+      },
+      "idempotency-key": IDEMPOTENCY_KEY,
+    },
+    async run(ctx) {
+      const accountId = ctx.required("account");
+      const amount = ctx.credits("amount", "positive") ?? 0n;
+      const res = await ctx.client.deposit({
+        accountId,
+        amount,
+        idempotencyKey: ctx.text("idempotency-key"),
+      });
+      ctx.print(
+        () => [
+          `Deposited ${formatCredits(amount)} credits into ${accountId}. Balance: ${describeBalance(res.balance)}`,
+        ],
+        () => balanceJson(res.balance),
+      );
+      return 0;
+    },
+  },
+  {
+    name: "withdraw",
+    summary: "pay credits out of an account's available balance",
+    jsonOutput: '{"available":"µc","held":"µc"} (the balance after the withdrawal)',
+    options: {
+      account: ACCOUNT,
+      amount: {
+        type: "string",
+        value: "CREDITS",
+        description: "credits to pay out, decimals allowed",
+        required: true,
+      },
+      "idempotency-key": IDEMPOTENCY_KEY,
+    },
+    async run(ctx) {
+      const accountId = ctx.required("account");
+      const amount = ctx.credits("amount", "positive") ?? 0n;
+      const res = await ctx.client.withdraw({
+        accountId,
+        amount,
+        idempotencyKey: ctx.text("idempotency-key"),
+      });
+      ctx.print(
+        () => [
+          `Withdrew ${formatCredits(amount)} credits from ${accountId}. Balance: ${describeBalance(res.balance)}`,
+        ],
+        () => balanceJson(res.balance),
+      );
+      return 0;
+    },
+  },
+  {
+    name: "balance",
+    summary: "show an account's balance",
+    jsonOutput: '{"available":"µc","held":"µc"}',
+    options: { account: ACCOUNT },
+    async run(ctx) {
+      const accountId = ctx.required("account");
+      const res = await ctx.client.getBalance({ accountId });
+      ctx.print(
+        () => [`${accountId}: ${describeBalance(res.balance)}`],
+        () => balanceJson(res.balance),
+      );
+      return 0;
+    },
+  },
+  {
+    name: "orders",
+    summary: "list orders, newest first",
+    jsonOutput: `{"orders":[…]}, ${PROTO_JSON}`,
+    options: {
+      account: {
+        type: "string",
+        value: "ID",
+        description: "only this consumer account's orders (default: all)",
+      },
+      limit: { type: "string", value: "N", description: "at most this many", default: "50" },
+    },
+    async run(ctx) {
+      const res = await ctx.client.listOrders({
+        accountId: ctx.text("account"),
+        limit: ctx.positiveInteger("limit"),
+      });
+      ctx.print(
+        () =>
+          res.orders.length === 0
+            ? ["No orders."]
+            : table(
+                ["ID", "STATUS", "MODEL", "CONSUMER", "WORKER", "TOKENS IN/OUT", "COST", "CREATED"],
+                res.orders.map((o) => [
+                  o.id,
+                  statusName(o.status),
+                  o.model,
+                  o.consumerAccountId,
+                  o.workerId || "-",
+                  `${o.promptTokens}/${o.completionTokens}`,
+                  formatCredits(o.cost),
+                  timestamp(o.createdAtUnixMs),
+                ]),
+              ),
+        () => toJson(ListOrdersResponseSchema, res, { alwaysEmitImplicit: true }),
+      );
+      return 0;
+    },
+  },
+  {
+    name: "order",
+    summary: "show one order",
+    jsonOutput: `{"order":{…}}, ${PROTO_JSON}`,
+    options: { id: { type: "string", value: "ORDER_ID", description: "the order's id", required: true } },
+    async run(ctx) {
+      const res = await ctx.client.getOrder({ orderId: ctx.required("id") });
+      ctx.print(
+        () => describeOrder(res.order),
+        () => toJson(GetOrderResponseSchema, res, { alwaysEmitImplicit: true }),
+      );
+      return 0;
+    },
+  },
+  {
+    name: "workers",
+    summary: "list known workers, their offers and whether they are connected now",
+    jsonOutput: `{"workers":[…]}, ${PROTO_JSON}`,
+    options: {},
+    async run(ctx) {
+      const res = await ctx.client.listWorkers({});
+      ctx.print(
+        () =>
+          res.workers.length === 0
+            ? ["No workers yet."]
+            : table(
+                ["ID", "NAME", "ACCOUNT", "STATE", "JOBS", "OFFERS (credits per 1M in/out)", "LAST SEEN"],
+                res.workers.map((w) => [
+                  w.id,
+                  w.name || "-",
+                  w.accountId,
+                  w.online ? "online" : "offline",
+                  String(w.activeJobs),
+                  w.offers
+                    .map(
+                      (o) =>
+                        `${o.model} ${formatCredits(o.pricePerMillionInput)}/${formatCredits(o.pricePerMillionOutput)}`,
+                    )
+                    .join(", ") || "-",
+                  timestamp(w.lastSeenUnixMs),
+                ]),
+              ),
+        () => toJson(ListWorkersResponseSchema, res, { alwaysEmitImplicit: true }),
+      );
+      return 0;
+    },
+  },
+  {
+    name: "audit-ledger",
+    summary: "check the ledger's invariants (exit code 1 when one is violated)",
+    jsonOutput: `{"ok":…,"entriesSum":"…","entryCount":"…","problems":[…]}, ${PROTO_JSON}`,
+    options: {},
+    async run(ctx) {
+      const res = await ctx.client.auditLedger({});
+      ctx.print(
+        () => [
+          res.ok ? "Ledger OK." : "Ledger NOT OK.",
+          `Entries: ${res.entryCount}, sum: ${res.entriesSum} µc`,
+          ...res.problems.map((problem) => `  problem: ${problem}`),
+        ],
+        () => toJson(AuditLedgerResponseSchema, res, { alwaysEmitImplicit: true }),
+      );
+      return res.ok ? 0 : 1;
+    },
+  },
+];
+
+// --- entry point -----------------------------------------------------------------------------
+
+/** Runs one admin command; resolves to the process exit code. */
+export async function runAdminCli(argv: string[], io: Partial<AdminCliIo> = {}): Promise<number> {
+  const out: AdminCliIo = {
+    stdout: io.stdout ?? ((text) => process.stdout.write(text)),
+    stderr: io.stderr ?? ((text) => process.stderr.write(text)),
+    env: io.env ?? process.env,
+  };
+  const usageError = (message: string): number => {
+    out.stderr(`error: ${message}\nRun \`${PROGRAM} --help\` for the list of commands.\n`);
+    return 2;
+  };
+
+  if (argv[0] === "help") return showHelpFor(splitCommandWords(argv.slice(1)).words, out);
+  const { words, rest } = splitCommandWords(argv);
+  const wantsHelp = rest.includes("--help") || rest.includes("-h");
+  if (words.length === 0) {
+    if (wantsHelp) {
+      out.stdout(globalHelp());
+      return 0;
+    }
+    out.stderr(globalHelp());
+    return 2;
+  }
+
+  const command = findCommand(words);
+  if (!command) {
+    const group = words[0] ?? "";
+    if (words.length === 1 && groupCommands(group).length > 0) {
+      if (wantsHelp) {
+        out.stdout(groupHelp(group));
+        return 0;
+      }
+      return usageError(
+        `"${group}" needs a subcommand: ${groupCommands(group).map(subcommandOf).join(", ")}`,
+      );
+    }
+    return usageError(`unknown command "${words.join(" ")}"`);
+  }
+  const consumed = command.name.split(" ").length;
+  const args = [...words.slice(consumed), ...rest];
+
+  const options = { ...GLOBAL_OPTIONS, ...command.options };
+  let values: Record<string, string | boolean | undefined>;
+  try {
+    values = parseArgs({
+      args,
+      options: parseArgsOptions(options),
+      strict: true,
+      allowPositionals: false,
+    }).values;
+  } catch (error) {
+    return usageError(error instanceof Error ? error.message : String(error));
+  }
+  if (values.help === true) {
+    out.stdout(commandHelp(command));
+    return 0;
+  }
+
+  const server =
+    typeof values.server === "string"
+      ? values.server
+      : (nonEmpty(out.env.LOCALLMARKET_SERVER) ?? DEFAULT_SERVER);
+  const token =
+    typeof values["admin-token"] === "string"
+      ? values["admin-token"]
+      : nonEmpty(out.env.LOCALLMARKET_ADMIN_TOKEN);
+  if (!isHttpUrl(server)) return usageError(`--server must be an http:// or https:// URL, got "${server}"`);
+  if (!token) {
+    return usageError(
+      "no admin token: pass --admin-token or set LOCALLMARKET_ADMIN_TOKEN (the server prints it on its first start)",
+    );
+  }
+
+  const sessionManager = new Http2SessionManager(server);
+  const transport = createGrpcTransport({
+    baseUrl: server,
+    sessionManager,
+    interceptors: [adminTokenHeaderInterceptor(token)],
+    defaultTimeoutMs: CALL_TIMEOUT_MS,
+  });
+  const ctx = new Context(
+    createClient(AdminService, transport),
+    values,
+    options,
+    out,
+    values.json === true,
+    server,
+  );
+  try {
+    return (await command.run(ctx)) ?? 0;
+  } catch (error) {
+    if (error instanceof UsageError || isMarketError(error)) return usageError(error.message);
+    if (error instanceof ConnectError) {
+      out.stderr(`error: ${error.rawMessage} (${Code[error.code]})\n`);
+      const hint = hintFor(error.code, server);
+      if (hint) out.stderr(`hint: ${hint}\n`);
+      return 1;
+    }
+    out.stderr(`error: ${error instanceof Error ? error.message : String(error)}\n`);
+    return 1;
+  } finally {
+    sessionManager.abort();
+  }
+}
+
+function hintFor(code: Code, server: string): string | undefined {
+  switch (code) {
+    case Code.Unavailable:
+    case Code.DeadlineExceeded:
+      return `is the control plane running and reachable at ${server}? (--server / LOCALLMARKET_SERVER)`;
+    case Code.Unauthenticated:
+      return "check --admin-token / LOCALLMARKET_ADMIN_TOKEN against the token the server printed";
+    default:
+      return undefined;
+  }
+}
+
+// --- argument handling -----------------------------------------------------------------------
+
+const ALL_OPTIONS: Options = Object.assign({}, GLOBAL_OPTIONS, ...COMMANDS.map((command) => command.options));
+
+/**
+ * Takes the command's words (the first one or two arguments that are not options or option
+ * values) out of argv, so options may come before or after them.
+ */
+function splitCommandWords(argv: string[]): { words: string[]; rest: string[] } {
+  const words: string[] = [];
+  const rest: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i] ?? "";
+    if (arg === "--") {
+      rest.push(...argv.slice(i));
+      break;
+    }
+    if (arg.startsWith("-")) {
+      rest.push(arg);
+      const spec = arg.startsWith("--") && !arg.includes("=") ? ALL_OPTIONS[arg.slice(2)] : undefined;
+      if (spec?.type === "string" && i + 1 < argv.length) rest.push(argv[++i] ?? "");
+      continue;
+    }
+    if (words.length < 2) words.push(arg);
+    else rest.push(arg);
+  }
+  return { words, rest };
+}
+
+/** The command named by the first two words, else by the first one. */
+function findCommand(words: string[]): Command | undefined {
+  const two = words.slice(0, 2).join(" ");
+  return COMMANDS.find((c) => c.name === two) ?? COMMANDS.find((c) => c.name === words[0]);
+}
+
+function groupCommands(group: string): Command[] {
+  return COMMANDS.filter((command) => command.name.startsWith(`${group} `));
+}
+
+function subcommandOf(command: Command): string {
+  return command.name.split(" ").slice(1).join(" ");
+}
+
+function parseArgsOptions(options: Options): Record<string, { type: "string" | "boolean"; short?: string }> {
+  return Object.fromEntries(
+    Object.entries(options).map(([name, spec]) => [
+      name,
+      spec.short ? { type: spec.type, short: spec.short } : { type: spec.type },
+    ]),
+  );
+}
+
+function nonEmpty(value: string | undefined): string | undefined {
+  return value?.trim() ? value.trim() : undefined;
+}
+
+function isHttpUrl(text: string): boolean {
+  try {
+    const url = new URL(text);
+    return url.protocol === "http:" || url.protocol === "https:";
+  } catch {
+    return false;
+  }
+}
+
+// --- help ------------------------------------------------------------------------------------
+
+function showHelpFor(words: string[], io: AdminCliIo): number {
+  if (words.length === 0) {
+    io.stdout(globalHelp());
+    return 0;
+  }
+  const command = findCommand(words);
+  if (command) {
+    io.stdout(commandHelp(command));
+    return 0;
+  }
+  const group = words[0] ?? "";
+  if (groupCommands(group).length > 0) {
+    io.stdout(groupHelp(group));
+    return 0;
+  }
+  io.stderr(`error: unknown command "${words.join(" ")}"\n`);
+  return 2;
+}
+
+function globalHelp(): string {
+  const width = Math.max(...COMMANDS.map((c) => c.name.length)) + 2;
+  return [
+    `Usage: ${PROGRAM} <command> [options]`,
+    "",
+    "Operates a LocalLMarket control plane over its admin gRPC API.",
+    "Amounts typed on the command line are credits (decimals allowed, e.g. 2.5);",
+    "amounts printed with --json are micro-credits (1 credit = 1,000,000 µc) as strings.",
+    "",
+    "Commands:",
+    ...COMMANDS.map((c) => `  ${c.name.padEnd(width)}${c.summary}`),
+    "",
+    "Global options (accepted by every command):",
+    ...optionLines(GLOBAL_OPTIONS),
+    "",
+    `Run \`${PROGRAM} <command> --help\` for a command's options.`,
+    "Exit codes: 0 success, 1 server error (or failed ledger audit), 2 usage error.",
+    "",
+  ].join("\n");
+}
+
+function groupHelp(group: string): string {
+  const commands = groupCommands(group);
+  const width = Math.max(...commands.map((c) => c.name.length)) + 2;
+  return [
+    `Usage: ${PROGRAM} ${group} <subcommand> [options]`,
+    "",
+    "Subcommands:",
+    ...commands.map((c) => `  ${c.name.padEnd(width)}${c.summary}`),
+    "",
+    `Run \`${PROGRAM} ${group} <subcommand> --help\` for its options.`,
+    "",
+  ].join("\n");
+}
+
+function commandHelp(command: Command): string {
+  const synopsis = Object.entries(command.options).map(([name, spec]) => {
+    const flag = spec.type === "string" ? `--${name} ${spec.value ?? "VALUE"}` : `--${name}`;
+    return spec.required ? flag : `[${flag}]`;
+  });
+  const lines = [
+    `Usage: ${PROGRAM} ${[command.name, ...synopsis, "[global options]"].join(" ")}`,
+    "",
+    `${command.summary.charAt(0).toUpperCase()}${command.summary.slice(1)}.`,
+    ...(command.details ?? []),
+    "",
+  ];
+  if (Object.keys(command.options).length > 0) lines.push("Options:", ...optionLines(command.options), "");
+  lines.push(
+    "Global options:",
+    ...optionLines(GLOBAL_OPTIONS),
+    "",
+    `With --json, prints: ${command.jsonOutput}`,
+    "Exit codes: 0 success, 1 server error, 2 usage error.",
+    "",
+  );
+  return lines.join("\n");
+}
+
+function optionLines(options: Options): string[] {
+  const flags = Object.entries(options).map(([name, spec]) => {
+    const long = spec.type === "string" ? `--${name} ${spec.value ?? "VALUE"}` : `--${name}`;
+    return spec.short ? `-${spec.short}, ${long}` : long;
+  });
+  const width = Math.max(...flags.map((flag) => flag.length)) + 2;
+  return Object.values(options).map((spec, i) => {
+    const notes = [
+      spec.required ? "required" : undefined,
+      spec.env ? `env: ${spec.env}` : undefined,
+      spec.default !== undefined ? `default: ${spec.default}` : undefined,
+    ].filter((note) => note !== undefined);
+    const suffix = notes.length > 0 ? ` (${notes.join("; ")})` : "";
+    return `  ${(flags[i] ?? "").padEnd(width)}${spec.description}${suffix}`;
+  });
+}
+
+// --- output ----------------------------------------------------------------------------------
+
+/** JSON.stringify that writes bigints as decimal strings (JSON has no 64-bit integers). */
+function stringifyJson(value: unknown): string {
+  return JSON.stringify(value, (_key, v: unknown) => (typeof v === "bigint" ? v.toString() : v));
+}
+
+function balanceJson(balance: Balance | undefined): { available: string; held: string } {
+  return { available: String(balance?.available ?? 0n), held: String(balance?.held ?? 0n) };
+}
+
+function describeBalance(balance: Balance | undefined): string {
+  return `${formatCredits(balance?.available ?? 0n)} credits available, ${formatCredits(balance?.held ?? 0n)} held`;
+}
+
+function describeDefaults(defaults: RoutingDefaults | undefined): string {
+  const caps: string[] = [];
+  if (defaults?.maxPricePerMillionInput !== undefined) {
+    caps.push(`max ${formatCredits(defaults.maxPricePerMillionInput)} credits/1M in`);
+  }
+  if (defaults?.maxPricePerMillionOutput !== undefined) {
+    caps.push(`max ${formatCredits(defaults.maxPricePerMillionOutput)} credits/1M out`);
+  }
+  if (defaults?.minTokensPerSecond !== undefined) caps.push(`min ${defaults.minTokensPerSecond} tokens/s`);
+  return caps.length > 0 ? caps.join(", ") : "no caps";
+}
+
+function describeAccount(account: Account | undefined): string[] {
+  return [
+    `Account:  ${account?.id ?? ""}`,
+    `Name:     ${account?.name ?? ""}`,
+    `Created:  ${timestamp(account?.createdAtUnixMs ?? 0n)}`,
+    `Defaults: ${describeDefaults(account?.defaults)}`,
+  ];
+}
+
+function describeRevokedKey(key: ApiKey | undefined): string {
+  return `Revoked API key ${key?.id ?? ""} ("${key?.label ?? ""}", ${key?.prefix ?? ""}…) of account ${key?.accountId ?? ""} at ${timestamp(key?.revokedAtUnixMs ?? 0n)}.`;
+}
+
+function describeOrder(order: Order | undefined): string[] {
+  if (!order) return ["No order."];
+  return [
+    `Order:      ${order.id}`,
+    `Status:     ${statusName(order.status)}${order.error ? ` (${order.error})` : ""}`,
+    `Model:      ${order.model}`,
+    `Consumer:   ${order.consumerAccountId}`,
+    `Worker:     ${order.workerId || "-"}`,
+    `Prices:     ${formatCredits(order.pricePerMillionInput)} in / ${formatCredits(order.pricePerMillionOutput)} out, credits per 1M tokens`,
+    `Tokens:     ${order.promptTokens} prompt, ${order.completionTokens} completion`,
+    `Hold:       ${formatCredits(order.hold)} credits`,
+    `Cost:       ${formatCredits(order.cost)} credits (platform fee ${formatCredits(order.fee)})`,
+    `Created:    ${timestamp(order.createdAtUnixMs)}`,
+    `First token: ${order.timeToFirstTokenMs > 0 ? `${order.timeToFirstTokenMs} ms` : "-"}`,
+    `Duration:   ${order.durationMs > 0 ? `${order.durationMs} ms` : "-"}`,
+  ];
+}
+
+function statusName(status: OrderStatus): string {
+  return (OrderStatus[status] ?? "UNSPECIFIED").toLowerCase();
+}
+
+function timestamp(unixMs: bigint): string {
+  return unixMs > 0n ? new Date(Number(unixMs)).toISOString() : "-";
+}
+
+function curlExample(apiUrl: string, apiKey: string): string[] {
+  const body = '{"model":"MODEL","messages":[{"role":"user","content":"Hello"}]}';
+  return [
+    `curl ${apiUrl.replace(/\/+$/, "")}/v1/chat/completions \\`,
+    `  -H "Authorization: Bearer ${apiKey}" -H "Content-Type: application/json" \\`,
+    `  -d '${body}'`,
+  ];
+}
+
+function table(headers: string[], rows: string[][]): string[] {
+  const widths = headers.map((header, i) =>
+    Math.max(header.length, ...rows.map((row) => (row[i] ?? "").length)),
+  );
+  const line = (cells: string[]) =>
+    cells
+      .map((cell, i) => (i === cells.length - 1 ? cell : cell.padEnd(widths[i] ?? 0)))
+      .join("  ")
+      .trimEnd();
+  return [line(headers), ...rows.map(line)];
+}

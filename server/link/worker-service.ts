@@ -1,0 +1,115 @@
+/**
+ * WorkerService.Connect: authenticates a worker's Hello, registers its session in the live market
+ * and then pumps messages both ways until either side ends the stream.
+ */
+import { randomUUID } from "node:crypto";
+import { create } from "@bufbuild/protobuf";
+import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
+import {
+  type ConnectRequest,
+  type ConnectResponse,
+  ConnectResponseSchema,
+  RejectCode,
+  type WorkerService,
+} from "../../gen/locallmarket/v1/worker_pb.js";
+import { isMarketError } from "../market/errors.js";
+import type { MarketLogger } from "../market/marketplace.js";
+import type { WorkerRegistry } from "../market/registry.js";
+import type { MarketStore } from "../market/store-port.js";
+import { offersFromWire } from "./offers.js";
+import { WorkerSession } from "./worker-session.js";
+
+export interface WorkerServiceOptions {
+  store: MarketStore;
+  registry: WorkerRegistry;
+  log: MarketLogger;
+  heartbeatIntervalMs: number;
+  maxChunkBytes: number;
+}
+
+function reject(code: RejectCode, message: string): ConnectResponse {
+  return create(ConnectResponseSchema, { message: { case: "reject", value: { code, message } } });
+}
+
+export function createWorkerService(options: WorkerServiceOptions): ServiceImpl<typeof WorkerService> {
+  const { store, registry, log } = options;
+
+  return {
+    async *connect(requests: AsyncIterable<ConnectRequest>, context: HandlerContext) {
+      const incoming = requests[Symbol.asyncIterator]();
+      const first = await incoming.next();
+      if (first.done || first.value.message.case !== "hello") {
+        yield reject(RejectCode.INVALID_HELLO, "the first message must be Hello");
+        throw new ConnectError("the first message must be Hello", Code.InvalidArgument);
+      }
+      const hello = first.value.message.value;
+      const worker = await store.authenticateWorkerToken(hello.workerToken);
+      if (!worker) {
+        yield reject(RejectCode.UNAUTHENTICATED, "unknown or revoked worker token");
+        throw new ConnectError("unknown or revoked worker token", Code.Unauthenticated);
+      }
+      let offers: ReturnType<typeof offersFromWire>;
+      try {
+        offers = offersFromWire(hello.offers, { allowEmpty: false });
+      } catch (error) {
+        const message = isMarketError(error) ? error.message : "invalid Hello";
+        yield reject(RejectCode.INVALID_HELLO, message);
+        throw new ConnectError(message, Code.InvalidArgument);
+      }
+      const name = hello.workerName || worker.name || worker.id;
+      await store.recordWorkerConnected(worker.id, { name, agentVersion: hello.agentVersion, offers });
+
+      const session = new WorkerSession({
+        workerId: worker.id,
+        providerAccountId: worker.accountId,
+        name,
+        sessionId: randomUUID(),
+        offers,
+        heartbeatIntervalMs: options.heartbeatIntervalMs,
+        maxChunkBytes: options.maxChunkBytes,
+        log,
+        onClose: (closed) => registry.unregister(closed),
+      });
+      const replaced = registry.register(session);
+      if (replaced instanceof WorkerSession) {
+        replaced.close("replaced by a new connection with the same worker token", RejectCode.REPLACED);
+      }
+      log.info(
+        { workerId: worker.id, sessionId: session.sessionId, offers: offers.map((offer) => offer.model) },
+        "worker connected",
+      );
+
+      const onAbort = () => session.close("control plane shutting down", RejectCode.SHUTTING_DOWN);
+      context.signal.addEventListener("abort", onAbort, { once: true });
+      void (async () => {
+        try {
+          for (let next = await incoming.next(); !next.done; next = await incoming.next()) {
+            session.handle(next.value);
+          }
+          session.close("the worker ended the stream");
+        } catch (error) {
+          session.close(`stream error: ${error instanceof Error ? error.message : String(error)}`);
+        }
+      })();
+
+      try {
+        yield create(ConnectResponseSchema, {
+          message: {
+            case: "welcome",
+            value: {
+              workerId: worker.id,
+              sessionId: session.sessionId,
+              heartbeatIntervalMs: options.heartbeatIntervalMs,
+              maxChunkBytes: options.maxChunkBytes,
+              acceptedOffers: hello.offers,
+            },
+          },
+        });
+        yield* session.outbound;
+      } finally {
+        context.signal.removeEventListener("abort", onAbort);
+        session.close("stream closed");
+      }
+    },
+  };
+}

@@ -1,0 +1,147 @@
+/**
+ * Picks workers for a request. Pure: takes the live workers and the consumer's constraints,
+ * returns the candidates in the order the marketplace will try them.
+ */
+import { MarketError } from "./errors.js";
+import { orderCost } from "./money.js";
+import type { WorkerConnection, WorkerRegistry } from "./registry.js";
+import type { OfferRecord } from "./store-port.js";
+
+export type SortKey = "price" | "throughput" | "latency";
+
+/** Hard constraints and preferences of one request (from `provider` or the account's defaults). */
+export interface RoutingConstraints {
+  maxPricePerMillionInput?: bigint;
+  maxPricePerMillionOutput?: bigint;
+  minTokensPerSecond?: number;
+  sort: SortKey;
+  /** Worker ids to try first, in this order (OpenRouter's `order`). */
+  order: string[];
+  /** Worker ids never to use. */
+  ignore: string[];
+  allowFallbacks: boolean;
+}
+
+export interface Candidate {
+  connection: WorkerConnection;
+  offer: OfferRecord;
+  /** Measured tokens/s, or the advertised figure for a worker not measured yet. */
+  tokensPerSecond: number;
+  timeToFirstTokenMs: number;
+  /** The most this request can cost on this worker: the hold. */
+  worstCaseCost: bigint;
+}
+
+export interface MatchRequest {
+  model: string;
+  promptTokenBound: number;
+  maxTokens: number;
+  constraints: RoutingConstraints;
+}
+
+const UNMEASURED_TTFT_MS = 1_000;
+
+function offerFor(connection: WorkerConnection, model: string): OfferRecord | undefined {
+  return connection.offers.find((offer) => offer.model === model);
+}
+
+function hasFreeSlot(connection: WorkerConnection, offer: OfferRecord): boolean {
+  return connection.activeJobs < Math.max(1, offer.maxConcurrency);
+}
+
+function compareCandidates(sort: SortKey): (a: Candidate, b: Candidate) => number {
+  const byPrice = (a: Candidate, b: Candidate) =>
+    a.worstCaseCost === b.worstCaseCost ? 0 : a.worstCaseCost < b.worstCaseCost ? -1 : 1;
+  const byThroughput = (a: Candidate, b: Candidate) => b.tokensPerSecond - a.tokensPerSecond;
+  const byLatency = (a: Candidate, b: Candidate) => a.timeToFirstTokenMs - b.timeToFirstTokenMs;
+  const byLoad = (a: Candidate, b: Candidate) => a.connection.activeJobs - b.connection.activeJobs;
+  const keys =
+    sort === "throughput"
+      ? [byThroughput, byPrice, byLoad]
+      : sort === "latency"
+        ? [byLatency, byPrice, byThroughput, byLoad]
+        : [byPrice, byThroughput, byLoad];
+  return (a, b) => {
+    for (const key of keys) {
+      const difference = key(a, b);
+      if (difference !== 0) return difference;
+    }
+    return 0;
+  };
+}
+
+/**
+ * The workers that can serve the request, best first. Throws MarketError "model_not_found" when
+ * no connected worker offers the model at all, and "no_capacity" when some do but none is within
+ * the constraints or has a free slot, saying which constraint excluded them.
+ */
+export function pickWorkers(registry: WorkerRegistry, request: MatchRequest): Candidate[] {
+  const { constraints } = request;
+  const offering = registry
+    .list()
+    .map((connection) => ({ connection, offer: offerFor(connection, request.model) }))
+    .filter((entry): entry is { connection: WorkerConnection; offer: OfferRecord } => entry.offer !== undefined);
+  if (offering.length === 0) {
+    throw new MarketError("model_not_found", `No worker offers the model '${request.model}' right now.`, "model");
+  }
+
+  const excluded = { price: 0, throughput: 0, busy: 0 };
+  const candidates: Candidate[] = [];
+  for (const { connection, offer } of offering) {
+    if (constraints.ignore.includes(connection.workerId)) continue;
+    if (connection.draining || !hasFreeSlot(connection, offer)) {
+      excluded.busy++;
+      continue;
+    }
+    const tooExpensive =
+      (constraints.maxPricePerMillionInput !== undefined &&
+        offer.pricePerMillionInput > constraints.maxPricePerMillionInput) ||
+      (constraints.maxPricePerMillionOutput !== undefined &&
+        offer.pricePerMillionOutput > constraints.maxPricePerMillionOutput);
+    if (tooExpensive) {
+      excluded.price++;
+      continue;
+    }
+    const tokensPerSecond = registry.measuredTokensPerSecond(connection.workerId) ?? offer.advertisedTokensPerSecond;
+    if (constraints.minTokensPerSecond !== undefined && tokensPerSecond < constraints.minTokensPerSecond) {
+      excluded.throughput++;
+      continue;
+    }
+    candidates.push({
+      connection,
+      offer,
+      tokensPerSecond,
+      timeToFirstTokenMs: registry.measuredTimeToFirstTokenMs(connection.workerId) ?? UNMEASURED_TTFT_MS,
+      worstCaseCost: orderCost(
+        request.promptTokenBound,
+        request.maxTokens,
+        offer.pricePerMillionInput,
+        offer.pricePerMillionOutput,
+      ),
+    });
+  }
+
+  if (candidates.length === 0) {
+    const reasons = [
+      excluded.price > 0 ? `${excluded.price} above your max_price` : "",
+      excluded.throughput > 0 ? `${excluded.throughput} below your min_throughput` : "",
+      excluded.busy > 0 ? `${excluded.busy} busy or draining` : "",
+    ].filter(Boolean);
+    throw new MarketError(
+      "no_capacity",
+      `No worker for '${request.model}' meets the constraints (${offering.length} offering it: ${reasons.join(", ") || "all ignored"}).`,
+      "provider",
+    );
+  }
+
+  candidates.sort(compareCandidates(constraints.sort));
+  if (constraints.order.length > 0) {
+    const rank = (candidate: Candidate) => {
+      const index = constraints.order.indexOf(candidate.connection.workerId);
+      return index === -1 ? constraints.order.length : index;
+    };
+    // Array.prototype.sort is stable, so unlisted workers keep the sort order above.
+    candidates.sort((a, b) => rank(a) - rank(b));
+  }
+  return constraints.allowFallbacks ? candidates : candidates.slice(0, 1);
+}

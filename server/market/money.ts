@@ -1,0 +1,72 @@
+/**
+ * Money arithmetic. Everything is integer micro-credits (µc, 1 credit = 1,000,000 µc) in bigint;
+ * prices are µc per one million tokens. No floats touch an amount.
+ */
+import { MarketError } from "./errors.js";
+
+export const MICROS_PER_CREDIT = 1_000_000n;
+const TOKENS_PER_PRICE_UNIT = 1_000_000n;
+const BASIS_POINTS = 10_000n;
+
+/** Parses a decimal credit amount ("12", "0.5", "1.000001") into µc, exactly. */
+export function parseCredits(text: string, field = "amount"): bigint {
+  const match = /^(\d+)(?:\.(\d{1,6}))?$/.exec(text.trim());
+  if (!match) {
+    throw new MarketError(
+      "invalid_request",
+      `${field} must be a non-negative number of credits with at most 6 decimals, got "${text}"`,
+      field,
+    );
+  }
+  const whole = BigInt(match[1] ?? "0");
+  const fraction = BigInt((match[2] ?? "").padEnd(6, "0"));
+  return whole * MICROS_PER_CREDIT + fraction;
+}
+
+/** Formats µc as a decimal credit string without losing digits ("1.5", "0.000001"). */
+export function formatCredits(micros: bigint): string {
+  const sign = micros < 0n ? "-" : "";
+  const abs = micros < 0n ? -micros : micros;
+  const whole = abs / MICROS_PER_CREDIT;
+  const fraction = (abs % MICROS_PER_CREDIT).toString().padStart(6, "0").replace(/0+$/, "");
+  return `${sign}${whole}${fraction ? `.${fraction}` : ""}`;
+}
+
+function ceilDiv(numerator: bigint, denominator: bigint): bigint {
+  return (numerator + denominator - 1n) / denominator;
+}
+
+/** Cost = ceil((prompt·p_in + completion·p_out) / 1e6): the platform never rounds a charge to 0 µc. */
+export function orderCost(
+  promptTokens: number,
+  completionTokens: number,
+  pricePerMillionInput: bigint,
+  pricePerMillionOutput: bigint,
+): bigint {
+  const total = BigInt(promptTokens) * pricePerMillionInput + BigInt(completionTokens) * pricePerMillionOutput;
+  return ceilDiv(total, TOKENS_PER_PRICE_UNIT);
+}
+
+/** The platform's fee, rounded down so rounding always favours the provider. */
+export function platformFee(cost: bigint, feeBasisPoints: number): bigint {
+  return (cost * BigInt(feeBasisPoints)) / BASIS_POINTS;
+}
+
+/** Allowance for a chat template's special tokens, per message and per conversation. */
+const TEMPLATE_TOKENS_PER_MESSAGE = 8;
+const TEMPLATE_TOKENS_PER_CONVERSATION = 16;
+
+/**
+ * An upper bound on a conversation's prompt tokens that holds for any tokenizer the platform can
+ * meet: a token never encodes less than one UTF-8 byte (byte-level BPE and SentencePiece with byte
+ * fallback both satisfy this), plus an allowance for the special tokens a chat template adds.
+ * Engine-reported prompt counts above it are capped to it and flagged.
+ */
+export function promptTokenBound(messages: ReadonlyArray<{ role: string; content: string; name?: string }>): number {
+  let bytes = 0;
+  for (const message of messages) {
+    bytes += Buffer.byteLength(message.role) + Buffer.byteLength(message.content);
+    if (message.name) bytes += Buffer.byteLength(message.name);
+  }
+  return bytes + messages.length * TEMPLATE_TOKENS_PER_MESSAGE + TEMPLATE_TOKENS_PER_CONVERSATION;
+}

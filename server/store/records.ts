@@ -1,0 +1,94 @@
+/** Conversions between stored entities and the record types of the market's store port. */
+import type {
+  AccountRecord,
+  ApiKeyRecord,
+  Balance,
+  OfferRecord,
+  OrderRecord,
+  RoutingDefaults,
+  WorkerRecord,
+} from "../market/store-port.js";
+import type { Account, ApiKey, Order, StoredOffer, Worker } from "./entities.js";
+
+export function toAccountRecord(account: Account): AccountRecord {
+  const defaults: RoutingDefaults = {};
+  if (account.defaultMaxPricePerMillionInput != null) {
+    defaults.maxPricePerMillionInput = account.defaultMaxPricePerMillionInput;
+  }
+  if (account.defaultMaxPricePerMillionOutput != null) {
+    defaults.maxPricePerMillionOutput = account.defaultMaxPricePerMillionOutput;
+  }
+  if (account.defaultMinTokensPerSecond != null) {
+    defaults.minTokensPerSecond = account.defaultMinTokensPerSecond;
+  }
+  return { id: account.id, name: account.name, createdAt: account.createdAt, defaults };
+}
+
+export function toBalance(account: Account): Balance {
+  return { available: account.available, held: account.held };
+}
+
+export function toApiKeyRecord(key: ApiKey): ApiKeyRecord {
+  return {
+    id: key.id,
+    accountId: key.account,
+    label: key.label,
+    prefix: key.prefix,
+    createdAt: key.createdAt,
+    revokedAt: key.revokedAt ?? null,
+  };
+}
+
+export function toWorkerRecord(worker: Worker): WorkerRecord {
+  return {
+    id: worker.id,
+    accountId: worker.account,
+    name: worker.name,
+    agentVersion: worker.agentVersion,
+    offers: worker.offers.map(fromStoredOffer),
+    lastSeenAt: worker.lastSeenAt ?? null,
+  };
+}
+
+export function toStoredOffer(offer: OfferRecord): StoredOffer {
+  return {
+    ...offer,
+    pricePerMillionInput: offer.pricePerMillionInput.toString(),
+    pricePerMillionOutput: offer.pricePerMillionOutput.toString(),
+  };
+}
+
+function fromStoredOffer(offer: StoredOffer): OfferRecord {
+  return {
+    ...offer,
+    pricePerMillionInput: BigInt(offer.pricePerMillionInput),
+    pricePerMillionOutput: BigInt(offer.pricePerMillionOutput),
+  };
+}
+
+export function toOrderRecord(order: Order): OrderRecord {
+  return {
+    id: order.id,
+    consumerAccountId: order.consumerAccount,
+    apiKeyId: order.apiKey,
+    model: order.model,
+    workerId: order.worker ?? null,
+    providerAccountId: order.providerAccount ?? null,
+    status: order.status,
+    pricePerMillionInput: order.pricePerMillionInput,
+    pricePerMillionOutput: order.pricePerMillionOutput,
+    hold: order.hold,
+    maxTokens: order.maxTokens,
+    promptTokens: order.promptTokens,
+    completionTokens: order.completionTokens,
+    reportedPromptTokens: order.reportedPromptTokens ?? null,
+    reportedCompletionTokens: order.reportedCompletionTokens ?? null,
+    cost: order.cost,
+    fee: order.fee,
+    finishReason: order.finishReason ?? null,
+    error: order.error ?? null,
+    createdAt: order.createdAt,
+    firstTokenAt: order.firstTokenAt ?? null,
+    finishedAt: order.finishedAt ?? null,
+  };
+}

@@ -1,0 +1,87 @@
+/**
+ * Fresh, isolated databases for tests. With DATABASE_URL set (CI), each call creates a uniquely
+ * named database on that server; otherwise it makes a temporary data directory for embedded PGlite.
+ */
+import { randomBytes } from "node:crypto";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import type { MikroORM } from "@mikro-orm/postgresql";
+import pg from "pg";
+import { openDatabase } from "../../server/store/database.js";
+import { SqlMarketStore } from "../../server/store/market-store.js";
+
+export interface TestDatabase {
+  /** The fresh database's URL, or undefined for embedded PGlite in dataDir. */
+  databaseUrl: string | undefined;
+  dataDir: string;
+  /** Drops the database (or removes the data directory). */
+  drop(): Promise<void>;
+}
+
+export async function createTestDatabase(): Promise<TestDatabase> {
+  const dataDir = await mkdtemp(join(tmpdir(), "locallmarket-test-"));
+  const removeDataDir = () => rm(dataDir, { recursive: true, force: true });
+  const serverUrl = process.env.DATABASE_URL;
+  if (!serverUrl) {
+    return { databaseUrl: undefined, dataDir, drop: removeDataDir };
+  }
+
+  const name = `llm_test_${randomBytes(6).toString("hex")}`;
+  await withClient(serverUrl, (client) => client.query(`create database ${name}`));
+  const url = new URL(serverUrl);
+  url.pathname = `/${name}`;
+  return {
+    databaseUrl: url.toString(),
+    dataDir,
+    async drop() {
+      // FORCE ends sessions a test may have left open (PostgreSQL 13+).
+      await withClient(serverUrl, (client) => client.query(`drop database if exists ${name} with (force)`));
+      await removeDataDir();
+    },
+  };
+}
+
+export interface TestStore {
+  store: SqlMarketStore;
+  /** The store's ORM, for tests that reach under the store (e.g. to corrupt data on purpose). */
+  orm: MikroORM;
+  databaseUrl?: string;
+  dataDir: string;
+  /** Closes the store and its database, then drops the database. */
+  close(): Promise<void>;
+}
+
+export async function openTestStore(): Promise<TestStore> {
+  const testDatabase = await createTestDatabase();
+  try {
+    const database = await openDatabase({
+      databaseUrl: testDatabase.databaseUrl,
+      dataDir: testDatabase.dataDir,
+    });
+    const store = new SqlMarketStore(database.orm, database.close);
+    return {
+      store,
+      orm: database.orm,
+      databaseUrl: testDatabase.databaseUrl,
+      dataDir: testDatabase.dataDir,
+      async close() {
+        await store.close();
+        await testDatabase.drop();
+      },
+    };
+  } catch (error) {
+    await testDatabase.drop();
+    throw error;
+  }
+}
+
+async function withClient<T>(url: string, work: (client: pg.Client) => Promise<T>): Promise<T> {
+  const client = new pg.Client({ connectionString: url });
+  await client.connect();
+  try {
+    return await work(client);
+  } finally {
+    await client.end();
+  }
+}

@@ -1,0 +1,132 @@
+/**
+ * The inference engine abstraction the worker runs jobs on.
+ *
+ * An engine turns one chat conversation into a stream of text pieces. `generate()` returns an async
+ * generator: each yielded value is a piece of output text with the number of tokens that produced
+ * it, and the generator's *return value* is the final {@link GenerationResult} (why it stopped and
+ * the engine's own token counts). Use {@link runGeneration} to consume both conveniently.
+ *
+ * Contract for implementations:
+ * - Pieces are in order, never split a UTF-8 character, and their `tokenCount`s sum to the number
+ *   of completion tokens streamed.
+ * - Never more than `maxTokens` completion tokens (when `maxTokens > 0`); hitting the limit ends
+ *   the generation with finish reason `"length"`.
+ * - When `signal` aborts, generation stops promptly and the generator *returns* (does not throw)
+ *   with finish reason `"cancelled"`.
+ * - Failures throw an {@link EngineError} whose `code` tells the worker how to report them.
+ */
+
+/** Why a generation ended. */
+export type EngineFinishReason = "stop" | "length" | "content_filter" | "cancelled";
+
+/** Token counts as the engine reports them. */
+export interface EngineUsage {
+  /** Tokens in the rendered prompt (including BOS / template tokens). */
+  promptTokens: number;
+  /** Tokens generated. */
+  completionTokens: number;
+}
+
+/** A piece of generated text. */
+export interface EnginePiece {
+  /** Text generated since the previous piece; never a partial UTF-8 character. */
+  text: string;
+  /** How many tokens produced this text (usually 1; more when a character spans tokens). */
+  tokenCount: number;
+}
+
+/** The outcome of a generation, the return value of {@link Engine.generate}'s generator. */
+export interface GenerationResult {
+  finishReason: EngineFinishReason;
+  /** Present when the engine reported (or knows) its token counts. */
+  usage?: EngineUsage;
+}
+
+/** One chat message. */
+export interface EngineMessage {
+  role: string;
+  content: string;
+  name?: string;
+}
+
+/** Sampling parameters; an unset field means "the engine's default". */
+export interface EngineSampling {
+  /** 0 means greedy decoding. */
+  temperature?: number;
+  topP?: number;
+  /** Stop sequences; they are not included in the output. */
+  stop?: string[];
+  seed?: number;
+  presencePenalty?: number;
+  frequencyPenalty?: number;
+}
+
+/** One generation request (one job). */
+export interface GenerateRequest {
+  /** The model name (as offered; engines may map it to their own name). */
+  model: string;
+  messages: EngineMessage[];
+  sampling: EngineSampling;
+  /** The most completion tokens to generate; 0 means no explicit limit (engine / context bound). */
+  maxTokens: number;
+  /** Aborting stops the generation, which then returns with finish reason "cancelled". */
+  signal: AbortSignal;
+}
+
+/** The generator returned by {@link Engine.generate}. */
+export type Generation = AsyncGenerator<EnginePiece, GenerationResult, undefined>;
+
+/** An inference engine. */
+export interface Engine {
+  /** Short engine name for offers and logs, e.g. "openai-compatible" or "llama.cpp". */
+  readonly name: string;
+  /** Starts a generation. Errors may surface on the first `next()`. */
+  generate(request: GenerateRequest): Generation;
+  /** Releases resources (models, connections). Running generations are cancelled. */
+  close(): Promise<void>;
+}
+
+/** How an engine failure maps to a JobFailed code. */
+export type EngineErrorCode = "engine_error" | "invalid_input" | "model_unavailable" | "overloaded";
+
+/** An engine failure with a machine-readable code. */
+export class EngineError extends Error {
+  readonly code: EngineErrorCode;
+  constructor(code: EngineErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = "EngineError";
+    this.code = code;
+  }
+}
+
+/**
+ * Drives a generation to its end, calling `onPiece` for every piece (awaited, so the caller can
+ * apply back-pressure), and resolves with the generation's result. Errors from the engine reject.
+ */
+export async function runGeneration(
+  generation: Generation,
+  onPiece: (piece: EnginePiece) => void | Promise<void>,
+): Promise<GenerationResult> {
+  for (;;) {
+    const step = await generation.next();
+    if (step.done) return step.value;
+    try {
+      await onPiece(step.value);
+    } catch (error) {
+      // Let the engine release what it holds (run its `finally` blocks) before rethrowing.
+      await generation.return({ finishReason: "cancelled" }).catch(() => undefined);
+      throw error;
+    }
+  }
+}
+
+/** Runs a generation and collects everything: handy for tests and one-shot use. */
+export async function collectGeneration(
+  generation: Generation,
+): Promise<{ pieces: EnginePiece[]; text: string; result: GenerationResult }> {
+  const pieces: EnginePiece[] = [];
+  const result = await runGeneration(generation, (piece) => {
+    pieces.push(piece);
+  });
+  return { pieces, text: pieces.map((p) => p.text).join(""), result };
+}
