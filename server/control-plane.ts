@@ -7,8 +7,8 @@
  */
 import http2 from "node:http2";
 import type { AddressInfo } from "node:net";
-import { connectNodeAdapter } from "@connectrpc/connect-node";
 import { fastifyConnectPlugin } from "@connectrpc/connect-fastify";
+import { connectNodeAdapter } from "@connectrpc/connect-node";
 import Fastify, { type FastifyBaseLogger, type FastifyInstance } from "fastify";
 import { AdminService } from "../gen/locallmarket/v1/admin_pb.js";
 import { WorkerService } from "../gen/locallmarket/v1/worker_pb.js";
@@ -47,7 +47,6 @@ export async function startControlPlane(config: ServerConfig): Promise<ControlPl
   const app: FastifyInstance = Fastify({
     logger: { level: config.logLevel },
     bodyLimit: config.maxBodyBytes,
-    disableRequestLogging: config.logLevel !== "debug" && config.logLevel !== "trace",
   });
   const log = app.log;
   const database = await openDatabase({ databaseUrl: config.databaseUrl, dataDir: config.dataDir });

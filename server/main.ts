@@ -14,7 +14,9 @@ export async function runServerCli(argv: string[]): Promise<number> {
   try {
     config = parseServerConfig(argv);
   } catch (error) {
-    process.stderr.write(`error: ${error instanceof Error ? error.message : String(error)}\n\n${serverHelp()}\n`);
+    process.stderr.write(
+      `error: ${error instanceof Error ? error.message : String(error)}\n\n${serverHelp()}\n`,
+    );
     return 2;
   }
   const plane = await startControlPlane(config);

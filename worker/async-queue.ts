@@ -46,13 +46,20 @@ export class AsyncQueue<T> implements AsyncIterable<T> {
     return new Promise((resolve) => this.waiters.push(resolve));
   }
 
-  [Symbol.asyncIterator](): AsyncIterator<T, undefined> {
-    return {
-      next: () => this.shift(),
-      return: async () => {
-        this.close();
-        return { value: undefined, done: true };
-      },
-    };
+  /**
+   * Iterates until the queue is closed. It is an async generator on purpose: connect-es requires
+   * the request iterable of a streaming call to implement `throw()` (it fails the call with
+   * "AsyncIterable does not implement throw" otherwise). Ending the iteration early closes the queue.
+   */
+  async *[Symbol.asyncIterator](): AsyncGenerator<T, void, undefined> {
+    try {
+      for (;;) {
+        const step = await this.shift();
+        if (step.done) return;
+        yield step.value;
+      }
+    } finally {
+      this.close();
+    }
   }
 }

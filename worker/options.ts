@@ -248,7 +248,10 @@ export function formatMicroCredits(micro: bigint): string {
  * "worker" is tolerated) and environment variables into validated options.
  * Throws {@link WorkerOptionsError} on missing or invalid options.
  */
-export function parseWorkerArgs(argv: readonly string[], env: NodeJS.ProcessEnv = process.env): ParsedWorkerArgs {
+export function parseWorkerArgs(
+  argv: readonly string[],
+  env: NodeJS.ProcessEnv = process.env,
+): ParsedWorkerArgs {
   const args = argv[0] === "worker" ? argv.slice(1) : [...argv];
   const optionConfig: Record<string, { type: "string" | "boolean"; short?: string }> = {
     help: { type: "boolean", short: "h" },
@@ -289,7 +292,9 @@ export function parseWorkerArgs(argv: readonly string[], env: NodeJS.ProcessEnv 
   const tpsText = required("tps");
   const tokensPerSecond = Number(tpsText);
   if (!/^\d+(\.\d+)?$/.test(tpsText) || !Number.isFinite(tokensPerSecond) || tokensPerSecond <= 0) {
-    throw new WorkerOptionsError(`${label("tps")}: "${tpsText}" must be a positive number of tokens per second`);
+    throw new WorkerOptionsError(
+      `${label("tps")}: "${tpsText}" must be a positive number of tokens per second`,
+    );
   }
 
   const concurrency = parseInteger(raw("concurrency") ?? "1", label("concurrency"), 1, MAX_CONCURRENCY);
@@ -301,7 +306,12 @@ export function parseWorkerArgs(argv: readonly string[], env: NodeJS.ProcessEnv 
   if (engineKind === "openai") {
     const url = checkUrl(required("engine-url", " (required with --engine openai)"), label("engine-url"));
     const apiKey = raw("engine-api-key");
-    engine = { kind: "openai", url, model: raw("engine-model")?.trim() || model, ...(apiKey ? { apiKey } : {}) };
+    engine = {
+      kind: "openai",
+      url,
+      model: raw("engine-model")?.trim() || model,
+      ...(apiKey ? { apiKey } : {}),
+    };
   } else if (engineKind === "llama-cpp") {
     engine = { kind: "llama-cpp", modelPath: required("model-path", " (required with --engine llama-cpp)") };
   } else {
@@ -347,8 +357,10 @@ function checkUrl(text: string, what: string): string {
 }
 
 function cleanParseArgsMessage(error: unknown): string {
-  const message = error instanceof Error ? error.message : String(error);
-  // node:util parseArgs messages mention "parseArgs" internals; keep the first sentence.
-  const first = message.split(". ")[0] ?? message;
-  return first.replace(/^Unknown option '(.+?)'$/, "unknown option $1");
+  const message = (error instanceof Error ? error.message : String(error)).replace(/\s*\n\s*/g, " ");
+  const unknown = /^Unknown option '(.+?)'/.exec(message);
+  if (unknown) return `unknown option ${unknown[1]}`;
+  const unexpected = /^Unexpected argument '(.+?)'/.exec(message);
+  if (unexpected) return `unexpected argument '${unexpected[1]}' (options are --name value pairs)`;
+  return message;
 }

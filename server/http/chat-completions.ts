@@ -64,7 +64,12 @@ async function collectCompletion(run: CompletionRun, reply: FastifyReply) {
         created: Math.floor(run.createdAt.getTime() / 1000),
         model: run.model,
         choices: [
-          { index: 0, message: { role: "assistant", content, refusal: null }, logprobs: null, finish_reason: event.finishReason },
+          {
+            index: 0,
+            message: { role: "assistant", content, refusal: null },
+            logprobs: null,
+            finish_reason: event.finishReason,
+          },
         ],
         usage: usageOf(event.order),
         provider: event.order.workerId,
@@ -115,18 +120,25 @@ async function streamCompletion(
     return;
   }
 
-  await sse.data(chunk([{ index: 0, delta: { role: "assistant", content: "" }, logprobs: null, finish_reason: null }]));
+  await sse.data(
+    chunk([{ index: 0, delta: { role: "assistant", content: "" }, logprobs: null, finish_reason: null }]),
+  );
   let event: RunEvent = head.value;
   for (;;) {
     if (event.type === "delta") {
-      await sse.data(chunk([{ index: 0, delta: { content: event.text }, logprobs: null, finish_reason: null }]));
+      await sse.data(
+        chunk([{ index: 0, delta: { content: event.text }, logprobs: null, finish_reason: null }]),
+      );
     } else if (event.type === "finish") {
       await sse.data(chunk([{ index: 0, delta: {}, logprobs: null, finish_reason: event.finishReason }]));
       if (options.includeUsage) await sse.data(chunk([], { usage: usageOf(event.order) }));
       break;
     } else {
       await sse.data(
-        chunk([{ index: 0, delta: { content: "" }, logprobs: null, finish_reason: "error" }], openAiErrorBody(event.error)),
+        chunk(
+          [{ index: 0, delta: { content: "" }, logprobs: null, finish_reason: "error" }],
+          openAiErrorBody(event.error),
+        ),
       );
       break;
     }

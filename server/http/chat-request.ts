@@ -3,8 +3,8 @@
  * turns it into the market's CompletionRequest. Every rejection names the offending field.
  */
 import { MarketError } from "../market/errors.js";
-import type { SortKey } from "../market/matcher.js";
 import type { ChatMessage, CompletionRequest } from "../market/marketplace.js";
+import type { SortKey } from "../market/matcher.js";
 import { parseCredits } from "../market/money.js";
 
 export interface ParsedChatRequest {
@@ -28,7 +28,13 @@ function isObject(value: unknown): value is Json {
   return typeof value === "object" && value !== null && !Array.isArray(value);
 }
 
-function optionalNumber(body: Json, field: string, min: number, max: number, param = field): number | undefined {
+function optionalNumber(
+  body: Json,
+  field: string,
+  min: number,
+  max: number,
+  param = field,
+): number | undefined {
   const value = body[field];
   if (value === undefined || value === null) return undefined;
   if (typeof value !== "number" || !Number.isFinite(value) || value < min || value > max) {
@@ -75,7 +81,10 @@ function parseMessages(value: unknown): ChatMessage[] {
     if (typeof message.role !== "string" || !ROLES.has(message.role)) {
       throw invalid(`${param}.role`, `'${param}.role' must be one of ${[...ROLES].join(", ")}.`);
     }
-    const parsed: ChatMessage = { role: message.role, content: messageText(message.content, `${param}.content`) };
+    const parsed: ChatMessage = {
+      role: message.role,
+      content: messageText(message.content, `${param}.content`),
+    };
     if (typeof message.name === "string") parsed.name = message.name;
     return parsed;
   });
@@ -100,9 +109,13 @@ function parseProvider(value: unknown): CompletionRequest["routing"] {
     routing.sort = value.sort as SortKey;
   }
   if (value.max_price !== undefined) {
-    if (!isObject(value.max_price)) throw invalid("provider.max_price", "'provider.max_price' must be an object.");
+    if (!isObject(value.max_price))
+      throw invalid("provider.max_price", "'provider.max_price' must be an object.");
     routing.maxPricePerMillionInput = pricePerMillion(value.max_price.prompt, "provider.max_price.prompt");
-    routing.maxPricePerMillionOutput = pricePerMillion(value.max_price.completion, "provider.max_price.completion");
+    routing.maxPricePerMillionOutput = pricePerMillion(
+      value.max_price.completion,
+      "provider.max_price.completion",
+    );
   }
   routing.minTokensPerSecond = optionalNumber(value, "min_throughput", 0, 1e9, "provider.min_throughput");
   if (value.order !== undefined) routing.order = stringList(value.order, "provider.order");
@@ -119,7 +132,8 @@ function parseProvider(value: unknown): CompletionRequest["routing"] {
 function parseStop(value: unknown): string[] {
   if (value === undefined || value === null) return [];
   const stops = typeof value === "string" ? [value] : stringList(value, "stop");
-  if (stops.length > MAX_STOP_SEQUENCES) throw invalid("stop", `At most ${MAX_STOP_SEQUENCES} stop sequences.`);
+  if (stops.length > MAX_STOP_SEQUENCES)
+    throw invalid("stop", `At most ${MAX_STOP_SEQUENCES} stop sequences.`);
   return stops;
 }
 
@@ -130,7 +144,12 @@ export function parseChatRequest(body: unknown): ParsedChatRequest {
   }
   for (const field of UNSUPPORTED) {
     const value = body[field];
-    if (value !== undefined && value !== null && value !== false && !(Array.isArray(value) && value.length === 0)) {
+    if (
+      value !== undefined &&
+      value !== null &&
+      value !== false &&
+      !(Array.isArray(value) && value.length === 0)
+    ) {
       throw invalid(field, `'${field}' is not supported by LocalLMarket yet.`);
     }
   }

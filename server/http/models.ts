@@ -22,7 +22,10 @@ interface ModelSummary {
 }
 
 function summarize(registry: WorkerRegistry, startedAt: number): ModelSummary[] {
-  const byModel = new Map<string, { workers: number; freeSlots: number; inputs: bigint[]; outputs: bigint[]; tps: number }>();
+  const byModel = new Map<
+    string,
+    { workers: number; freeSlots: number; inputs: bigint[]; outputs: bigint[]; tps: number }
+  >();
   for (const connection of registry.list()) {
     for (const offer of connection.offers) {
       const entry = byModel.get(offer.model) ?? { workers: 0, freeSlots: 0, inputs: [], outputs: [], tps: 0 };
@@ -62,7 +65,8 @@ export function registerModels(app: FastifyInstance, registry: WorkerRegistry): 
   app.get<{ Params: { "*": string } }>("/v1/models/*", async (request) => {
     const id = request.params["*"];
     const model = summarize(registry, startedAt).find((entry) => entry.id === id);
-    if (!model) throw new MarketError("model_not_found", `No worker offers the model '${id}' right now.`, "model");
+    if (!model)
+      throw new MarketError("model_not_found", `No worker offers the model '${id}' right now.`, "model");
     return model;
   });
 }

@@ -29,7 +29,14 @@ export function httpStatusOf(error: MarketError): number {
 }
 
 export function openAiErrorBody(error: MarketError): OpenAiErrorBody {
-  return { error: { message: error.message, type: STATUS[error.code].type, param: error.param ?? null, code: error.code } };
+  return {
+    error: {
+      message: error.message,
+      type: STATUS[error.code].type,
+      param: error.param ?? null,
+      code: error.code,
+    },
+  };
 }
 
 /** Turns whatever was thrown (ours, fastify's body parser, a bug) into a MarketError. */
@@ -49,7 +56,11 @@ export function sendOpenAiError(reply: FastifyReply, error: MarketError): Fastif
   return reply.code(httpStatusOf(error)).type("application/json").send(openAiErrorBody(error));
 }
 
-export function openAiErrorHandler(error: unknown, request: FastifyRequest, reply: FastifyReply): FastifyReply {
+export function openAiErrorHandler(
+  error: unknown,
+  request: FastifyRequest,
+  reply: FastifyReply,
+): FastifyReply {
   const marketError = asMarketError(error);
   if (marketError.code === "internal") request.log.error({ err: error }, "unhandled error");
   return sendOpenAiError(reply, marketError);

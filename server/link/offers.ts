@@ -17,7 +17,8 @@ export function offersFromWire(offers: readonly Offer[], options: { allowEmpty: 
   return offers.map((offer, index) => {
     const where = `offers[${index}]`;
     if (!offer.model.trim()) throw new MarketError("invalid_request", `${where}.model is empty.`, where);
-    if (seen.has(offer.model)) throw new MarketError("invalid_request", `${where}: model '${offer.model}' offered twice.`, where);
+    if (seen.has(offer.model))
+      throw new MarketError("invalid_request", `${where}: model '${offer.model}' offered twice.`, where);
     seen.add(offer.model);
     if (offer.pricePerMillionInput < 0n || offer.pricePerMillionOutput < 0n) {
       throw new MarketError("invalid_request", `${where}: prices must not be negative.`, where);

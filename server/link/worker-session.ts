@@ -90,7 +90,11 @@ export class WorkerSession implements WorkerConnection {
       value: {
         jobId: job.jobId,
         model: job.model,
-        messages: job.messages.map((message) => ({ role: message.role, content: message.content, name: message.name ?? "" })),
+        messages: job.messages.map((message) => ({
+          role: message.role,
+          content: message.content,
+          name: message.name ?? "",
+        })),
         sampling: job.sampling,
         maxTokens: job.maxTokens,
         deadlineUnixMs: BigInt(job.deadlineUnixMs),
@@ -129,7 +133,9 @@ export class WorkerSession implements WorkerConnection {
         if (!job) return;
         if (sequence <= job.lastSequence) return; // a replayed chunk: already relayed
         if (sequence !== job.lastSequence + 1n) {
-          this.finishJob(jobId)?.sink.failed(`chunk sequence gap: expected ${job.lastSequence + 1n}, got ${sequence}`);
+          this.finishJob(jobId)?.sink.failed(
+            `chunk sequence gap: expected ${job.lastSequence + 1n}, got ${sequence}`,
+          );
           return;
         }
         if (Buffer.byteLength(text) > this.options.maxChunkBytes) {

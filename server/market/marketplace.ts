@@ -111,7 +111,13 @@ export class Marketplace {
     });
 
     const orderId = newId("chatcmpl-");
-    const { order, remaining } = await this.openOrder(orderId, consumer, request.model, maxTokens, candidates);
+    const { order, remaining } = await this.openOrder(
+      orderId,
+      consumer,
+      request.model,
+      maxTokens,
+      candidates,
+    );
     const run = new OrderRun(this.store, this.registry, this.options, this.log, {
       order,
       candidates: remaining,
@@ -277,7 +283,8 @@ class OrderRun implements CompletionRun {
 
   /** Events of a superseded attempt (a worker we already gave up on) are ignored. */
   private sinkFor(attempt: Attempt): JobSink {
-    const current = () => this.attempt === attempt && (this.state === "dispatching" || this.state === "streaming");
+    const current = () =>
+      this.attempt === attempt && (this.state === "dispatching" || this.state === "streaming");
     return {
       accepted: () => {},
       chunk: (text, tokenCount) => {
@@ -286,7 +293,12 @@ class OrderRun implements CompletionRun {
       done: (finishReason, usage) => {
         if (!current()) return;
         this.reportedUsage = usage;
-        void this.settle("completed", finishReason, null);
+        const capped = this.relayedTokens >= this.order.maxTokens;
+        void this.settle(
+          "completed",
+          capped ? "length" : finishReason === "cancelled" ? "stop" : finishReason,
+          null,
+        );
       },
       failed: (message) => {
         if (current()) this.attemptFailed(attempt, message);
@@ -300,6 +312,12 @@ class OrderRun implements CompletionRun {
       this.state = "streaming";
       this.firstTokenAt = new Date();
     }
+    if (this.relayedTokens >= this.order.maxTokens) {
+      // The platform relays and pays for max_tokens at most; a worker that goes on is stopped,
+      // and its JobDone (with the engine's usage) still settles the order.
+      this.stopWorker("max_tokens exceeded");
+      return;
+    }
     const room = this.order.maxTokens - this.relayedTokens;
     this.relayedTokens += Math.min(Math.max(tokenCount, 0), room);
     try {
@@ -307,26 +325,27 @@ class OrderRun implements CompletionRun {
     } catch {
       this.stopWorker("consumer is not reading");
       void this.settle("cancelled", "cancelled", null);
-      return;
-    }
-    if (this.relayedTokens >= this.order.maxTokens) {
-      // The platform pays for max_tokens at most; a worker that goes on is stopped here.
-      this.stopWorker("max_tokens reached");
-      void this.settle("completed", "length", null);
     }
   }
 
   private attemptFailed(attempt: Attempt, message: string): void {
     if (this.attempt !== attempt || (this.state !== "dispatching" && this.state !== "streaming")) return;
     const workerId = attempt.candidate.connection.workerId;
-    this.log.warn({ orderId: this.orderId, jobId: attempt.jobId, workerId, reason: message }, "worker failed the job");
+    this.log.warn(
+      { orderId: this.orderId, jobId: attempt.jobId, workerId, reason: message },
+      "worker failed the job",
+    );
     attempt.candidate.connection.cancel(attempt.jobId, message);
     if (this.state === "dispatching") {
       clearTimeout(this.firstTokenTimer);
       void this.fallBack(message);
       return;
     }
-    void this.settle("failed", null, new MarketError("worker_failed", `The worker failed mid-stream: ${message}`));
+    void this.settle(
+      "failed",
+      null,
+      new MarketError("worker_failed", `The worker failed mid-stream: ${message}`),
+    );
   }
 
   /** Before the first token, the next candidate gets the job; the hold follows its price. */
@@ -354,7 +373,10 @@ class OrderRun implements CompletionRun {
     await this.settle(
       "failed",
       null,
-      new MarketError("worker_failed", `The worker failed before the first token and no fallback succeeded: ${lastError}`),
+      new MarketError(
+        "worker_failed",
+        `The worker failed before the first token and no fallback succeeded: ${lastError}`,
+      ),
     );
   }
 
@@ -372,7 +394,10 @@ class OrderRun implements CompletionRun {
     if (this.attempt) this.attempt.candidate.connection.cancel(this.attempt.jobId, reason);
   }
 
-  private billableUsage(status: Exclude<OrderStatus, "running">): { promptTokens: number; completionTokens: number } {
+  private billableUsage(status: Exclude<OrderStatus, "running">): {
+    promptTokens: number;
+    completionTokens: number;
+  } {
     const delivered = status === "completed" || (this.input.request.stream && this.relayedTokens > 0);
     if (!delivered) return { promptTokens: 0, completionTokens: 0 };
     const reportedPrompt = this.reportedUsage?.promptTokens ?? 0;
@@ -438,10 +463,15 @@ class OrderRun implements CompletionRun {
         "order settled",
       );
       this.events.push(
-        error ? { type: "error", error, order: this.order } : { type: "finish", finishReason: finishReason ?? "stop", order: this.order },
+        error
+          ? { type: "error", error, order: this.order }
+          : { type: "finish", finishReason: finishReason ?? "stop", order: this.order },
       );
     } catch (settleError) {
-      this.log.error({ orderId: this.orderId, err: String(settleError) }, "settlement failed; left for recovery");
+      this.log.error(
+        { orderId: this.orderId, err: String(settleError) },
+        "settlement failed; left for recovery",
+      );
       this.events.push({
         type: "error",
         error: new MarketError("internal", "The order could not be settled; it will be reconciled."),

@@ -80,9 +80,15 @@ export function pickWorkers(registry: WorkerRegistry, request: MatchRequest): Ca
   const offering = registry
     .list()
     .map((connection) => ({ connection, offer: offerFor(connection, request.model) }))
-    .filter((entry): entry is { connection: WorkerConnection; offer: OfferRecord } => entry.offer !== undefined);
+    .filter(
+      (entry): entry is { connection: WorkerConnection; offer: OfferRecord } => entry.offer !== undefined,
+    );
   if (offering.length === 0) {
-    throw new MarketError("model_not_found", `No worker offers the model '${request.model}' right now.`, "model");
+    throw new MarketError(
+      "model_not_found",
+      `No worker offers the model '${request.model}' right now.`,
+      "model",
+    );
   }
 
   const excluded = { price: 0, throughput: 0, busy: 0 };
@@ -102,7 +108,8 @@ export function pickWorkers(registry: WorkerRegistry, request: MatchRequest): Ca
       excluded.price++;
       continue;
     }
-    const tokensPerSecond = registry.measuredTokensPerSecond(connection.workerId) ?? offer.advertisedTokensPerSecond;
+    const tokensPerSecond =
+      registry.measuredTokensPerSecond(connection.workerId) ?? offer.advertisedTokensPerSecond;
     if (constraints.minTokensPerSecond !== undefined && tokensPerSecond < constraints.minTokensPerSecond) {
       excluded.throughput++;
       continue;

@@ -43,7 +43,8 @@ export function orderCost(
   pricePerMillionInput: bigint,
   pricePerMillionOutput: bigint,
 ): bigint {
-  const total = BigInt(promptTokens) * pricePerMillionInput + BigInt(completionTokens) * pricePerMillionOutput;
+  const total =
+    BigInt(promptTokens) * pricePerMillionInput + BigInt(completionTokens) * pricePerMillionOutput;
   return ceilDiv(total, TOKENS_PER_PRICE_UNIT);
 }
 
@@ -62,7 +63,9 @@ const TEMPLATE_TOKENS_PER_CONVERSATION = 16;
  * fallback both satisfy this), plus an allowance for the special tokens a chat template adds.
  * Engine-reported prompt counts above it are capped to it and flagged.
  */
-export function promptTokenBound(messages: ReadonlyArray<{ role: string; content: string; name?: string }>): number {
+export function promptTokenBound(
+  messages: ReadonlyArray<{ role: string; content: string; name?: string }>,
+): number {
   let bytes = 0;
   for (const message of messages) {
     bytes += Buffer.byteLength(message.role) + Buffer.byteLength(message.content);

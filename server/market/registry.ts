@@ -101,12 +101,23 @@ export class WorkerRegistry {
   }
 
   /** Records one finished job's measured speed. Jobs too short to time are ignored. */
-  recordJob(workerId: string, sample: { tokens: number; generationMs: number; timeToFirstTokenMs: number }): void {
-    const current = this.measurements.get(workerId) ?? { tokensPerSecond: null, timeToFirstTokenMs: null, jobs: 0 };
-    const blend = (old: number | null, value: number) => (old === null ? value : old + SMOOTHING * (value - old));
+  recordJob(
+    workerId: string,
+    sample: { tokens: number; generationMs: number; timeToFirstTokenMs: number },
+  ): void {
+    const current = this.measurements.get(workerId) ?? {
+      tokensPerSecond: null,
+      timeToFirstTokenMs: null,
+      jobs: 0,
+    };
+    const blend = (old: number | null, value: number) =>
+      old === null ? value : old + SMOOTHING * (value - old);
     if (sample.tokens >= 2 && sample.generationMs > 0) {
       // The first token's latency is TTFT, so speed counts the tokens after it.
-      current.tokensPerSecond = blend(current.tokensPerSecond, ((sample.tokens - 1) * 1000) / sample.generationMs);
+      current.tokensPerSecond = blend(
+        current.tokensPerSecond,
+        ((sample.tokens - 1) * 1000) / sample.generationMs,
+      );
     }
     current.timeToFirstTokenMs = blend(current.timeToFirstTokenMs, sample.timeToFirstTokenMs);
     current.jobs += 1;

@@ -86,7 +86,9 @@ describe("chat completions through a real worker", () => {
       expect(new Set(chunks.map((chunk) => chunk.id)).size).toBe(1);
       expect(chunks[0]?.id).toMatch(/^chatcmpl-/);
       expect(chunks[0]?.choices[0]?.delta.role).toBe("assistant");
-      const finishes = chunks.flatMap((chunk) => chunk.choices.map((choice) => choice.finish_reason)).filter(Boolean);
+      const finishes = chunks
+        .flatMap((chunk) => chunk.choices.map((choice) => choice.finish_reason))
+        .filter(Boolean);
       expect(finishes).toEqual(["stop"]);
       const last = chunks[chunks.length - 1];
       expect(last?.choices).toEqual([]);
@@ -240,7 +242,11 @@ describe("errors in the OpenAI shape", () => {
   });
 
   it("404 for a model nobody offers", async () => {
-    const error = await expectApiError(ask(market.openai(rich.apiKey), { model: "no-such-model" }), 404, "model_not_found");
+    const error = await expectApiError(
+      ask(market.openai(rich.apiKey), { model: "no-such-model" }),
+      404,
+      "model_not_found",
+    );
     expect(error.param).toBe("model");
   });
 
@@ -250,7 +256,11 @@ describe("errors in the OpenAI shape", () => {
       503,
       "no_capacity",
     );
-    await expectApiError(ask(market.openai(rich.apiKey), { provider: { min_throughput: 1000 } }), 503, "no_capacity");
+    await expectApiError(
+      ask(market.openai(rich.apiKey), { provider: { min_throughput: 1000 } }),
+      503,
+      "no_capacity",
+    );
   });
 
   it("503 from the account's default caps when the request sets none", async () => {
@@ -263,7 +273,11 @@ describe("errors in the OpenAI shape", () => {
   });
 
   it("400 for a malformed body, naming the field", async () => {
-    const error = await expectApiError(ask(market.openai(rich.apiKey), { messages: [] }), 400, "invalid_request");
+    const error = await expectApiError(
+      ask(market.openai(rich.apiKey), { messages: [] }),
+      400,
+      "invalid_request",
+    );
     expect(error.param).toBe("messages");
     await expectApiError(ask(market.openai(rich.apiKey), { temperature: 7 }), 400, "invalid_request");
 
@@ -282,7 +296,10 @@ describe("errors in the OpenAI shape", () => {
     const response = await fetch(`${market.plane.httpUrl}/v1/chat/completions`, {
       method: "POST",
       headers: { authorization: `Bearer ${rich.apiKey}`, "content-type": "application/json" },
-      body: JSON.stringify({ model: MODEL, messages: [{ role: "user", content: "x".repeat(5 * 1024 * 1024) }] }),
+      body: JSON.stringify({
+        model: MODEL,
+        messages: [{ role: "user", content: "x".repeat(5 * 1024 * 1024) }],
+      }),
     });
     expect(response.status).toBe(413);
     const body = (await response.json()) as { error: { code: string } };

@@ -10,6 +10,7 @@ import {
   type OfferRecord,
   type OpenOrderInput,
   PLATFORM_ACCOUNT_ID,
+  type ReassignOrderInput,
   type SettleOrderInput,
 } from "../../server/market/store-port.js";
 import type { SqlMarketStore } from "../../server/store/market-store.js";
@@ -203,6 +204,13 @@ describe("SqlMarketStore", () => {
     const externalAfter = await store.getBalance(EXTERNAL_ACCOUNT_ID);
     expect(externalAfter.available - externalBefore.available).toBe(-6n * CREDIT);
 
+    // Concurrent retries of one request still move the money once.
+    const retries = await Promise.all(
+      Array.from({ length: 5 }, () => store.deposit(accountId, CREDIT, "race")),
+    );
+    expect(retries.map((balance) => balance.available)).toEqual(Array(5).fill(6n * CREDIT));
+    await store.withdraw(accountId, CREDIT);
+
     await expectMarketError(store.deposit(accountId, 0n), "invalid_request");
     await expectMarketError(store.withdraw(accountId, -1n), "invalid_request");
     await expectMarketError(store.deposit("acct_missing", CREDIT), "not_found");
@@ -286,6 +294,18 @@ describe("SqlMarketStore", () => {
     });
     expect(await store.getBalance(provider.accountId)).toEqual({ available: 450_000n, held: 0n });
 
+    // Concurrent settlements of one order: all see the same result, money moves once.
+    const racing = await store.openOrder(orderInput(consumer, provider, CREDIT));
+    const settlements = await Promise.all(
+      Array.from({ length: 3 }, () => store.settleOrder(racing.id, settlement(200_000n, 0n))),
+    );
+    for (const settled of settlements) expect(settled).toEqual(settlements[0]);
+    expect(await store.getBalance(provider.accountId)).toEqual({ available: 650_000n, held: 0n });
+    expect(await store.getBalance(consumer.accountId)).toEqual({
+      available: 3n * CREDIT - 700_000n,
+      held: 0n,
+    });
+
     await expectMarketError(store.settleOrder("ord_missing", settlement(0n, 0n)), "not_found");
     const another = await store.openOrder(orderInput(consumer, provider, CREDIT));
     await expectMarketError(store.settleOrder(another.id, settlement(2n * CREDIT, 0n)), "internal");
@@ -299,13 +319,14 @@ describe("SqlMarketStore", () => {
     const second = await newProvider();
     const order = await store.openOrder(orderInput(consumer, first, CREDIT));
 
-    const moved = await store.reassignOrder(order.id, {
+    const toSecond: ReassignOrderInput = {
       workerId: second.workerId,
       providerAccountId: second.accountId,
       pricePerMillionInput: 150_000n,
       pricePerMillionOutput: 300_000n,
-      hold: (3n * CREDIT) / 2n,
-    });
+      hold: 1_500_000n,
+    };
+    const moved = await store.reassignOrder(order.id, toSecond);
     expect(moved).toMatchObject({
       status: "running",
       workerId: second.workerId,
@@ -315,8 +336,10 @@ describe("SqlMarketStore", () => {
     });
     expect(await store.getBalance(consumer.accountId)).toEqual({ available: 3_500_000n, held: 1_500_000n });
 
-    const tooBig = { ...moved, hold: 10n * CREDIT };
-    await expectMarketError(store.reassignOrder(order.id, tooBig), "insufficient_credits");
+    await expectMarketError(
+      store.reassignOrder(order.id, { ...toSecond, hold: 10n * CREDIT }),
+      "insufficient_credits",
+    );
     expect((await store.getOrder(order.id))?.hold).toBe(1_500_000n);
 
     await store.settleOrder(order.id, settlement(1_000_000n, 100_000n));
@@ -325,7 +348,7 @@ describe("SqlMarketStore", () => {
     expect(await store.getBalance(consumer.accountId)).toEqual({ available: 4n * CREDIT, held: 0n });
     await expectMarketError(
       store.reassignOrder(order.id, {
-        ...moved,
+        ...toSecond,
         workerId: first.workerId,
         providerAccountId: first.accountId,
       }),

@@ -68,7 +68,10 @@ export async function startTestMarket(overrides: Partial<ServerConfig> = {}): Pr
   const plane = await startControlPlane(config);
   const admin = createClient(
     AdminService,
-    createGrpcTransport({ baseUrl: plane.grpcUrl, interceptors: [adminTokenHeaderInterceptor(config.adminToken ?? "")] }),
+    createGrpcTransport({
+      baseUrl: plane.grpcUrl,
+      interceptors: [adminTokenHeaderInterceptor(config.adminToken ?? "")],
+    }),
   );
   const workers: WorkerProcess[] = [];
 
@@ -89,7 +92,10 @@ export async function startTestMarket(overrides: Partial<ServerConfig> = {}): Pr
       return { available: balance?.available ?? 0n, held: balance?.held ?? 0n };
     },
     async worker(options) {
-      const { workerToken, workerId } = await admin.createWorkerToken({ accountId: options.accountId, label: options.model });
+      const { workerToken, workerId } = await admin.createWorkerToken({
+        accountId: options.accountId,
+        label: options.model,
+      });
       const child = spawn(
         process.execPath,
         [
@@ -149,7 +155,9 @@ export async function startTestMarket(overrides: Partial<ServerConfig> = {}): Pr
 }
 
 /** Sum of every account's books plus the external and platform accounts: must be zero. */
-export async function ledgerIsBalanced(market: TestMarket): Promise<{ ok: boolean; sum: bigint; problems: string[] }> {
+export async function ledgerIsBalanced(
+  market: TestMarket,
+): Promise<{ ok: boolean; sum: bigint; problems: string[] }> {
   const audit = await market.admin.auditLedger({});
   return { ok: audit.ok, sum: audit.entriesSum, problems: audit.problems };
 }

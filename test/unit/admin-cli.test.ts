@@ -70,7 +70,12 @@ class FakeStore implements AdminStore {
   }
 
   async createAccount(input: { name: string }): Promise<AccountRecord> {
-    const account: AccountRecord = { id: this.next("acct"), name: input.name, createdAt: new Date(), defaults: {} };
+    const account: AccountRecord = {
+      id: this.next("acct"),
+      name: input.name,
+      createdAt: new Date(),
+      defaults: {},
+    };
     this.accounts.set(account.id, account);
     this.balances.set(account.id, { available: 0n, held: 0n });
     return account;
@@ -143,7 +148,10 @@ class FakeStore implements AdminStore {
     if (amount <= 0n) throw new MarketError("invalid_request", "amount must be positive");
     const balance = this.balances.get(this.requireAccount(accountId).id) ?? { available: 0n, held: 0n };
     if (balance.available < amount) {
-      throw new MarketError("insufficient_credits", `insufficient credits: ${balance.available} µc available`);
+      throw new MarketError(
+        "insufficient_credits",
+        `insufficient credits: ${balance.available} µc available`,
+      );
     }
     balance.available -= amount;
     return { ...balance };
@@ -166,6 +174,11 @@ class FakeStore implements AdminStore {
   async auditLedger(): Promise<LedgerAudit> {
     return this.audit;
   }
+}
+
+/** The admin service only calls the AdminStore part of the port; the rest is never reached. */
+function asMarketStore(store: AdminStore): MarketStore {
+  return store as MarketStore;
 }
 
 const OFFER: OfferRecord = {
@@ -231,7 +244,7 @@ beforeAll(async () => {
   server = http2.createServer(
     connectNodeAdapter({
       routes: (router) =>
-        router.service(AdminService, createAdminService({ store: store as MarketStore, registry }), {
+        router.service(AdminService, createAdminService({ store: asMarketStore(store), registry }), {
           interceptors: [adminAuthInterceptor(ADMIN_TOKEN)],
         }),
     }),
@@ -279,7 +292,13 @@ async function cliJson(args: string[]): Promise<Record<string, unknown>> {
 }
 
 async function newAccount(name: string, deposit?: string): Promise<string> {
-  const out = await cliJson(["account", "create", "--name", name, ...(deposit ? ["--deposit", deposit] : [])]);
+  const out = await cliJson([
+    "account",
+    "create",
+    "--name",
+    name,
+    ...(deposit ? ["--deposit", deposit] : []),
+  ]);
   return String(out.accountId);
 }
 
@@ -290,9 +309,9 @@ describe("account create", () => {
     expect(result.code).toBe(0);
     const out = JSON.parse(result.stdout) as Record<string, unknown>;
     expect(Object.keys(out).slice(0, 2)).toEqual(["accountId", "apiKey"]);
-    expect(result.stdout.startsWith(`{"accountId":"${String(out.accountId)}","apiKey":"${String(out.apiKey)}"`)).toBe(
-      true,
-    );
+    expect(
+      result.stdout.startsWith(`{"accountId":"${String(out.accountId)}","apiKey":"${String(out.apiKey)}"`),
+    ).toBe(true);
     expect(out.balance).toEqual({ available: "12500000", held: "0" });
     const id = String(out.accountId);
     expect(store.accounts.get(id)?.name).toBe("Alice");
@@ -301,7 +320,16 @@ describe("account create", () => {
   });
 
   it("without --json explains the key and the next steps", async () => {
-    const result = await cli(["account", "create", "--name", "Bob", "--deposit", "3", "--api-url", "http://api:9"]);
+    const result = await cli([
+      "account",
+      "create",
+      "--name",
+      "Bob",
+      "--deposit",
+      "3",
+      "--api-url",
+      "http://api:9",
+    ]);
 
     expect(result.code).toBe(0);
     const account = [...store.accounts.values()].find((a) => a.name === "Bob");
@@ -334,6 +362,17 @@ describe("worker-token create", () => {
     expect(Object.keys(out).slice(0, 2)).toEqual(["workerToken", "workerId"]);
     expect(out.workerToken).toMatch(/^wt-/);
     expect(out.workerId).toMatch(/^wrk_gpu_/);
+  });
+  it("without --json shows the token and how to start a worker with it", async () => {
+    const accountId = await newAccount("Provider 2");
+    const result = await cli(["worker-token", "create", "--account", accountId]);
+
+    expect(result.code).toBe(0);
+    const token = /Worker token: (\S+)/.exec(result.stdout)?.[1];
+    expect(token).toMatch(/^wt-/);
+    expect(result.stdout).toContain(
+      `LOCALLMARKET_WORKER_TOKEN=${token} locallmarket worker --server ${baseUrl}`,
+    );
   });
 });
 
@@ -472,8 +511,22 @@ describe("orders, workers and the ledger", () => {
   it("workers merges stored workers with the live registry", async () => {
     const seen = new Date(1_700_000_100_000);
     store.workers.push(
-      { id: "wrk_live", accountId: "acct_provider", name: "old-name", agentVersion: "1.0.0", offers: [], lastSeenAt: seen },
-      { id: "wrk_gone", accountId: "acct_provider", name: "laptop", agentVersion: "0.9.0", offers: [OFFER], lastSeenAt: null },
+      {
+        id: "wrk_live",
+        accountId: "acct_provider",
+        name: "old-name",
+        agentVersion: "1.0.0",
+        offers: [],
+        lastSeenAt: seen,
+      },
+      {
+        id: "wrk_gone",
+        accountId: "acct_provider",
+        name: "laptop",
+        agentVersion: "0.9.0",
+        offers: [OFFER],
+        lastSeenAt: null,
+      },
     );
     const connection = liveConnection("wrk_live", 2);
     registry.register(connection);
@@ -488,7 +541,11 @@ describe("orders, workers and the ledger", () => {
         lastSeenUnixMs: "1700000100000",
         offers: [{ model: "llama3.2:1b", pricePerMillionInput: "500000", pricePerMillionOutput: "1500000" }],
       });
-      expect(workers.find((w) => w.id === "wrk_gone")).toMatchObject({ online: false, activeJobs: 0, lastSeenUnixMs: "0" });
+      expect(workers.find((w) => w.id === "wrk_gone")).toMatchObject({
+        online: false,
+        activeJobs: 0,
+        lastSeenUnixMs: "0",
+      });
     } finally {
       registry.unregister(connection);
       store.workers.length = 0;
@@ -612,10 +669,14 @@ describe("usage", () => {
     const result = await cli(["account", "create", "--help"], { LOCALLMARKET_ADMIN_TOKEN: undefined });
 
     expect(result.code).toBe(0);
-    expect(result.stdout).toContain("Usage: locallmarket admin account create --name NAME [--deposit CREDITS]");
+    expect(result.stdout).toContain(
+      "Usage: locallmarket admin account create --name NAME [--deposit CREDITS]",
+    );
     expect(result.stdout).toMatch(/--name NAME\s+a display name \(required\)/);
     expect(result.stdout).toMatch(/--deposit CREDITS\s+.*\(default: 0\)/);
-    expect(result.stdout).toMatch(/--server URL\s+.*\(env: LOCALLMARKET_SERVER; default: http:\/\/127\.0\.0\.1:50051\)/);
+    expect(result.stdout).toMatch(
+      /--server URL\s+.*\(env: LOCALLMARKET_SERVER; default: http:\/\/127\.0\.0\.1:50051\)/,
+    );
     expect(result.stdout).toMatch(/--admin-token TOKEN\s+.*\(env: LOCALLMARKET_ADMIN_TOKEN\)/);
     expect(result.stdout).toMatch(/--json\s+/);
     expect(result.stdout).toMatch(/-h, --help\s+/);
@@ -641,6 +702,8 @@ describe("connection failures", () => {
 
     expect(result.code).toBe(1);
     expect(result.stderr).toContain("(Unavailable)");
-    expect(result.stderr).toContain("hint: is the control plane running and reachable at http://127.0.0.1:1?");
+    expect(result.stderr).toContain(
+      "hint: is the control plane running and reachable at http://127.0.0.1:1?",
+    );
   });
 });

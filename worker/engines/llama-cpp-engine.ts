@@ -87,13 +87,18 @@ export class LlamaCppEngine implements Engine {
     for (let i = 0; i < context.totalSequences; i++) this.free.push(context.getSequence());
     const template = (model.fileInfo.metadata as { tokenizer?: { chat_template?: unknown } }).tokenizer
       ?.chat_template;
-    this.chatWrapper = typeof template === "string" && template.length > 0 ? resolveChatWrapper(model) : undefined;
+    this.chatWrapper =
+      typeof template === "string" && template.length > 0 ? resolveChatWrapper(model) : undefined;
   }
 
   /** Loads the model and creates its context. */
   static async load(options: LlamaCppEngineOptions): Promise<LlamaCppEngine> {
     const concurrency = Math.max(1, Math.floor(options.concurrency ?? 1));
-    const llama = await getLlama({ gpu: false, maxThreads: 1, logLevel: options.logLevel ?? LlamaLogLevel.error });
+    const llama = await getLlama({
+      gpu: false,
+      maxThreads: 1,
+      logLevel: options.logLevel ?? LlamaLogLevel.error,
+    });
     let model: LlamaModel | undefined;
     try {
       model = await llama.loadModel({ modelPath: options.modelPath });
@@ -107,7 +112,9 @@ export class LlamaCppEngine implements Engine {
       await model?.dispose().catch(() => undefined);
       await llama.dispose().catch(() => undefined);
       const message = error instanceof Error ? error.message : String(error);
-      throw new EngineError("model_unavailable", `cannot load ${options.modelPath}: ${message}`, { cause: error });
+      throw new EngineError("model_unavailable", `cannot load ${options.modelPath}: ${message}`, {
+        cause: error,
+      });
     }
   }
 

@@ -1,0 +1,167 @@
+/**
+ * Conformance: a worker written the way a Go or Python implementer would write one, from the
+ * .proto files alone. It uses @grpc/grpc-js with @grpc/proto-loader loading proto/ at run time
+ * and shares no code with the server or our worker agent; only the test's orchestration (creating
+ * accounts, starting the control plane) uses the project's helpers.
+ */
+import { join } from "node:path";
+import * as grpc from "@grpc/grpc-js";
+import * as protoLoader from "@grpc/proto-loader";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { REPO_ROOT, startTestMarket, type TestMarket } from "../support/market.js";
+
+interface WireMessage {
+  message?: string;
+  [field: string]: unknown;
+}
+
+/** A bidi stream as an async queue of incoming messages, the way a hand-written worker reads it. */
+function inbox(call: grpc.ClientDuplexStream<WireMessage, WireMessage>) {
+  const queued: WireMessage[] = [];
+  const waiting: ((message: WireMessage) => void)[] = [];
+  call.on("data", (message: WireMessage) => {
+    const next = waiting.shift();
+    if (next) next(message);
+    else queued.push(message);
+  });
+  return {
+    next(): Promise<WireMessage> {
+      const message = queued.shift();
+      if (message) return Promise.resolve(message);
+      return new Promise((resolve) => waiting.push(resolve));
+    },
+  };
+}
+
+function loadWorkerService() {
+  const definition = protoLoader.loadSync(join(REPO_ROOT, "proto/locallmarket/v1/worker.proto"), {
+    includeDirs: [join(REPO_ROOT, "proto")],
+    oneofs: true,
+    longs: String,
+    enums: String,
+    defaults: true,
+  });
+  const loaded = grpc.loadPackageDefinition(definition) as unknown as {
+    locallmarket: { v1: { WorkerService: grpc.ServiceClientConstructor } };
+  };
+  return loaded.locallmarket.v1.WorkerService;
+}
+
+describe("a grpc-js worker built from the .proto files alone", () => {
+  let market: TestMarket;
+  let client: grpc.Client;
+
+  beforeAll(async () => {
+    market = await startTestMarket();
+    const WorkerService = loadWorkerService();
+    client = new WorkerService(new URL(market.plane.grpcUrl).host, grpc.credentials.createInsecure(), {
+      "grpc.keepalive_time_ms": 30_000,
+      "grpc.keepalive_timeout_ms": 15_000,
+    });
+  });
+
+  afterAll(async () => {
+    client?.close();
+    await market?.close();
+  });
+
+  it("registers, receives a job, streams chunks, and the consumer gets them", async () => {
+    const provider = await market.account("go-provider");
+    const consumer = await market.account("consumer", 50);
+    const { workerToken, workerId } = await market.admin.createWorkerToken({ accountId: provider.accountId });
+
+    const call = (
+      client as unknown as { connect(): grpc.ClientDuplexStream<WireMessage, WireMessage> }
+    ).connect();
+    const incoming = inbox(call);
+    call.write({
+      hello: {
+        workerToken,
+        agentVersion: "conformance-worker/1.0",
+        workerName: "grpc-js",
+        protocolVersion: 1,
+        offers: [
+          {
+            model: "conformance-model",
+            pricePerMillionInput: "1000000",
+            pricePerMillionOutput: "2000000",
+            advertisedTokensPerSecond: 25,
+            maxConcurrency: 1,
+            contextLength: 2048,
+            quantization: "F32",
+            engine: "hand-written",
+          },
+        ],
+      },
+    });
+    const welcome = await incoming.next();
+    expect(welcome.message).toBe("welcome");
+    expect((welcome.welcome as { workerId: string }).workerId).toBe(workerId);
+    expect((welcome.welcome as { heartbeatIntervalMs: number }).heartbeatIntervalMs).toBeGreaterThan(0);
+    call.write({ heartbeat: { activeJobs: 0, queuedJobs: 0 } });
+
+    const completion = market.openai(consumer.apiKey).chat.completions.create({
+      model: "conformance-model",
+      messages: [{ role: "user", content: "Count to three" }],
+      max_tokens: 10,
+      stream: true,
+      stream_options: { include_usage: true },
+    });
+
+    const assigned = await incoming.next();
+    expect(assigned.message).toBe("jobAssign");
+    const job = assigned.jobAssign as {
+      jobId: string;
+      model: string;
+      maxTokens: number;
+      messages: unknown[];
+    };
+    expect(job.model).toBe("conformance-model");
+    expect(job.maxTokens).toBe(10);
+    expect(job.messages).toEqual([{ role: "user", content: "Count to three", name: "" }]);
+
+    call.write({ jobAccepted: { jobId: job.jobId } });
+    const pieces = ["One", ", two", ", three", "."];
+    pieces.forEach((text, index) => {
+      call.write({ jobChunk: { jobId: job.jobId, sequence: String(index + 1), text, tokenCount: 1 } });
+    });
+    call.write({
+      jobDone: {
+        jobId: job.jobId,
+        finishReason: "FINISH_REASON_STOP",
+        usage: { promptTokens: 7, completionTokens: pieces.length },
+        lastSequence: String(pieces.length),
+      },
+    });
+
+    let text = "";
+    let usage: { prompt_tokens: number; completion_tokens: number } | undefined;
+    for await (const chunk of await completion) {
+      text += chunk.choices[0]?.delta.content ?? "";
+      if (chunk.usage) usage = chunk.usage;
+    }
+    expect(text).toBe("One, two, three.");
+    expect(usage).toMatchObject({ prompt_tokens: 7, completion_tokens: 4 });
+
+    // 7 × 1 credit/1M + 4 × 2 credits/1M = 15 µc; the provider gets it minus the 5 % fee (rounded down).
+    expect((await market.balance(provider.accountId)).available).toBe(15n - (15n * 500n) / 10_000n);
+
+    const ended = new Promise((resolve) => call.on("error", resolve).on("end", resolve));
+    call.end();
+    call.cancel();
+    await ended;
+  });
+
+  it("is rejected with UNAUTHENTICATED and a Reject message for an unknown token", async () => {
+    const call = (
+      client as unknown as { connect(): grpc.ClientDuplexStream<WireMessage, WireMessage> }
+    ).connect();
+    const incoming = inbox(call);
+    const status = new Promise<grpc.ServiceError>((resolve) => call.on("error", resolve));
+    call.write({ hello: { workerToken: "wt-llm-forged", offers: [{ model: "m", maxConcurrency: 1 }] } });
+    const reject = await incoming.next();
+    expect(reject.message).toBe("reject");
+    expect((reject.reject as { code: string }).code).toBe("REJECT_CODE_UNAUTHENTICATED");
+    expect((await status).code).toBe(grpc.status.UNAUTHENTICATED);
+  });
+});

@@ -1,0 +1,86 @@
+/**
+ * The same spine with a real model: a worker process running the tiny stories260K GGUF in
+ * process through node-llama-cpp. Greedy decoding makes the text known in advance.
+ */
+import { existsSync } from "node:fs";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { orderCost } from "../../server/market/money.js";
+import { ledgerIsBalanced, REPO_ROOT, startTestMarket, type TestMarket } from "../support/market.js";
+
+const MODEL_PATH = join(REPO_ROOT, "../shared/models/stories260K.gguf");
+const present = existsSync(MODEL_PATH);
+if (!present) {
+  console.warn(`skipping the llama-cpp end-to-end tests: ${MODEL_PATH} is not present`);
+}
+
+// stories260K's greedy continuation of "Once upon a time", 20 tokens (see the model's notes).
+const GREEDY_20_TOKENS = ", there was a little girl named Lily. She loved to play outsid";
+// BOS + the 4 tokens of "Once upon a time" in its 512-token vocabulary.
+const PROMPT_TOKENS = 5;
+
+describe.skipIf(!present)("chat completions served by node-llama-cpp (stories260K)", () => {
+  let market: TestMarket;
+  let consumer: { accountId: string; apiKey: string };
+
+  beforeAll(async () => {
+    market = await startTestMarket();
+    consumer = await market.account("reader", 10);
+    const provider = await market.account("gpu-owner");
+    await market.worker({
+      accountId: provider.accountId,
+      model: "stories260K",
+      priceIn: "10",
+      priceOut: "20",
+      tps: 500,
+      engine: ["--engine", "llama-cpp", "--model-path", MODEL_PATH],
+    });
+  });
+
+  afterAll(async () => {
+    await market?.close();
+  });
+
+  const request = {
+    model: "stories260K",
+    messages: [{ role: "user" as const, content: "Once upon a time" }],
+    max_tokens: 20,
+    temperature: 0,
+  };
+
+  it("streams the model's greedy continuation with exact usage", async () => {
+    const before = await market.balance(consumer.accountId);
+    const stream = await market.openai(consumer.apiKey).chat.completions.create({
+      ...request,
+      stream: true,
+      stream_options: { include_usage: true },
+    });
+    let text = "";
+    let finish: string | null | undefined;
+    let usage: { prompt_tokens: number; completion_tokens: number } | undefined;
+    for await (const chunk of stream) {
+      expect(chunk.object).toBe("chat.completion.chunk");
+      text += chunk.choices[0]?.delta.content ?? "";
+      finish = chunk.choices[0]?.finish_reason ?? finish;
+      if (chunk.usage) usage = chunk.usage;
+    }
+    expect(text).toBe(GREEDY_20_TOKENS);
+    expect(finish).toBe("length");
+    expect(usage).toMatchObject({ prompt_tokens: PROMPT_TOKENS, completion_tokens: 20 });
+    const after = await market.balance(consumer.accountId);
+    expect(before.available - after.available).toBe(orderCost(PROMPT_TOKENS, 20, 10_000_000n, 20_000_000n));
+  });
+
+  it("answers the same text without streaming, and the ledger balances", async () => {
+    const completion = await market.openai(consumer.apiKey).chat.completions.create(request);
+    expect(completion.choices[0]?.message.content).toBe(GREEDY_20_TOKENS);
+    expect(completion.usage).toMatchObject({
+      prompt_tokens: PROMPT_TOKENS,
+      completion_tokens: 20,
+      total_tokens: 25,
+    });
+    const audit = await ledgerIsBalanced(market);
+    expect(audit.ok).toBe(true);
+    expect(audit.sum).toBe(0n);
+  });
+});

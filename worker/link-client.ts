@@ -1,0 +1,810 @@
+/**
+ * The worker's side of the worker link (proto/locallmarket/v1/worker.proto).
+ *
+ * {@link WorkerLink} owns the connection to the control plane: it opens the bidirectional
+ * `WorkerService.Connect` stream (gRPC over HTTP/2), sends Hello, waits for Welcome, sends heartbeats
+ * at the interval the server asked for, runs assigned jobs on the engine (up to `concurrency` at
+ * once) and streams JobAccepted / JobChunk / JobDone / JobFailed. It answers JobCancel, Drain, Ping
+ * and Reject, and reconnects with exponential backoff and jitter whenever the stream ends, except
+ * after a Reject saying the token is unknown or banned.
+ *
+ * Progress is reported on three channels: one-line log messages (the `log` option), typed events
+ * (`link.on("welcomed", ...)`, usable with `events.once(link, "welcomed")`), and the `done` promise,
+ * which settles when the link has stopped for good (rejecting with {@link WorkerRejectedError} after
+ * a fatal Reject).
+ */
+import { EventEmitter } from "node:events";
+import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
+import { FinishReason, type Offer, OfferSchema, UsageSchema } from "../gen/locallmarket/v1/common_pb.js";
+import {
+  type ConnectRequest,
+  ConnectRequestSchema,
+  type ConnectResponse,
+  type Drain,
+  type JobAssign,
+  type JobCancel,
+  JobFailureCode,
+  type Reject,
+  RejectCode,
+  type Welcome,
+  WorkerService,
+} from "../gen/locallmarket/v1/worker_pb.js";
+import { AsyncQueue } from "./async-queue.js";
+import {
+  type Engine,
+  EngineError,
+  type EngineFinishReason,
+  type EnginePiece,
+  type EngineSampling,
+  type GenerationResult,
+  runGeneration,
+} from "./engines/engine.js";
+import { formatMicroCredits } from "./options.js";
+
+/** The implementation name and version sent in Hello.agent_version. */
+export const AGENT_VERSION = "locallmarket-worker/0.1.0";
+/** The wire protocol version this worker implements. */
+export const PROTOCOL_VERSION = 1;
+
+/** One offer, in application units (prices already in micro-credits per 1M tokens). */
+export interface OfferSpec {
+  model: string;
+  pricePerMillionInput: bigint;
+  pricePerMillionOutput: bigint;
+  tokensPerSecond: number;
+  maxConcurrency: number;
+  /** Context window in tokens; 0 or absent means unknown. */
+  contextLength?: number;
+  quantization?: string;
+  /** Informational engine name, e.g. "llama.cpp" or "ollama". */
+  engine?: string;
+}
+
+/** Options of {@link WorkerLink}. */
+export interface WorkerLinkOptions {
+  /** Control plane base URL, e.g. http://127.0.0.1:50051 (h2c) or https://market.example (TLS). */
+  server: string;
+  /** The worker token; sent in Hello, never logged. */
+  token: string;
+  /** Machine name shown on the dashboard. */
+  name?: string;
+  /** What the worker sells (at least one offer). */
+  offers: OfferSpec[];
+  /** The engine jobs run on. */
+  engine: Engine;
+  /** Jobs run at once; assignments beyond it are refused with OVERLOADED. Default 1. */
+  concurrency?: number;
+  /** Receives one line per state change. Default: timestamped lines on stderr. */
+  log?: (line: string) => void;
+  /** Reconnection backoff: the first delay, doubling up to the maximum. Default 500 ms to 30 s. */
+  backoff?: { initialMs?: number; maxMs?: number };
+  /** Random source in [0, 1) for the backoff jitter (tests can make it deterministic). */
+  random?: () => number;
+  /** How long to wait for Welcome after sending Hello before giving up on the stream. Default 30 s. */
+  welcomeTimeoutMs?: number;
+  /** Heartbeat interval used when Welcome does not give one. Default 10 s. */
+  defaultHeartbeatMs?: number;
+  /** HTTP/2 keep-alive PING interval. Default 30 s. */
+  pingIntervalMs?: number;
+  /** How long stop() lets running jobs finish before cancelling them. Default 30 s. */
+  stopGraceMs?: number;
+  /** After Goodbye and the half-close, how long stop() waits for the server to end the call. Default 3 s. */
+  closeTimeoutMs?: number;
+}
+
+/** The link's state, as reported by `link.state` and the "state" event. */
+export type WorkerLinkState =
+  | "idle"
+  | "connecting"
+  | "connected"
+  | "backoff"
+  | "stopping"
+  | "stopped"
+  | "failed";
+
+/** What is known about a finished job, as reported by the "job-finished" event. */
+export interface JobSummary {
+  jobId: string;
+  model: string;
+  /** "done" (JobDone sent), "failed" (JobFailed sent) or "abandoned" (the stream was gone). */
+  outcome: "done" | "failed" | "abandoned";
+  finishReason?: EngineFinishReason;
+  failureCode?: JobFailureCode;
+  message?: string;
+  /** Completion tokens streamed (sum of JobChunk.token_count). */
+  tokens: number;
+  /** Chunks sent (the last JobChunk.sequence). */
+  chunks: number;
+  durationMs: number;
+}
+
+/** Typed events of {@link WorkerLink}. */
+export interface WorkerLinkEvents {
+  state: [WorkerLinkState];
+  connecting: [{ attempt: number }];
+  welcomed: [Welcome];
+  disconnected: [{ reason: string }];
+  retrying: [{ delayMs: number; attempt: number }];
+  "job-started": [{ jobId: string; model: string }];
+  "job-finished": [JobSummary];
+  drain: [Drain];
+  rejected: [Reject];
+  stopped: [];
+}
+
+/** The server rejected the worker for good (unknown/revoked token, or banned): do not reconnect. */
+export class WorkerRejectedError extends Error {
+  readonly code: RejectCode;
+  constructor(code: RejectCode, message: string) {
+    super(message);
+    this.name = "WorkerRejectedError";
+    this.code = code;
+  }
+}
+
+type CancelReason = "cancel" | "timeout" | "stop" | "disconnect";
+
+interface RunningJob {
+  id: string;
+  model: string;
+  controller: AbortController;
+  reason?: CancelReason;
+  cancelMessage?: string;
+  sequence: bigint;
+  tokens: number;
+  startedAt: number;
+  settled: Promise<void>;
+}
+
+interface Session {
+  outbound: AsyncQueue<ConnectRequest>;
+  abort: AbortController;
+  welcome?: Welcome;
+  draining: boolean;
+  rejected?: Reject;
+  jobs: Map<string, RunningJob>;
+  heartbeat?: NodeJS.Timeout;
+  ended: Promise<void>;
+}
+
+const FATAL_REJECTS = new Set([RejectCode.UNAUTHENTICATED, RejectCode.BANNED]);
+
+/** The worker's connection to the control plane. Call {@link start}, later {@link stop}. */
+export class WorkerLink extends EventEmitter<WorkerLinkEvents> {
+  private readonly options: WorkerLinkOptions;
+  private readonly concurrency: number;
+  private readonly log: (line: string) => void;
+  private readonly offeredModels: Set<string>;
+  private readonly stopController = new AbortController();
+  private currentState: WorkerLinkState = "idle";
+  private session: Session | undefined;
+  private activeJobs = 0;
+  private runPromise: Promise<void> | undefined;
+  private stopPromise: Promise<void> | undefined;
+  private lastWelcome: Welcome | undefined;
+
+  constructor(options: WorkerLinkOptions) {
+    super();
+    if (options.offers.length === 0) throw new Error("WorkerLink needs at least one offer");
+    this.options = options;
+    this.concurrency = Math.max(1, options.concurrency ?? 1);
+    this.log = options.log ?? ((line) => process.stderr.write(`${new Date().toISOString()} ${line}\n`));
+    this.offeredModels = new Set(options.offers.map((offer) => offer.model));
+  }
+
+  /** The current state. */
+  get state(): WorkerLinkState {
+    return this.currentState;
+  }
+
+  /** The Welcome of the current (or last) stream. */
+  get welcome(): Welcome | undefined {
+    return this.lastWelcome;
+  }
+
+  /** Jobs running now (including ones still winding down after their stream was lost). */
+  get runningJobs(): number {
+    return this.activeJobs;
+  }
+
+  /**
+   * Settles when the link has stopped for good: resolves after stop(), rejects with
+   * {@link WorkerRejectedError} when the server rejected the token. Calling it starts nothing.
+   */
+  get done(): Promise<void> {
+    if (!this.runPromise) throw new Error("WorkerLink.done: start() was not called");
+    return this.runPromise;
+  }
+
+  /** Starts connecting (and reconnecting). Returns `done`. */
+  start(): Promise<void> {
+    if (!this.runPromise) {
+      this.runPromise = this.run();
+      // `done` is for whoever wants it; do not crash the process if nobody listens.
+      this.runPromise.catch(() => undefined);
+    }
+    return this.runPromise;
+  }
+
+  /**
+   * Stops gracefully: sends Goodbye, lets running jobs finish (up to `stopGraceMs`, then cancels
+   * them and reports them failed), closes the stream and stops reconnecting. Idempotent.
+   */
+  stop(reason = "worker shutting down"): Promise<void> {
+    this.stopPromise ??= this.doStop(reason);
+    return this.stopPromise;
+  }
+
+  /** Cancels every running job now (e.g. a second Ctrl-C); stop() then completes quickly. */
+  cancelAllJobs(): void {
+    const session = this.session;
+    if (!session) return;
+    for (const job of session.jobs.values()) this.abortJob(job, "stop", "worker stopped");
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Connection loop
+
+  private async run(): Promise<void> {
+    const initialMs = this.options.backoff?.initialMs ?? 500;
+    const maxMs = this.options.backoff?.maxMs ?? 30_000;
+    const random = this.options.random ?? Math.random;
+    let backoffMs = initialMs;
+    let attempt = 0;
+    try {
+      while (!this.stopController.signal.aborted) {
+        attempt += 1;
+        const { welcomed, reason, fatal } = await this.connectOnce(attempt);
+        if (fatal) throw fatal;
+        if (this.stopController.signal.aborted) break;
+        this.log(`disconnected: ${reason}`);
+        this.emit("disconnected", { reason });
+        if (welcomed) backoffMs = initialMs;
+        const delayMs = Math.round(backoffMs / 2 + (random() * backoffMs) / 2);
+        backoffMs = Math.min(backoffMs * 2, maxMs);
+        this.setState("backoff");
+        this.log(`retrying in ${(delayMs / 1000).toFixed(1)} s`);
+        this.emit("retrying", { delayMs, attempt });
+        await sleep(delayMs, this.stopController.signal);
+      }
+      this.setState("stopped");
+      this.log("stopped");
+      this.emit("stopped");
+    } catch (error) {
+      this.setState("failed");
+      this.log(`giving up: ${error instanceof Error ? error.message : String(error)}`);
+      throw error;
+    }
+  }
+
+  /** One stream, from Hello to its end. */
+  private async connectOnce(
+    attempt: number,
+  ): Promise<{ welcomed: boolean; reason: string; fatal?: WorkerRejectedError }> {
+    const { server } = this.options;
+    this.setState("connecting");
+    this.log(`connecting to ${server}${attempt > 1 ? ` (attempt ${attempt})` : ""}`);
+    this.emit("connecting", { attempt });
+
+    // A session manager per stream: when the stream ends its HTTP/2 connection is closed with it,
+    // so nothing lingers (a shared manager would keep an idle connection open for 15 minutes).
+    const sessionManager = new Http2SessionManager(server, {
+      pingIntervalMs: this.options.pingIntervalMs ?? 30_000,
+      pingTimeoutMs: 15_000,
+    });
+    const transport = createGrpcTransport({ baseUrl: server, sessionManager });
+    const client = createClient(WorkerService, transport);
+
+    let markEnded!: () => void;
+    const session: Session = {
+      outbound: new AsyncQueue<ConnectRequest>(),
+      abort: new AbortController(),
+      draining: false,
+      jobs: new Map(),
+      ended: new Promise<void>((resolve) => {
+        markEnded = resolve;
+      }),
+    };
+    this.session = session;
+    const onStop = () => {
+      if (!session.welcome) session.abort.abort(new Error("worker stopped"));
+    };
+    this.stopController.signal.addEventListener("abort", onStop, { once: true });
+    const welcomeTimer = setTimeout(
+      () => session.abort.abort(new Error("no Welcome from the server")),
+      this.options.welcomeTimeoutMs ?? 30_000,
+    );
+
+    session.outbound.push(
+      create(ConnectRequestSchema, {
+        message: {
+          case: "hello",
+          value: {
+            workerToken: this.options.token,
+            agentVersion: AGENT_VERSION,
+            workerName: this.options.name ?? "",
+            offers: this.options.offers.map(toOffer),
+            protocolVersion: PROTOCOL_VERSION,
+          },
+        },
+      }),
+    );
+
+    let reason = "the server closed the stream";
+    let fatal: WorkerRejectedError | undefined;
+    try {
+      for await (const response of client.connect(session.outbound, { signal: session.abort.signal })) {
+        if (response.message.case === "welcome" && !session.welcome) clearTimeout(welcomeTimer);
+        this.handleResponse(session, response);
+        if (session.rejected) break;
+      }
+      if (session.rejected) {
+        const { code, message } = session.rejected;
+        reason = `rejected: ${RejectCode[code] ?? code}${message ? `: ${message}` : ""}`;
+        if (FATAL_REJECTS.has(code)) {
+          fatal = new WorkerRejectedError(
+            code,
+            `the server rejected this worker (${RejectCode[code]}): ${message || "no reason given"}; not reconnecting`,
+          );
+        }
+      }
+    } catch (error) {
+      if (session.abort.signal.aborted && session.abort.signal.reason instanceof Error) {
+        reason = session.abort.signal.reason.message;
+      } else {
+        reason = describeError(error);
+      }
+    } finally {
+      clearTimeout(welcomeTimer);
+      if (session.heartbeat) clearInterval(session.heartbeat);
+      this.stopController.signal.removeEventListener("abort", onStop);
+      session.outbound.close();
+      // Jobs of this stream cannot report anymore: the control plane fails them over.
+      for (const job of session.jobs.values()) this.abortJob(job, "disconnect", "stream closed");
+      session.abort.abort(new Error("stream finished"));
+      sessionManager.abort();
+      if (this.session === session) this.session = undefined;
+      markEnded();
+    }
+    return fatal ? { welcomed: !!session.welcome, reason, fatal } : { welcomed: !!session.welcome, reason };
+  }
+
+  private handleResponse(session: Session, response: ConnectResponse): void {
+    const message = response.message;
+    if (!session.welcome && message.case !== "welcome" && message.case !== "reject") {
+      this.log(`protocol error: received ${message.case ?? "an empty message"} before Welcome; ignored`);
+      return;
+    }
+    switch (message.case) {
+      case "welcome":
+        this.onWelcome(session, message.value);
+        return;
+      case "jobAssign":
+        this.onJobAssign(session, message.value);
+        return;
+      case "jobCancel":
+        this.onJobCancel(session, message.value);
+        return;
+      case "drain":
+        session.draining = true;
+        this.log(
+          `drain requested${message.value.reason ? ` (${message.value.reason})` : ""}: finishing ` +
+            `${session.jobs.size} running job(s), accepting no new ones`,
+        );
+        this.emit("drain", message.value);
+        return;
+      case "ping":
+        this.send(session, {
+          case: "heartbeat",
+          value: { ...this.load(session), pingNonce: message.value.nonce },
+        });
+        return;
+      case "reject": {
+        session.rejected = message.value;
+        const { code } = message.value;
+        const hint = FATAL_REJECTS.has(code)
+          ? "; will not reconnect"
+          : code === RejectCode.REPLACED
+            ? "; another worker is using the same token"
+            : "";
+        this.log(
+          `rejected by the server: ${RejectCode[code] ?? code}${message.value.message ? `: ${message.value.message}` : ""}${hint}`,
+        );
+        this.emit("rejected", message.value);
+        return;
+      }
+      default:
+        this.log("protocol error: received an empty or unknown message; ignored");
+    }
+  }
+
+  private onWelcome(session: Session, welcome: Welcome): void {
+    if (session.welcome) {
+      this.log("protocol error: a second Welcome on the same stream; ignored");
+      return;
+    }
+    session.welcome = welcome;
+    this.lastWelcome = welcome;
+    const intervalMs = welcome.heartbeatIntervalMs || (this.options.defaultHeartbeatMs ?? 10_000);
+    session.heartbeat = setInterval(() => {
+      this.send(session, { case: "heartbeat", value: this.load(session) });
+    }, intervalMs);
+    session.heartbeat.unref();
+    this.setState("connected");
+    const offers = (
+      welcome.acceptedOffers.length > 0 ? welcome.acceptedOffers : this.options.offers.map(toOffer)
+    )
+      .map(
+        (o) =>
+          `${o.model} @ ${formatMicroCredits(o.pricePerMillionInput)}/${formatMicroCredits(o.pricePerMillionOutput)} credits per 1M in/out`,
+      )
+      .join(", ");
+    this.log(
+      `connected as worker ${welcome.workerId} session ${welcome.sessionId} ` +
+        `(heartbeat every ${intervalMs / 1000} s; offers: ${offers})`,
+    );
+    this.emit("welcomed", welcome);
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Jobs
+
+  private onJobAssign(session: Session, assign: JobAssign): void {
+    const { jobId, model } = assign;
+    const refuse = (code: JobFailureCode, message: string) => {
+      this.log(`job ${jobId} refused: ${JobFailureCode[code]}: ${message}`);
+      this.send(session, { case: "jobFailed", value: { jobId, code, message } });
+    };
+    if (session.jobs.has(jobId)) {
+      this.log(`protocol error: job ${jobId} assigned twice; ignored`);
+      return;
+    }
+    if (this.stopController.signal.aborted) {
+      refuse(JobFailureCode.OVERLOADED, "the worker is shutting down");
+      return;
+    }
+    if (session.draining) {
+      refuse(JobFailureCode.OVERLOADED, "the worker is draining");
+      return;
+    }
+    if (this.activeJobs >= this.concurrency) {
+      refuse(
+        JobFailureCode.OVERLOADED,
+        `the worker is running ${this.activeJobs} of ${this.concurrency} jobs`,
+      );
+      return;
+    }
+    if (!this.offeredModels.has(model)) {
+      refuse(JobFailureCode.MODEL_UNAVAILABLE, `model "${model}" is not served by this worker`);
+      return;
+    }
+    const deadline = Number(assign.deadlineUnixMs);
+    if (deadline > 0 && deadline <= Date.now()) {
+      refuse(JobFailureCode.TIMEOUT, "the deadline has already passed");
+      return;
+    }
+
+    let markSettled!: () => void;
+    const job: RunningJob = {
+      id: jobId,
+      model,
+      controller: new AbortController(),
+      sequence: 0n,
+      tokens: 0,
+      startedAt: performance.now(),
+      settled: new Promise<void>((resolve) => {
+        markSettled = resolve;
+      }),
+    };
+    session.jobs.set(jobId, job);
+    this.activeJobs += 1;
+    this.send(session, { case: "jobAccepted", value: { jobId } });
+    this.log(
+      `job ${jobId} started: model ${model}, max_tokens ${assign.maxTokens || "unset"}, ` +
+        `${assign.messages.length} message(s)${assign.audit ? ", audit (greedy)" : ""}`,
+    );
+    this.emit("job-started", { jobId, model });
+
+    const deadlineTimer =
+      deadline > 0
+        ? setTimeout(() => this.abortJob(job, "timeout", "deadline passed"), deadline - Date.now())
+        : undefined;
+    this.runJob(session, job, assign)
+      .catch((error: unknown) => this.log(`internal error in job ${jobId}: ${describeError(error)}`))
+      .finally(() => {
+        if (deadlineTimer) clearTimeout(deadlineTimer);
+        session.jobs.delete(jobId);
+        this.activeJobs -= 1;
+        markSettled();
+      });
+  }
+
+  private async runJob(session: Session, job: RunningJob, assign: JobAssign): Promise<void> {
+    const maxChunkBytes = session.welcome?.maxChunkBytes ?? 0;
+    let result: GenerationResult | undefined;
+    let failure: unknown;
+    try {
+      const generation = this.options.engine.generate({
+        model: assign.model,
+        messages: assign.messages.map((m) => ({
+          role: m.role,
+          content: m.content,
+          ...(m.name ? { name: m.name } : {}),
+        })),
+        sampling: toEngineSampling(assign),
+        maxTokens: assign.maxTokens,
+        signal: job.controller.signal,
+      });
+      result = await runGeneration(generation, (piece) => this.sendPiece(session, job, piece, maxChunkBytes));
+    } catch (error) {
+      failure = error;
+    }
+
+    const summary = {
+      jobId: job.id,
+      model: job.model,
+      tokens: job.tokens,
+      chunks: Number(job.sequence),
+      durationMs: performance.now() - job.startedAt,
+    };
+    const seconds = summary.durationMs / 1000;
+    const stats = `${job.tokens} tokens in ${seconds.toFixed(2)} s (${seconds > 0 ? (job.tokens / seconds).toFixed(1) : "∞"} tok/s)`;
+
+    if (job.reason === "disconnect") {
+      this.log(`job ${job.id} abandoned: the stream closed (${stats})`);
+      this.emit("job-finished", { ...summary, outcome: "abandoned" });
+      return;
+    }
+    let code: JobFailureCode | undefined;
+    let message = "";
+    if (job.reason === "timeout") {
+      code = JobFailureCode.TIMEOUT;
+      message = "the job's deadline passed";
+    } else if (job.reason === "stop") {
+      code = JobFailureCode.ENGINE_ERROR;
+      message = "the worker is shutting down";
+    } else if (job.reason !== "cancel" && failure !== undefined) {
+      code = failure instanceof EngineError ? failureCodeOf(failure) : JobFailureCode.ENGINE_ERROR;
+      message = failure instanceof Error ? failure.message : String(failure);
+    }
+    if (code !== undefined) {
+      this.send(session, { case: "jobFailed", value: { jobId: job.id, code, message } });
+      this.log(`job ${job.id} failed: ${JobFailureCode[code]}: ${message} (${stats})`);
+      this.emit("job-finished", { ...summary, outcome: "failed", failureCode: code, message });
+      return;
+    }
+
+    const finishReason: EngineFinishReason =
+      job.reason === "cancel" ? "cancelled" : (result?.finishReason ?? "stop");
+    const usage = result?.usage;
+    this.send(session, {
+      case: "jobDone",
+      value: {
+        jobId: job.id,
+        finishReason: toProtoFinishReason(finishReason),
+        lastSequence: job.sequence,
+        ...(usage
+          ? {
+              usage: create(UsageSchema, {
+                promptTokens: usage.promptTokens,
+                completionTokens: usage.completionTokens,
+              }),
+            }
+          : {}),
+      },
+    });
+    const cancelNote = job.reason === "cancel" && job.cancelMessage ? ` (${job.cancelMessage})` : "";
+    this.log(`job ${job.id} done: ${finishReason}${cancelNote}, ${stats}`);
+    this.emit("job-finished", { ...summary, outcome: "done", finishReason });
+  }
+
+  private sendPiece(session: Session, job: RunningJob, piece: EnginePiece, maxChunkBytes: number): void {
+    if (job.reason === "disconnect") return;
+    if (piece.text === "" && piece.tokenCount === 0) return;
+    const parts = maxChunkBytes > 0 ? splitUtf8(piece.text, maxChunkBytes) : [piece.text];
+    for (const [i, text] of parts.entries()) {
+      job.sequence += 1n;
+      // The whole piece's token count rides on its last part.
+      const tokenCount = i === parts.length - 1 ? piece.tokenCount : 0;
+      this.send(session, {
+        case: "jobChunk",
+        value: { jobId: job.id, sequence: job.sequence, text, tokenCount },
+      });
+    }
+    job.tokens += piece.tokenCount;
+  }
+
+  private onJobCancel(session: Session, cancel: JobCancel): void {
+    const job = session.jobs.get(cancel.jobId);
+    if (!job) {
+      this.log(`ignoring JobCancel for unknown job ${cancel.jobId}`);
+      return;
+    }
+    this.log(`job ${cancel.jobId} cancel requested${cancel.reason ? `: ${cancel.reason}` : ""}`);
+    this.abortJob(job, "cancel", cancel.reason);
+  }
+
+  private abortJob(job: RunningJob, reason: CancelReason, message: string): void {
+    if (job.reason === undefined || reason === "disconnect") {
+      job.reason = reason;
+      job.cancelMessage = message;
+    }
+    job.controller.abort(new Error(message));
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Stopping
+
+  private async doStop(reason: string): Promise<void> {
+    if (!this.runPromise) {
+      this.stopController.abort();
+      this.setState("stopped");
+      return;
+    }
+    const session = this.session;
+    const wasConnected = this.currentState === "connected";
+    this.setState("stopping");
+    this.stopController.abort();
+    if (session?.welcome && wasConnected) {
+      this.send(session, { case: "goodbye", value: { reason } });
+      const running = [...session.jobs.values()];
+      if (running.length > 0) {
+        this.log(`stopping: Goodbye sent, waiting for ${running.length} running job(s)`);
+        const graceMs = this.options.stopGraceMs ?? 30_000;
+        const allSettled = Promise.all(running.map((job) => job.settled));
+        const inTime = await raceTimeout(allSettled, graceMs, session.ended);
+        if (!inTime) {
+          this.log(
+            `stopping: cancelling ${session.jobs.size} job(s) still running after ${graceMs / 1000} s`,
+          );
+          for (const job of session.jobs.values()) this.abortJob(job, "stop", "worker stopped");
+          await raceTimeout(Promise.all(running.map((job) => job.settled)), 5_000, session.ended);
+        }
+      } else {
+        this.log("stopping: Goodbye sent");
+      }
+      // Half-close our side; the server ends the call. Abort if it does not within a few seconds.
+      session.outbound.close();
+      const closed = await raceTimeout(session.ended, this.options.closeTimeoutMs ?? 3_000);
+      if (!closed) session.abort.abort(new Error("worker stopped"));
+    } else {
+      session?.abort.abort(new Error("worker stopped"));
+    }
+    await this.runPromise.catch(() => undefined);
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Helpers
+
+  private send(session: Session, message: MessageInitShape<typeof ConnectRequestSchema>["message"]): void {
+    session.outbound.push(create(ConnectRequestSchema, { message }));
+  }
+
+  private load(session: Session): { activeJobs: number; queuedJobs: number } {
+    return { activeJobs: session.jobs.size, queuedJobs: 0 };
+  }
+
+  private setState(state: WorkerLinkState): void {
+    if (this.currentState === state) return;
+    this.currentState = state;
+    this.emit("state", state);
+  }
+}
+
+function toOffer(spec: OfferSpec): Offer {
+  return create(OfferSchema, {
+    model: spec.model,
+    pricePerMillionInput: spec.pricePerMillionInput,
+    pricePerMillionOutput: spec.pricePerMillionOutput,
+    advertisedTokensPerSecond: spec.tokensPerSecond,
+    maxConcurrency: spec.maxConcurrency,
+    contextLength: spec.contextLength ?? 0,
+    quantization: spec.quantization ?? "",
+    engine: spec.engine ?? "",
+  });
+}
+
+function toEngineSampling(assign: JobAssign): EngineSampling {
+  const s = assign.sampling;
+  if (assign.audit) return { temperature: 0, ...(s && s.stop.length > 0 ? { stop: [...s.stop] } : {}) };
+  const sampling: EngineSampling = {};
+  if (!s) return sampling;
+  if (s.temperature !== undefined) sampling.temperature = s.temperature;
+  if (s.topP !== undefined) sampling.topP = s.topP;
+  if (s.stop.length > 0) sampling.stop = [...s.stop];
+  if (s.seed !== undefined) {
+    const seed = Number(s.seed);
+    if (Number.isSafeInteger(seed)) sampling.seed = seed;
+  }
+  if (s.presencePenalty !== undefined) sampling.presencePenalty = s.presencePenalty;
+  if (s.frequencyPenalty !== undefined) sampling.frequencyPenalty = s.frequencyPenalty;
+  return sampling;
+}
+
+function toProtoFinishReason(reason: EngineFinishReason): FinishReason {
+  switch (reason) {
+    case "stop":
+      return FinishReason.STOP;
+    case "length":
+      return FinishReason.LENGTH;
+    case "content_filter":
+      return FinishReason.CONTENT_FILTER;
+    case "cancelled":
+      return FinishReason.CANCELLED;
+  }
+}
+
+function failureCodeOf(error: EngineError): JobFailureCode {
+  switch (error.code) {
+    case "invalid_input":
+      return JobFailureCode.INVALID_INPUT;
+    case "model_unavailable":
+      return JobFailureCode.MODEL_UNAVAILABLE;
+    case "overloaded":
+      return JobFailureCode.OVERLOADED;
+    default:
+      return JobFailureCode.ENGINE_ERROR;
+  }
+}
+
+/** Splits text into parts of at most `maxBytes` UTF-8 bytes, never inside a character. */
+export function splitUtf8(text: string, maxBytes: number): string[] {
+  if (Buffer.byteLength(text) <= maxBytes) return [text];
+  const parts: string[] = [];
+  let current = "";
+  let currentBytes = 0;
+  for (const char of text) {
+    const bytes = Buffer.byteLength(char);
+    if (currentBytes + bytes > maxBytes && current) {
+      parts.push(current);
+      current = "";
+      currentBytes = 0;
+    }
+    current += char;
+    currentBytes += bytes;
+  }
+  if (current) parts.push(current);
+  return parts;
+}
+
+function describeError(error: unknown): string {
+  if (error instanceof ConnectError) {
+    const code = Code[error.code] ?? String(error.code);
+    return `${code}: ${error.rawMessage}`;
+  }
+  return error instanceof Error ? error.message : String(error);
+}
+
+function sleep(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    if (signal.aborted) return resolve();
+    const timer = setTimeout(done, ms);
+    function done() {
+      clearTimeout(timer);
+      signal.removeEventListener("abort", done);
+      resolve();
+    }
+    signal.addEventListener("abort", done, { once: true });
+  });
+}
+
+/** Resolves true when `promise` settles within `ms` (or `alsoDone` settles first), false on timeout. */
+async function raceTimeout(
+  promise: Promise<unknown>,
+  ms: number,
+  alsoDone?: Promise<unknown>,
+): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<boolean>((resolve) => {
+    timer = setTimeout(() => resolve(false), ms);
+  });
+  try {
+    const candidates: Promise<boolean>[] = [promise.then(() => true), timeout];
+    if (alsoDone) candidates.push(alsoDone.then(() => true));
+    return await Promise.race(candidates);
+  } finally {
+    clearTimeout(timer);
+  }
+}
