@@ -9,10 +9,11 @@
  */
 import { existsSync, realpathSync } from "node:fs";
 import { pathToFileURL } from "node:url";
+import { formatCredits } from "../server/market/money.js";
 import type { Engine } from "./engines/engine.js";
 import { OpenAiEngine } from "./engines/openai-engine.js";
 import { AGENT_VERSION, WorkerLink, WorkerRejectedError } from "./link-client.js";
-import { formatMicroCredits, parseWorkerArgs, type WorkerOptions, WorkerOptionsError } from "./options.js";
+import { parseWorkerArgs, type WorkerOptions, WorkerOptionsError } from "./options.js";
 
 /** Where the CLI reads its environment and writes its output (tests replace these). */
 export interface WorkerCliIo {
@@ -59,8 +60,8 @@ export async function runWorkerCli(argv: string[], io: WorkerCliIo = {}): Promis
       : `llama.cpp in process with ${options.engine.modelPath}`;
   log(
     `${AGENT_VERSION}: selling model "${options.model}" from ${engineDescription} ` +
-      `to ${options.server} as "${options.name}"; price ${formatMicroCredits(options.pricePerMillionInput)} in / ` +
-      `${formatMicroCredits(options.pricePerMillionOutput)} out credits per 1M tokens, ` +
+      `to ${options.server} as "${options.name}"; price ${formatCredits(options.pricePerMillionInput)} in / ` +
+      `${formatCredits(options.pricePerMillionOutput)} out credits per 1M tokens, ` +
       `concurrency ${options.concurrency}, advertised ${options.tokensPerSecond} tok/s`,
   );
 

@@ -31,6 +31,7 @@ import {
   type Welcome,
   WorkerService,
 } from "../gen/locallmarket/v1/worker_pb.js";
+import { formatCredits } from "../server/market/money.js";
 import { AsyncQueue } from "./async-queue.js";
 import {
   type Engine,
@@ -41,7 +42,6 @@ import {
   type GenerationResult,
   runGeneration,
 } from "./engines/engine.js";
-import { formatMicroCredits } from "./options.js";
 
 /** The implementation name and version sent in Hello.agent_version. */
 export const AGENT_VERSION = "locallmarket-worker/0.1.0";
@@ -438,7 +438,7 @@ export class WorkerLink extends EventEmitter<WorkerLinkEvents> {
     )
       .map(
         (o) =>
-          `${o.model} @ ${formatMicroCredits(o.pricePerMillionInput)}/${formatMicroCredits(o.pricePerMillionOutput)} credits per 1M in/out`,
+          `${o.model} @ ${formatCredits(o.pricePerMillionInput)}/${formatCredits(o.pricePerMillionOutput)} credits per 1M in/out`,
       )
       .join(", ");
     this.log(

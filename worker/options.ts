@@ -7,6 +7,7 @@
  */
 import { hostname } from "node:os";
 import { parseArgs } from "node:util";
+import { formatCredits, parseCredits } from "../server/market/money.js";
 
 /** The engine the worker runs jobs on. */
 export type EngineOptions =
@@ -214,33 +215,18 @@ export function workerUsage(): string {
 }
 
 /**
- * Converts a decimal credit amount ("1", "0.5", "12.000001") to micro-credits, exactly.
- * At most 6 decimals; no sign, exponent or spaces.
+ * Parses a decimal credit amount into micro-credits exactly (the market's own parser), as a
+ * WorkerOptionsError naming the option on bad input.
  */
 export function creditsToMicroCredits(text: string, what = "amount"): bigint {
-  const match = /^(\d+)(?:\.(\d+))?$/.exec(text);
-  if (!match) {
-    throw new WorkerOptionsError(`${what}: "${text}" is not a non-negative decimal number of credits`);
+  let micro: bigint;
+  try {
+    micro = parseCredits(text, what);
+  } catch (error) {
+    throw new WorkerOptionsError(error instanceof Error ? error.message : String(error));
   }
-  const whole = match[1] ?? "0";
-  const fraction = match[2] ?? "";
-  if (fraction.length > 6) {
-    throw new WorkerOptionsError(
-      `${what}: "${text}" has more than 6 decimals (the smallest unit is 0.000001 credit)`,
-    );
-  }
-  const micro = BigInt(whole) * MICRO_PER_CREDIT + BigInt(fraction.padEnd(6, "0"));
   if (micro > INT64_MAX) throw new WorkerOptionsError(`${what}: "${text}" is too large`);
   return micro;
-}
-
-/** Formats micro-credits back to a decimal credit string (for logs): 500000n → "0.5". */
-export function formatMicroCredits(micro: bigint): string {
-  const negative = micro < 0n;
-  const abs = negative ? -micro : micro;
-  const whole = abs / MICRO_PER_CREDIT;
-  const fraction = (abs % MICRO_PER_CREDIT).toString().padStart(6, "0").replace(/0+$/, "");
-  return `${negative ? "-" : ""}${whole}${fraction ? `.${fraction}` : ""}`;
 }
 
 /**

@@ -10,17 +10,23 @@ const BASIS_POINTS = 10_000n;
 
 /** Parses a decimal credit amount ("12", "0.5", "1.000001") into µc, exactly. */
 export function parseCredits(text: string, field = "amount"): bigint {
-  const match = /^(\d+)(?:\.(\d{1,6}))?$/.exec(text.trim());
+  const match = /^(\d+)(?:\.(\d+))?$/.exec(text);
   if (!match) {
     throw new MarketError(
       "invalid_request",
-      `${field} must be a non-negative number of credits with at most 6 decimals, got "${text}"`,
+      `${field}: "${text}" is not a non-negative decimal number of credits`,
       field,
     );
   }
-  const whole = BigInt(match[1] ?? "0");
-  const fraction = BigInt((match[2] ?? "").padEnd(6, "0"));
-  return whole * MICROS_PER_CREDIT + fraction;
+  const fraction = match[2] ?? "";
+  if (fraction.length > 6) {
+    throw new MarketError(
+      "invalid_request",
+      `${field}: "${text}" has more than 6 decimals (the smallest unit is 0.000001 credit)`,
+      field,
+    );
+  }
+  return BigInt(match[1] ?? "0") * MICROS_PER_CREDIT + BigInt(fraction.padEnd(6, "0"));
 }
 
 /** Formats µc as a decimal credit string without losing digits ("1.5", "0.000001"). */

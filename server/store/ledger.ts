@@ -3,9 +3,11 @@
  * written as one ledger transaction inside the caller's database transaction, and applied to the
  * cached balances on the account rows in the same step, so entries and balances cannot drift.
  */
+
 import { LockMode, QueryOrder } from "@mikro-orm/core";
 import type { EntityManager } from "@mikro-orm/postgresql";
 import { MarketError } from "../market/errors.js";
+import { formatCredits } from "../market/money.js";
 import { EXTERNAL_ACCOUNT_ID, PLATFORM_ACCOUNT_ID } from "../market/store-port.js";
 import {
   Account,
@@ -153,13 +155,4 @@ export function postHold(input: {
     postings.push({ accountId: input.providerAccountId, book: "available", amount: providerShare });
   }
   return postings;
-}
-
-/** Micro-credits as a decimal number of credits, e.g. 1500000n → "1.5". */
-export function formatCredits(microCredits: bigint): string {
-  const sign = microCredits < 0n ? "-" : "";
-  const magnitude = microCredits < 0n ? -microCredits : microCredits;
-  const whole = magnitude / 1_000_000n;
-  const fraction = (magnitude % 1_000_000n).toString().padStart(6, "0").replace(/0+$/, "");
-  return `${sign}${whole}${fraction ? `.${fraction}` : ""}`;
 }

@@ -14,6 +14,7 @@ import {
 } from "@mikro-orm/core";
 import type { EntityManager, MikroORM } from "@mikro-orm/postgresql";
 import { MarketError } from "../market/errors.js";
+import { formatCredits } from "../market/money.js";
 import {
   type AccountRecord,
   type ApiKeyRecord,
@@ -33,7 +34,6 @@ import {
 import { Account, ApiKey, LedgerTransaction, type LedgerTransactionKind, Order, Worker } from "./entities.js";
 import {
   depositPostings,
-  formatCredits,
   lockAccounts,
   placeHold,
   postHold,

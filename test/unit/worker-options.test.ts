@@ -2,7 +2,6 @@ import { describe, expect, it } from "vitest";
 import {
   creditsToMicroCredits,
   DEFAULT_SERVER,
-  formatMicroCredits,
   parseWorkerArgs,
   WORKER_OPTION_SPECS,
   type WorkerOptions,
@@ -79,13 +78,6 @@ describe("creditsToMicroCredits", () => {
   ])("rejects %j", (text, pattern) => {
     expect(() => creditsToMicroCredits(text, "--price-in")).toThrow(pattern);
     expect(() => creditsToMicroCredits(text, "--price-in")).toThrow(WorkerOptionsError);
-  });
-
-  it("formats micro-credits back", () => {
-    expect(formatMicroCredits(500_000n)).toBe("0.5");
-    expect(formatMicroCredits(1_000_000n)).toBe("1");
-    expect(formatMicroCredits(1n)).toBe("0.000001");
-    expect(formatMicroCredits(12_345_678n)).toBe("12.345678");
   });
 });
 
