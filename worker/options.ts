@@ -7,7 +7,7 @@
  */
 import { hostname } from "node:os";
 import { parseArgs } from "node:util";
-import { formatCredits, parseCredits } from "../server/market/money.js";
+import { parseCredits } from "../server/market/money.js";
 
 /** The engine the worker runs jobs on. */
 export type EngineOptions =
@@ -174,7 +174,6 @@ export const WORKER_OPTION_SPECS: readonly OptionSpec[] = [
 ];
 
 export const DEFAULT_SERVER = "http://127.0.0.1:50051";
-const MICRO_PER_CREDIT = 1_000_000n;
 const INT64_MAX = 9_223_372_036_854_775_807n;
 const UINT32_MAX = 4_294_967_295;
 const MAX_CONCURRENCY = 1024;

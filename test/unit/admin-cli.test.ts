@@ -428,7 +428,9 @@ describe("money", () => {
     const zero = await cli(["deposit", "--account", accountId, "--amount", "0"]);
 
     expect(malformed.code).toBe(2);
-    expect(malformed.stderr).toMatch(/^error: --amount: "1.2.3" is not a non-negative decimal number of credits/);
+    expect(malformed.stderr).toMatch(
+      /^error: --amount: "1.2.3" is not a non-negative decimal number of credits/,
+    );
     expect(zero.code).toBe(2);
     expect(zero.stderr).toMatch(/^error: --amount must be more than 0 credits/);
     expect(store.balances.get(accountId)?.available).toBe(0n);
