@@ -3,12 +3,12 @@
  * process through node-llama-cpp. Greedy decoding makes the text known in advance.
  */
 import { existsSync } from "node:fs";
-import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { orderCost } from "../../server/market/money.js";
-import { ledgerIsBalanced, REPO_ROOT, startTestMarket, type TestMarket } from "../support/market.js";
+import { ledgerIsBalanced, startTestMarket, type TestMarket } from "../support/market.js";
+import { STORIES_260K } from "../support/models.js";
 
-const MODEL_PATH = join(REPO_ROOT, "../shared/models/stories260K.gguf");
+const MODEL_PATH = STORIES_260K;
 const present = existsSync(MODEL_PATH);
 if (!present) {
   console.warn(`skipping the llama-cpp end-to-end tests: ${MODEL_PATH} is not present`);

@@ -28,8 +28,7 @@ import {
   WorkerRejectedError,
 } from "../../worker/link-client.js";
 import { type FakeEngine, type FakeEngineOptions, startFakeEngine } from "../support/fake-engine.js";
-
-const STORIES = "/work/shared/models/stories260K.gguf";
+import { STORIES_260K as STORIES } from "../support/models.js";
 
 // ------------------------------------------------------------------------------------------------
 // A tiny WorkerService stub: every Connect call becomes a StubStream the test drives by hand.

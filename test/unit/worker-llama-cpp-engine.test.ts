@@ -8,9 +8,8 @@ import {
   type TokenDetokenizer,
   TokenTextDecoder,
 } from "../../worker/engines/llama-cpp-engine.js";
+import { STORIES_260K as STORIES, TINY_RANDOM } from "../support/models.js";
 
-const STORIES = "/work/shared/models/stories260K.gguf";
-const TINY_RANDOM = "/work/shared/models/llama-2-tiny-random.gguf";
 const prompt: EngineMessage[] = [{ role: "user", content: "Once upon a time" }];
 
 /** A byte-level "model": token n is the byte n; invalid/incomplete UTF-8 decodes to U+FFFD. */
