@@ -4,8 +4,8 @@
  */
 import { existsSync } from "node:fs";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { orderCost } from "../../server/market/money.js";
-import { ledgerIsBalanced, startTestMarket, type TestMarket } from "../support/market.js";
+import { orderCost, platformFee } from "../../server/market/money.js";
+import { ledgerIsBalanced, platformBalance, startTestMarket, type TestMarket } from "../support/market.js";
 import { STORIES_260K } from "../support/models.js";
 
 const MODEL_PATH = STORIES_260K;
@@ -22,11 +22,12 @@ const PROMPT_TOKENS = 5;
 describe.skipIf(!present)("chat completions served by node-llama-cpp (stories260K)", () => {
   let market: TestMarket;
   let consumer: { accountId: string; apiKey: string };
+  let provider: { accountId: string; apiKey: string };
 
   beforeAll(async () => {
     market = await startTestMarket();
     consumer = await market.account("reader", 10);
-    const provider = await market.account("gpu-owner");
+    provider = await market.account("gpu-owner");
     await market.worker({
       accountId: provider.accountId,
       model: "stories260K",
@@ -50,6 +51,8 @@ describe.skipIf(!present)("chat completions served by node-llama-cpp (stories260
 
   it("streams the model's greedy continuation with exact usage", async () => {
     const before = await market.balance(consumer.accountId);
+    const providerBefore = await market.balance(provider.accountId);
+    const platformBefore = await platformBalance(market);
     const stream = await market.openai(consumer.apiKey).chat.completions.create({
       ...request,
       stream: true,
@@ -68,7 +71,11 @@ describe.skipIf(!present)("chat completions served by node-llama-cpp (stories260
     expect(finish).toBe("length");
     expect(usage).toMatchObject({ prompt_tokens: PROMPT_TOKENS, completion_tokens: 20 });
     const after = await market.balance(consumer.accountId);
-    expect(before.available - after.available).toBe(orderCost(PROMPT_TOKENS, 20, 10_000_000n, 20_000_000n));
+    const cost = orderCost(PROMPT_TOKENS, 20, 10_000_000n, 20_000_000n);
+    const fee = platformFee(cost, 500);
+    expect(before.available - after.available).toBe(cost);
+    expect((await market.balance(provider.accountId)).available - providerBefore.available).toBe(cost - fee);
+    expect((await platformBalance(market)) - platformBefore).toBe(fee);
   });
 
   it("answers the same text without streaming, and the ledger balances", async () => {
