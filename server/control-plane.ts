@@ -5,6 +5,7 @@
  * Plain-text HTTP/2 cannot also serve HTTP/1.1 on one port, hence two ports.
  * `main.ts` only parses options and calls startControlPlane; tests call it with ports 0.
  */
+import { setMaxListeners } from "node:events";
 import http2 from "node:http2";
 import type { AddressInfo } from "node:net";
 import { fastifyConnectPlugin } from "@connectrpc/connect-fastify";
@@ -35,6 +36,7 @@ export interface ControlPlane {
   databaseDescription: string;
   store: SqlMarketStore;
   registry: WorkerRegistry;
+  marketplace: Marketplace;
   log: FastifyBaseLogger;
   /** Stops taking requests, closes worker streams, settles what it can and closes the database. */
   close(): Promise<void>;
@@ -59,6 +61,8 @@ export async function startControlPlane(config: ServerConfig): Promise<ControlPl
   const adminService = createAdminService({ store, registry });
   const adminInterceptors = [adminAuthInterceptor(admin.token)];
   const shutdown = new AbortController();
+  // connect-node listens on this signal once per call in flight; every worker stream is one.
+  setMaxListeners(0, shutdown.signal);
 
   app.setErrorHandler(openAiErrorHandler);
   app.setNotFoundHandler((request, reply) =>
@@ -84,6 +88,7 @@ export async function startControlPlane(config: ServerConfig): Promise<ControlPl
             log,
             heartbeatIntervalMs: config.heartbeatIntervalMs,
             maxChunkBytes: 64 * 1024,
+            shutdownSignal: shutdown.signal,
           }),
         );
         router.service(AdminService, adminService, { interceptors: adminInterceptors });
@@ -145,6 +150,7 @@ export async function startControlPlane(config: ServerConfig): Promise<ControlPl
     databaseDescription: database.description,
     store,
     registry,
+    marketplace,
     log,
     close,
   };

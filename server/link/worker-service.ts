@@ -25,6 +25,11 @@ export interface WorkerServiceOptions {
   log: MarketLogger;
   heartbeatIntervalMs: number;
   maxChunkBytes: number;
+  /**
+   * Aborted when the control plane shuts down. A handler's own signal also aborts when the worker's
+   * stream goes away (the worker died or cancelled), so only this one means "shutting down".
+   */
+  shutdownSignal: AbortSignal;
 }
 
 function reject(code: RejectCode, message: string): ConnectResponse {
@@ -79,7 +84,13 @@ export function createWorkerService(options: WorkerServiceOptions): ServiceImpl<
         "worker connected",
       );
 
-      const onAbort = () => session.close("control plane shutting down", RejectCode.SHUTTING_DOWN);
+      const onAbort = () => {
+        if (options.shutdownSignal.aborted) {
+          session.close("control plane shutting down", RejectCode.SHUTTING_DOWN);
+        } else {
+          session.close("the worker's stream was cancelled or reset");
+        }
+      };
       context.signal.addEventListener("abort", onAbort, { once: true });
       void (async () => {
         try {

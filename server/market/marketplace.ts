@@ -130,6 +130,14 @@ export class Marketplace {
     return run;
   }
 
+  /**
+   * Resolves once the order is settled (or its settlement failed and was logged); at once when it
+   * is not in flight here, i.e. already settled. For callers that outlive the consumer's request.
+   */
+  async whenSettled(orderId: string): Promise<void> {
+    for (const run of this.running) if (run.orderId === orderId) await run.finished;
+  }
+
   /** Resolves when every order in flight has settled (used by graceful shutdown). */
   async whenIdle(): Promise<void> {
     await Promise.all([...this.running].map((run) => run.finished));
@@ -360,6 +368,8 @@ class OrderRun implements CompletionRun {
           pricePerMillionOutput: next.offer.pricePerMillionOutput,
           hold: next.worstCaseCost,
         });
+        // The consumer may have gone (or the order timed out) while the hold moved.
+        if (this.state !== "dispatching") return;
         this.start();
         return;
       } catch (error) {
