@@ -1,5 +1,6 @@
 /** Validation and conversion of the offers a worker advertises in Hello and OfferUpdate. */
-import type { Offer } from "../../gen/locallmarket/v1/common_pb.js";
+import type { MessageInitShape } from "@bufbuild/protobuf";
+import type { Offer, OfferSchema } from "../../gen/locallmarket/v1/common_pb.js";
 import { MarketError } from "../market/errors.js";
 import type { OfferRecord } from "../market/store-port.js";
 
@@ -37,4 +38,9 @@ export function offersFromWire(offers: readonly Offer[], options: { allowEmpty: 
       engine: offer.engine,
     };
   });
+}
+
+/** The offers as the server accepted them (after normalisation), for Welcome.accepted_offers. */
+export function offersToWire(offers: readonly OfferRecord[]): MessageInitShape<typeof OfferSchema>[] {
+  return offers.map((offer) => ({ ...offer }));
 }

@@ -16,7 +16,7 @@ import { isMarketError } from "../market/errors.js";
 import type { MarketLogger } from "../market/marketplace.js";
 import type { WorkerRegistry } from "../market/registry.js";
 import type { MarketStore } from "../market/store-port.js";
-import { offersFromWire } from "./offers.js";
+import { offersFromWire, offersToWire } from "./offers.js";
 import { WorkerSession } from "./worker-session.js";
 
 export interface WorkerServiceOptions {
@@ -112,7 +112,7 @@ export function createWorkerService(options: WorkerServiceOptions): ServiceImpl<
               sessionId: session.sessionId,
               heartbeatIntervalMs: options.heartbeatIntervalMs,
               maxChunkBytes: options.maxChunkBytes,
-              acceptedOffers: hello.offers,
+              acceptedOffers: offersToWire(offers),
             },
           },
         });

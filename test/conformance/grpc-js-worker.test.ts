@@ -86,7 +86,7 @@ describe("a grpc-js worker built from the .proto files alone", () => {
             pricePerMillionInput: "1000000",
             pricePerMillionOutput: "2000000",
             advertisedTokensPerSecond: 25,
-            maxConcurrency: 1,
+            maxConcurrency: 0,
             contextLength: 2048,
             quantization: "F32",
             engine: "hand-written",
@@ -98,6 +98,9 @@ describe("a grpc-js worker built from the .proto files alone", () => {
     expect(welcome.message).toBe("welcome");
     expect((welcome.welcome as { workerId: string }).workerId).toBe(workerId);
     expect((welcome.welcome as { heartbeatIntervalMs: number }).heartbeatIntervalMs).toBeGreaterThan(0);
+    expect((welcome.welcome as { acceptedOffers: unknown[] }).acceptedOffers).toMatchObject([
+      { model: "conformance-model", pricePerMillionOutput: "2000000", maxConcurrency: 1 },
+    ]);
     call.write({ heartbeat: { activeJobs: 0, queuedJobs: 0 } });
 
     const completion = market.openai(consumer.apiKey).chat.completions.create({
