@@ -32,8 +32,16 @@ export class AsyncQueue<T> implements AsyncIterable<T> {
     this.items.push(item);
   }
 
-  /** No more items; the consumer still receives those already queued. */
-  end(): void {
+  /**
+   * No more items; the consumer still receives those already queued, then `last` if given (a
+   * final item is accepted past the limit, so a terminal event is never lost).
+   */
+  end(last?: T): void {
+    if (this.ended) return;
+    if (last !== undefined) {
+      if (this.waiting) this.push(last);
+      else this.items.push(last);
+    }
     this.ended = true;
     if (this.waiting && this.items.length === 0) {
       const resolve = this.waiting;

@@ -447,6 +447,7 @@ class OrderRun implements CompletionRun {
       this.order.pricePerMillionOutput,
     );
     const finishedAt = new Date();
+    let terminal: RunEvent | undefined;
     try {
       this.order = await this.store.settleOrder(this.orderId, {
         status,
@@ -472,24 +473,22 @@ class OrderRun implements CompletionRun {
         { orderId: this.orderId, status, cost: cost.toString(), ...usage, workerId: this.order.workerId },
         "order settled",
       );
-      this.events.push(
-        error
-          ? { type: "error", error, order: this.order }
-          : { type: "finish", finishReason: finishReason ?? "stop", order: this.order },
-      );
+      terminal = error
+        ? { type: "error", error, order: this.order }
+        : { type: "finish", finishReason: finishReason ?? "stop", order: this.order };
     } catch (settleError) {
       this.log.error(
         { orderId: this.orderId, err: String(settleError) },
         "settlement failed; left for recovery",
       );
-      this.events.push({
+      terminal = {
         type: "error",
         error: new MarketError("internal", "The order could not be settled; it will be reconciled."),
         order: null,
-      });
+      };
     } finally {
       this.state = "closed";
-      this.events.end();
+      this.events.end(terminal);
       this.markFinished();
     }
   }
