@@ -116,8 +116,9 @@ export class WorkerSession implements WorkerConnection {
     const message = request.message;
     switch (message.case) {
       case "heartbeat":
+        return;
       case "jobAccepted":
-        if (message.case === "jobAccepted") this.job(message.value.jobId)?.sink.accepted();
+        this.job(message.value.jobId)?.sink.accepted();
         return;
       case "offerUpdate":
         try {
