@@ -3,7 +3,7 @@
  * returns the candidates in the order the marketplace will try them.
  */
 import { MarketError } from "./errors.js";
-import { orderCost } from "./money.js";
+import { orderCost, orderCostExact } from "./money.js";
 import type { WorkerConnection, WorkerRegistry } from "./registry.js";
 import type { OfferRecord } from "./store-port.js";
 
@@ -28,8 +28,12 @@ export interface Candidate {
   /** Measured tokens/s, or the advertised figure for a worker not measured yet. */
   tokensPerSecond: number;
   timeToFirstTokenMs: number;
+  /** Jobs running on the worker when it was picked. */
+  load: number;
   /** The most this request can cost on this worker: the hold. */
   worstCaseCost: bigint;
+  /** worstCaseCost before rounding up to whole µc (µc × 1e6), so tiny price differences still sort. */
+  worstCaseCostExact: bigint;
 }
 
 export interface MatchRequest {
@@ -45,16 +49,12 @@ function offerFor(connection: WorkerConnection, model: string): OfferRecord | un
   return connection.offers.find((offer) => offer.model === model);
 }
 
-function hasFreeSlot(connection: WorkerConnection, offer: OfferRecord): boolean {
-  return connection.activeJobs < Math.max(1, offer.maxConcurrency);
-}
-
 function compareCandidates(sort: SortKey): (a: Candidate, b: Candidate) => number {
   const byPrice = (a: Candidate, b: Candidate) =>
-    a.worstCaseCost === b.worstCaseCost ? 0 : a.worstCaseCost < b.worstCaseCost ? -1 : 1;
+    a.worstCaseCostExact === b.worstCaseCostExact ? 0 : a.worstCaseCostExact < b.worstCaseCostExact ? -1 : 1;
   const byThroughput = (a: Candidate, b: Candidate) => b.tokensPerSecond - a.tokensPerSecond;
   const byLatency = (a: Candidate, b: Candidate) => a.timeToFirstTokenMs - b.timeToFirstTokenMs;
-  const byLoad = (a: Candidate, b: Candidate) => a.connection.activeJobs - b.connection.activeJobs;
+  const byLoad = (a: Candidate, b: Candidate) => a.load - b.load;
   const keys =
     sort === "throughput"
       ? [byThroughput, byPrice, byLoad]
@@ -95,7 +95,7 @@ export function pickWorkers(registry: WorkerRegistry, request: MatchRequest): Ca
   const candidates: Candidate[] = [];
   for (const { connection, offer } of offering) {
     if (constraints.ignore.includes(connection.workerId)) continue;
-    if (connection.draining || !hasFreeSlot(connection, offer)) {
+    if (connection.draining || connection.activeJobs >= Math.max(1, offer.maxConcurrency)) {
       excluded.busy++;
       continue;
     }
@@ -119,6 +119,13 @@ export function pickWorkers(registry: WorkerRegistry, request: MatchRequest): Ca
       offer,
       tokensPerSecond,
       timeToFirstTokenMs: registry.measuredTimeToFirstTokenMs(connection.workerId) ?? UNMEASURED_TTFT_MS,
+      load: connection.activeJobs,
+      worstCaseCostExact: orderCostExact(
+        request.promptTokenBound,
+        request.maxTokens,
+        offer.pricePerMillionInput,
+        offer.pricePerMillionOutput,
+      ),
       worstCaseCost: orderCost(
         request.promptTokenBound,
         request.maxTokens,

@@ -49,9 +49,20 @@ export function orderCost(
   pricePerMillionInput: bigint,
   pricePerMillionOutput: bigint,
 ): bigint {
-  const total =
-    BigInt(promptTokens) * pricePerMillionInput + BigInt(completionTokens) * pricePerMillionOutput;
-  return ceilDiv(total, TOKENS_PER_PRICE_UNIT);
+  return ceilDiv(
+    orderCostExact(promptTokens, completionTokens, pricePerMillionInput, pricePerMillionOutput),
+    TOKENS_PER_PRICE_UNIT,
+  );
+}
+
+/** prompt·p_in + completion·p_out: a cost in millionths of a µc, before rounding up. */
+export function orderCostExact(
+  promptTokens: number,
+  completionTokens: number,
+  pricePerMillionInput: bigint,
+  pricePerMillionOutput: bigint,
+): bigint {
+  return BigInt(promptTokens) * pricePerMillionInput + BigInt(completionTokens) * pricePerMillionOutput;
 }
 
 /** The platform's fee, rounded down so rounding always favours the provider. */

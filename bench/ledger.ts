@@ -1,0 +1,194 @@
+/**
+ * Ledger: SqlMarketStore on its own, no HTTP or workers. One settlement = openOrder (the hold:
+ * consumer available → held) then settleOrder (held → provider, platform fee, change back), each
+ * its own database transaction with row locks. Sequential, then several lanes at once (each lane
+ * its own consumer; every settlement also locks the one provider and the platform account).
+ * Always on embedded PGlite; also on PostgreSQL when DATABASE_URL is set.
+ */
+import { randomBytes } from "node:crypto";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { PLATFORM_ACCOUNT_ID } from "../server/market/store-port.js";
+import { openDatabase } from "../server/store/database.js";
+import { SqlMarketStore } from "../server/store/market-store.js";
+import { createTestDatabase } from "../test/support/database.js";
+import type { BenchContext } from "./context.js";
+import { percentile, progress, type Report } from "./report.js";
+
+const NAME = "ledger";
+const HOLD = 10_000n;
+const COST = 3_000n;
+const FEE = 150n;
+
+interface Target {
+  label: string;
+  open(): Promise<{ store: SqlMarketStore; close(): Promise<void> }>;
+}
+
+export async function ledgerBenchmark(context: BenchContext, report: Report): Promise<void> {
+  const targets: Target[] = [{ label: "PGlite", open: openPglite }];
+  if (process.env.DATABASE_URL) targets.push({ label: "PostgreSQL", open: openPostgres });
+  else progress(`${NAME}: DATABASE_URL is not set, so PostgreSQL is skipped`);
+  for (const target of targets) await benchTarget(target, context, report);
+}
+
+async function benchTarget(target: Target, context: BenchContext, report: Report): Promise<void> {
+  const { ledgerOrders: orders, ledgerLanes: lanes } = context.config;
+  const started = performance.now();
+  const { store, close } = await target.open();
+  progress(
+    `${NAME}: ${target.label} store open (fresh database, migrated) in ${Math.round(performance.now() - started)} ms`,
+  );
+  try {
+    const provider = await store.createAccount({ name: "ledger-provider" });
+    const { workerId } = await store.createWorkerToken(provider.id, "ledger-worker");
+    const consumers = await Promise.all(
+      Array.from({ length: lanes }, async (_, i) => {
+        const account = await store.createAccount({ name: `ledger-consumer-${i}` });
+        await store.deposit(account.id, 1_000_000_000n);
+        const { key } = await store.createApiKey(account.id, "bench");
+        return { accountId: account.id, apiKeyId: key.id };
+      }),
+    );
+    const platformBefore = (await store.getBalance(PLATFORM_ACCOUNT_ID)).available;
+
+    const settleOne = async (consumer: { accountId: string; apiKeyId: string }) => {
+      const start = performance.now();
+      const id = `chatcmpl-bench${randomBytes(9).toString("base64url")}`;
+      await store.openOrder({
+        id,
+        consumerAccountId: consumer.accountId,
+        apiKeyId: consumer.apiKeyId,
+        model: "bench-ledger",
+        workerId,
+        providerAccountId: provider.id,
+        pricePerMillionInput: 1_000_000n,
+        pricePerMillionOutput: 2_000_000n,
+        hold: HOLD,
+        maxTokens: 5_000,
+      });
+      const order = await store.settleOrder(id, {
+        status: "completed",
+        promptTokens: 1_000,
+        completionTokens: 1_000,
+        reportedPromptTokens: 1_000,
+        reportedCompletionTokens: 1_000,
+        cost: COST,
+        fee: FEE,
+        finishReason: "stop",
+        error: null,
+        firstTokenAt: new Date(),
+        finishedAt: new Date(),
+      });
+      if (order.status !== "completed" || order.cost !== COST) throw new Error(`order ${id} did not settle`);
+      return performance.now() - start;
+    };
+
+    // Warm-up (connection pool, prepared plans).
+    for (let i = 0; i < 20; i++) await settleOne(consumers[0] as (typeof consumers)[number]);
+
+    const sequential: number[] = [];
+    let begun = performance.now();
+    for (let i = 0; i < orders; i++)
+      sequential.push(await settleOne(consumers[0] as (typeof consumers)[number]));
+    const sequentialSeconds = (performance.now() - begun) / 1000;
+    progress(
+      `${NAME}: ${target.label}, ${orders} sequential settlements in ${Math.round(sequentialSeconds * 1000)} ms`,
+    );
+
+    const perLane = Math.ceil(orders / lanes);
+    const concurrent: number[] = [];
+    begun = performance.now();
+    await Promise.all(
+      consumers.map(async (consumer) => {
+        for (let i = 0; i < perLane; i++) concurrent.push(await settleOne(consumer));
+      }),
+    );
+    const concurrentSeconds = (performance.now() - begun) / 1000;
+    progress(
+      `${NAME}: ${target.label}, ${lanes} × ${perLane} concurrent settlements in ${Math.round(concurrentSeconds * 1000)} ms`,
+    );
+
+    report.add(NAME, `${target.label}, sequential`, orders / sequentialSeconds, "settlements/s", 0);
+    report.add(NAME, `${target.label}, sequential, p50 / p99 per settlement`, pair(sequential), "ms");
+    report.add(
+      NAME,
+      `${target.label}, ${lanes} concurrent`,
+      (lanes * perLane) / concurrentSeconds,
+      "settlements/s",
+      0,
+    );
+    report.add(
+      NAME,
+      `${target.label}, ${lanes} concurrent, p50 / p99 per settlement`,
+      pair(concurrent),
+      "ms",
+    );
+
+    const settled = BigInt(20 + orders + lanes * perLane);
+    const audit = await store.auditLedger();
+    const platformGot = (await store.getBalance(PLATFORM_ACCOUNT_ID)).available - platformBefore;
+    const providerGot = (await store.getBalance(provider.id)).available;
+    const exact = platformGot === settled * FEE && providerGot === settled * (COST - FEE);
+    report.add(
+      NAME,
+      `${target.label}, ledger audit and exact totals`,
+      audit.ok && exact ? "ok" : "FAILED",
+      `${audit.entryCount} entries, sum ${audit.entriesSum} µc`,
+    );
+    for (const problem of audit.problems) progress(`${NAME}: audit problem: ${problem}`);
+    if (!exact) {
+      progress(
+        `${NAME}: money invariant broken: platform got ${platformGot} µc (expected ${settled * FEE}), provider ${providerGot} µc (expected ${settled * (COST - FEE)})`,
+      );
+    }
+    if (!audit.ok || !exact) report.failed = true;
+  } finally {
+    await close();
+  }
+}
+
+function pair(samples: number[]): string {
+  return [50, 99].map((p) => percentile(samples, p).toFixed(2)).join(" / ");
+}
+
+async function openPglite(): Promise<{ store: SqlMarketStore; close(): Promise<void> }> {
+  const dataDir = await mkdtemp(join(tmpdir(), "locallmarket-bench-"));
+  try {
+    const database = await openDatabase({ dataDir });
+    const store = new SqlMarketStore(database.orm, database.close);
+    return {
+      store,
+      async close() {
+        await store.close();
+        await rm(dataDir, { recursive: true, force: true });
+      },
+    };
+  } catch (error) {
+    await rm(dataDir, { recursive: true, force: true });
+    throw error;
+  }
+}
+
+/** A fresh database on the DATABASE_URL server, dropped afterwards. */
+async function openPostgres(): Promise<{ store: SqlMarketStore; close(): Promise<void> }> {
+  const testDatabase = await createTestDatabase();
+  try {
+    const database = await openDatabase({
+      databaseUrl: testDatabase.databaseUrl,
+      dataDir: testDatabase.dataDir,
+    });
+    const store = new SqlMarketStore(database.orm, database.close);
+    return {
+      store,
+      async close() {
+        await store.close();
+        await testDatabase.drop();
+      },
+    };
+  } catch (error) {
+    await testDatabase.drop();
+    throw error;
+  }
+}
