@@ -6,13 +6,9 @@
  * Always on embedded PGlite; also on PostgreSQL when DATABASE_URL is set.
  */
 import { randomBytes } from "node:crypto";
-import { mkdtemp, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { PLATFORM_ACCOUNT_ID } from "../server/market/store-port.js";
-import { openDatabase } from "../server/store/database.js";
-import { SqlMarketStore } from "../server/store/market-store.js";
-import { createTestDatabase } from "../test/support/database.js";
+import type { SqlMarketStore } from "../server/store/market-store.js";
+import { openTestStore } from "../test/support/database.js";
 import type { BenchContext } from "./context.js";
 import { percentile, progress, type Report } from "./report.js";
 
@@ -27,8 +23,8 @@ interface Target {
 }
 
 export async function ledgerBenchmark(context: BenchContext, report: Report): Promise<void> {
-  const targets: Target[] = [{ label: "PGlite", open: openPglite }];
-  if (process.env.DATABASE_URL) targets.push({ label: "PostgreSQL", open: openPostgres });
+  const targets: Target[] = [{ label: "PGlite", open: () => openTestStore(null) }];
+  if (process.env.DATABASE_URL) targets.push({ label: "PostgreSQL", open: () => openTestStore() });
   else progress(`${NAME}: DATABASE_URL is not set, so PostgreSQL is skipped`);
   for (const target of targets) await benchTarget(target, context, report);
 }
@@ -151,44 +147,4 @@ async function benchTarget(target: Target, context: BenchContext, report: Report
 
 function pair(samples: number[]): string {
   return [50, 99].map((p) => percentile(samples, p).toFixed(2)).join(" / ");
-}
-
-async function openPglite(): Promise<{ store: SqlMarketStore; close(): Promise<void> }> {
-  const dataDir = await mkdtemp(join(tmpdir(), "locallmarket-bench-"));
-  try {
-    const database = await openDatabase({ dataDir });
-    const store = new SqlMarketStore(database.orm, database.close);
-    return {
-      store,
-      async close() {
-        await store.close();
-        await rm(dataDir, { recursive: true, force: true });
-      },
-    };
-  } catch (error) {
-    await rm(dataDir, { recursive: true, force: true });
-    throw error;
-  }
-}
-
-/** A fresh database on the DATABASE_URL server, dropped afterwards. */
-async function openPostgres(): Promise<{ store: SqlMarketStore; close(): Promise<void> }> {
-  const testDatabase = await createTestDatabase();
-  try {
-    const database = await openDatabase({
-      databaseUrl: testDatabase.databaseUrl,
-      dataDir: testDatabase.dataDir,
-    });
-    const store = new SqlMarketStore(database.orm, database.close);
-    return {
-      store,
-      async close() {
-        await store.close();
-        await testDatabase.drop();
-      },
-    };
-  } catch (error) {
-    await testDatabase.drop();
-    throw error;
-  }
 }

@@ -19,10 +19,12 @@ export interface TestDatabase {
   drop(): Promise<void>;
 }
 
-export async function createTestDatabase(): Promise<TestDatabase> {
+/** `serverUrl` null forces embedded PGlite even when DATABASE_URL is set. */
+export async function createTestDatabase(
+  serverUrl: string | null = process.env.DATABASE_URL ?? null,
+): Promise<TestDatabase> {
   const dataDir = await mkdtemp(join(tmpdir(), "locallmarket-test-"));
   const removeDataDir = () => rm(dataDir, { recursive: true, force: true });
-  const serverUrl = process.env.DATABASE_URL;
   if (!serverUrl) {
     return { databaseUrl: undefined, dataDir, drop: removeDataDir };
   }
@@ -52,8 +54,10 @@ export interface TestStore {
   close(): Promise<void>;
 }
 
-export async function openTestStore(): Promise<TestStore> {
-  const testDatabase = await createTestDatabase();
+export async function openTestStore(
+  serverUrl: string | null = process.env.DATABASE_URL ?? null,
+): Promise<TestStore> {
+  const testDatabase = await createTestDatabase(serverUrl);
   try {
     const database = await openDatabase({
       databaseUrl: testDatabase.databaseUrl,
