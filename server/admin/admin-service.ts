@@ -239,35 +239,24 @@ function routingDefaultsFromMessage(
     | { maxPricePerMillionInput?: bigint; maxPricePerMillionOutput?: bigint; minTokensPerSecond?: number }
     | undefined,
 ): RoutingDefaults {
+  if (!message) return {};
+  const price = (value: bigint | undefined, field: string) => {
+    if (value !== undefined && value < 0n) throw invalid(`defaults.${field} must not be negative`, field);
+    return value;
+  };
+  const { minTokensPerSecond } = message;
+  if (minTokensPerSecond !== undefined && !(Number.isFinite(minTokensPerSecond) && minTokensPerSecond >= 0)) {
+    throw invalid(
+      "defaults.min_tokens_per_second must be a finite number of tokens per second, zero or more",
+      "min_tokens_per_second",
+    );
+  }
   const defaults: RoutingDefaults = {};
-  if (!message) return defaults;
-  if (message.maxPricePerMillionInput !== undefined) {
-    if (message.maxPricePerMillionInput < 0n) {
-      throw invalid(
-        "defaults.max_price_per_million_input must not be negative",
-        "max_price_per_million_input",
-      );
-    }
-    defaults.maxPricePerMillionInput = message.maxPricePerMillionInput;
-  }
-  if (message.maxPricePerMillionOutput !== undefined) {
-    if (message.maxPricePerMillionOutput < 0n) {
-      throw invalid(
-        "defaults.max_price_per_million_output must not be negative",
-        "max_price_per_million_output",
-      );
-    }
-    defaults.maxPricePerMillionOutput = message.maxPricePerMillionOutput;
-  }
-  if (message.minTokensPerSecond !== undefined) {
-    if (!Number.isFinite(message.minTokensPerSecond) || message.minTokensPerSecond < 0) {
-      throw invalid(
-        "defaults.min_tokens_per_second must be a finite number of tokens per second, zero or more",
-        "min_tokens_per_second",
-      );
-    }
-    defaults.minTokensPerSecond = message.minTokensPerSecond;
-  }
+  const maxIn = price(message.maxPricePerMillionInput, "max_price_per_million_input");
+  const maxOut = price(message.maxPricePerMillionOutput, "max_price_per_million_output");
+  if (maxIn !== undefined) defaults.maxPricePerMillionInput = maxIn;
+  if (maxOut !== undefined) defaults.maxPricePerMillionOutput = maxOut;
+  if (minTokensPerSecond !== undefined) defaults.minTokensPerSecond = minTokensPerSecond;
   return defaults;
 }
 
