@@ -1,6 +1,7 @@
 /**
  * Ledger: SqlMarketStore on its own, no HTTP or workers. One settlement = openOrder (the hold:
- * consumer available → held) then settleOrder (held → provider, platform fee, change back), each
+ * consumer available → held) then settleOrder (the store computes the bill from the order row:
+ * held → provider's pending book, platform fee, change back), each
  * its own database transaction with row locks. Sequential, then several lanes at once (each lane
  * its own consumer; every settlement also locks the one provider and the platform account).
  * Always on embedded PGlite; also on PostgreSQL when DATABASE_URL is set.
@@ -14,7 +15,9 @@ import { percentile, progress, type Report } from "./report.js";
 
 const NAME = "ledger";
 const HOLD = 10_000n;
+/** 1,000 prompt tokens at 1 credit/M plus 1,000 completion tokens at 2 credits/M. */
 const COST = 3_000n;
+const FEE_BASIS_POINTS = 500;
 const FEE = 150n;
 
 interface Target {
@@ -63,6 +66,8 @@ async function benchTarget(target: Target, context: BenchContext, report: Report
         pricePerMillionOutput: 2_000_000n,
         hold: HOLD,
         maxTokens: 5_000,
+        promptTokenBound: 2_000,
+        feeBasisPoints: FEE_BASIS_POINTS,
       });
       const order = await store.settleOrder(id, {
         status: "completed",
@@ -70,8 +75,7 @@ async function benchTarget(target: Target, context: BenchContext, report: Report
         completionTokens: 1_000,
         reportedPromptTokens: 1_000,
         reportedCompletionTokens: 1_000,
-        cost: COST,
-        fee: FEE,
+        trustSignals: [],
         finishReason: "stop",
         error: null,
         firstTokenAt: new Date(),
@@ -125,7 +129,8 @@ async function benchTarget(target: Target, context: BenchContext, report: Report
     const settled = BigInt(20 + orders + lanes * perLane);
     const audit = await store.auditLedger();
     const platformGot = (await store.getBalance(PLATFORM_ACCOUNT_ID)).available - platformBefore;
-    const providerGot = (await store.getBalance(provider.id)).available;
+    // Earnings wait in the pending book for the settle-after window (24 h by default).
+    const providerGot = (await store.getBalance(provider.id)).pending;
     const exact = platformGot === settled * FEE && providerGot === settled * (COST - FEE);
     report.add(
       NAME,

@@ -20,6 +20,30 @@ export interface ServerConfig {
   keepAliveMs: number;
   maxBodyBytes: number;
   logLevel: string;
+  /** How long a request may wait in its model's queue for a free slot. */
+  queueTimeoutMs: number;
+  /** Requests waiting per model at most; one more gets 503 with Retry-After. */
+  maxQueue: number;
+  /** How long a graceful stop lets running streams finish. */
+  shutdownGraceMs: number;
+  /** How long provider earnings stay pending before they can be withdrawn. */
+  settleAfterMs: number;
+  /** A streaming consumer that takes nothing for this long is ended with an error. */
+  slowReaderTimeoutMs: number;
+  /** How often running orders' relayed token counts are written (a crash loses at most this much). */
+  checkpointIntervalMs: number;
+  /** A worker stream (or gRPC connection) that says nothing for this long is closed. */
+  helloTimeoutMs: number;
+  /** An HTTP request's headers must arrive within this long. */
+  httpHeadersTimeoutMs: number;
+  /** An HTTP request, headers and body, must arrive within this long; the response is not bounded. */
+  httpRequestTimeoutMs: number;
+  /** An idle kept-alive HTTP connection is closed after this long. */
+  httpKeepAliveTimeoutMs: number;
+  /** An HTTP connection with no traffic either way for this long is closed. */
+  httpIdleTimeoutMs: number;
+  /** Open connections per listener at most; more are refused at once. */
+  maxConnections: number;
 }
 
 interface OptionSpec {
@@ -27,7 +51,8 @@ interface OptionSpec {
   flag: string;
   env: string;
   defaultValue: string | undefined;
-  kind: "string" | "integer";
+  /** A duration is written as a number with a unit (500ms, 30s, 5m, 24h) and stored in ms. */
+  kind: "string" | "integer" | "duration";
   min?: number;
   max?: number;
   help: string;
@@ -160,6 +185,132 @@ const OPTIONS: OptionSpec[] = [
     help: "Largest accepted request body; larger requests get 413.",
   },
   {
+    key: "queueTimeoutMs",
+    flag: "queue-timeout",
+    env: "LOCALLMARKET_QUEUE_TIMEOUT",
+    defaultValue: "30s",
+    kind: "duration",
+    min: 0,
+    max: 3_600_000,
+    help: "When every matching worker is busy, a request waits this long for a free slot before 503.",
+  },
+  {
+    key: "maxQueue",
+    flag: "max-queue",
+    env: "LOCALLMARKET_MAX_QUEUE",
+    defaultValue: "1000",
+    kind: "integer",
+    min: 0,
+    max: 1_000_000,
+    help: "Requests that may wait per model; past it a request gets 503 with Retry-After at once.",
+  },
+  {
+    key: "shutdownGraceMs",
+    flag: "shutdown-grace",
+    env: "LOCALLMARKET_SHUTDOWN_GRACE",
+    defaultValue: "30s",
+    kind: "duration",
+    min: 0,
+    max: 86_400_000,
+    help: "On SIGTERM/SIGINT, how long running streams may finish before they are cut and settled.",
+  },
+  {
+    key: "settleAfterMs",
+    flag: "settle-after",
+    env: "LOCALLMARKET_SETTLE_AFTER",
+    defaultValue: "24h",
+    kind: "duration",
+    min: 0,
+    max: 365 * 86_400_000,
+    help: "How long a provider's earnings stay pending (the audit window) before they can be withdrawn.",
+  },
+  {
+    key: "slowReaderTimeoutMs",
+    flag: "slow-reader-timeout",
+    env: "LOCALLMARKET_SLOW_READER_TIMEOUT",
+    defaultValue: "60s",
+    kind: "duration",
+    min: 100,
+    max: 3_600_000,
+    help: "A streaming consumer that reads nothing for this long is ended with an error.",
+  },
+  {
+    key: "checkpointIntervalMs",
+    flag: "checkpoint-interval",
+    env: "LOCALLMARKET_CHECKPOINT_INTERVAL",
+    defaultValue: "1s",
+    kind: "duration",
+    min: 10,
+    max: 60_000,
+    help: "How often running orders' delivered token counts are saved; a crash bills from the last one.",
+  },
+  {
+    key: "helloTimeoutMs",
+    flag: "hello-timeout",
+    env: "LOCALLMARKET_HELLO_TIMEOUT",
+    defaultValue: "10s",
+    kind: "duration",
+    min: 100,
+    max: 600_000,
+    help:
+      "A worker stream that sends no Hello within this long is ended with DEADLINE_EXCEEDED, and a " +
+      "gRPC connection that opens no stream within this long is closed. Connected workers are never cut.",
+  },
+  {
+    key: "httpHeadersTimeoutMs",
+    flag: "http-headers-timeout",
+    env: "LOCALLMARKET_HTTP_HEADERS_TIMEOUT",
+    defaultValue: "10s",
+    kind: "duration",
+    min: 100,
+    max: 600_000,
+    help: "An HTTP client must send a request's headers within this long, or its connection is closed.",
+  },
+  {
+    key: "httpRequestTimeoutMs",
+    flag: "http-request-timeout",
+    env: "LOCALLMARKET_HTTP_REQUEST_TIMEOUT",
+    defaultValue: "30s",
+    kind: "duration",
+    min: 100,
+    max: 3_600_000,
+    help:
+      "An HTTP client must send a whole request, headers and body, within this long, or it gets 408 and " +
+      "its connection is closed. Only receiving is bounded: a streamed answer may last as long as the order.",
+  },
+  {
+    key: "httpKeepAliveTimeoutMs",
+    flag: "http-keep-alive-timeout",
+    env: "LOCALLMARKET_HTTP_KEEP_ALIVE_TIMEOUT",
+    defaultValue: "5s",
+    kind: "duration",
+    min: 100,
+    max: 600_000,
+    help: "A kept-alive HTTP connection that starts no new request within this long is closed.",
+  },
+  {
+    key: "httpIdleTimeoutMs",
+    flag: "http-idle-timeout",
+    env: "LOCALLMARKET_HTTP_IDLE_TIMEOUT",
+    defaultValue: "15m",
+    kind: "duration",
+    min: 1_000,
+    max: 86_400_000,
+    help:
+      "An HTTP connection with no traffic either way for this long is closed. A non-streamed completion " +
+      "sends nothing until it is done, so this is never less than --queue-timeout plus --job-timeout-ms.",
+  },
+  {
+    key: "maxConnections",
+    flag: "max-connections",
+    env: "LOCALLMARKET_MAX_CONNECTIONS",
+    defaultValue: "10000",
+    kind: "integer",
+    min: 1,
+    max: 1_000_000,
+    help: "Open connections each listener (HTTP and gRPC) accepts at most; more are closed at once.",
+  },
+  {
     key: "logLevel",
     flag: "log-level",
     env: "LOCALLMARKET_LOG_LEVEL",
@@ -171,7 +322,7 @@ const OPTIONS: OptionSpec[] = [
 
 export function serverHelp(): string {
   const lines = OPTIONS.map((option) => {
-    const value = option.kind === "integer" ? "N" : "VALUE";
+    const value = option.kind === "integer" ? "N" : option.kind === "duration" ? "DURATION" : "VALUE";
     const fallback = option.defaultValue === undefined ? "unset" : option.defaultValue;
     return `  --${option.flag} ${value}\n      ${option.help}\n      env ${option.env}; default ${fallback}`;
   });
@@ -212,9 +363,35 @@ export function parseServerConfig(argv: string[], env: NodeJS.ProcessEnv = proce
         );
       }
       config[option.key] = value;
+    } else if (option.kind === "duration") {
+      const value = parseDurationMs(raw);
+      if (value === null || value < (option.min ?? 0) || value > (option.max ?? Number.MAX_SAFE_INTEGER)) {
+        throw new MarketError(
+          "invalid_request",
+          `--${option.flag} (${option.env}) must be a duration such as 500ms, 30s, 5m or 24h, from ${formatDurationMs(option.min ?? 0)} to ${formatDurationMs(option.max ?? 0)}; got "${raw}"`,
+        );
+      }
+      config[option.key] = value;
     } else {
       config[option.key] = raw;
     }
   }
   return config as unknown as ServerConfig;
+}
+
+const DURATION_UNITS_MS: Record<string, number> = { ms: 1, s: 1_000, m: 60_000, h: 3_600_000, d: 86_400_000 };
+
+/** "500ms", "30s", "1.5m", "24h", "7d" → milliseconds; a bare number is milliseconds. Null if unparsable. */
+export function parseDurationMs(text: string): number | null {
+  const match = /^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$/.exec(text.trim());
+  if (!match) return null;
+  return Math.round(Number(match[1]) * (DURATION_UNITS_MS[match[2] ?? "ms"] ?? 1));
+}
+
+function formatDurationMs(ms: number): string {
+  for (const unit of ["d", "h", "m", "s"] as const) {
+    const size = DURATION_UNITS_MS[unit] as number;
+    if (ms >= size && ms % size === 0) return `${ms / size}${unit}`;
+  }
+  return `${ms}ms`;
 }

@@ -21,6 +21,7 @@ import { registerHealth } from "./http/health.js";
 import { registerModels } from "./http/models.js";
 import { openAiErrorHandler, sendOpenAiError } from "./http/openai-error.js";
 import { createWorkerService } from "./link/worker-service.js";
+import { WorkerSession } from "./link/worker-session.js";
 import { MarketError } from "./market/errors.js";
 import { Marketplace } from "./market/marketplace.js";
 import { WorkerRegistry } from "./market/registry.js";
@@ -38,21 +39,46 @@ export interface ControlPlane {
   registry: WorkerRegistry;
   marketplace: Marketplace;
   log: FastifyBaseLogger;
-  /** Stops taking requests, closes worker streams, settles what it can and closes the database. */
-  close(): Promise<void>;
+  /**
+   * Stops gracefully: new requests get 503 with Retry-After, workers get Drain, running orders may
+   * finish within `graceMs` (default --shutdown-grace) and are then cut and settled at what their
+   * consumers took; then the listeners and the database close. Idempotent.
+   */
+  close(options?: { graceMs?: number }): Promise<void>;
+  /** Cuts a graceful close short (a second signal): running orders end now. */
+  forceClose(): Promise<void>;
 }
 
 /** Largest message on the worker stream or the admin API (a chunk, a job with its prompt). */
 const MAX_RPC_MESSAGE_BYTES = 16 * 1024 * 1024;
+/** Flow-control window per job, in chunks (Welcome.job_window_chunks). */
+const JOB_WINDOW_CHUNKS = 64;
+/** The longest pause between two releases of matured provider earnings. */
+const RELEASE_INTERVAL_MS = 60_000;
 
 export async function startControlPlane(config: ServerConfig): Promise<ControlPlane> {
   const app: FastifyInstance = Fastify({
     logger: { level: config.logLevel },
     bodyLimit: config.maxBodyBytes,
+    // Slow clients (slowloris) must not hold sockets. Node's request timeout bounds only receiving
+    // a request (headers and body), never the response: a stream lasts as long as its order.
+    requestTimeout: config.httpRequestTimeoutMs,
+    keepAliveTimeout: config.httpKeepAliveTimeoutMs,
+    // A non-streamed completion sends nothing until it is done, so a silent socket may be waiting
+    // for a queued order that runs to its job timeout.
+    connectionTimeout: Math.max(config.httpIdleTimeoutMs, config.queueTimeoutMs + config.jobTimeoutMs),
+    http: {
+      // Node refuses a headers timeout longer than the request timeout.
+      headersTimeout: Math.min(config.httpHeadersTimeoutMs, config.httpRequestTimeoutMs),
+      requestTimeout: config.httpRequestTimeoutMs,
+      // Node checks both timeouts every 30 s by default, which would let a slow client stay 30 s longer.
+      connectionsCheckingInterval: 1_000,
+    },
   });
+  app.server.maxConnections = config.maxConnections;
   const log = app.log;
   const database = await openDatabase({ databaseUrl: config.databaseUrl, dataDir: config.dataDir });
-  const store = new SqlMarketStore(database.orm);
+  const store = new SqlMarketStore(database.orm, { settleAfterMs: config.settleAfterMs });
   const registry = new WorkerRegistry();
   const marketplace = new Marketplace(store, registry, config, log);
   await marketplace.settleAbandonedOrders();
@@ -70,7 +96,12 @@ export async function startControlPlane(config: ServerConfig): Promise<ControlPl
   );
   registerHealth(app, registry);
   registerModels(app, registry);
-  registerChatCompletions(app, { store, marketplace, keepAliveMs: config.keepAliveMs });
+  registerChatCompletions(app, {
+    store,
+    marketplace,
+    keepAliveMs: config.keepAliveMs,
+    slowReaderTimeoutMs: config.slowReaderTimeoutMs,
+  });
   await app.register(fastifyConnectPlugin, {
     routes: (router) => router.service(AdminService, adminService, { interceptors: adminInterceptors }),
     readMaxBytes: MAX_RPC_MESSAGE_BYTES,
@@ -78,6 +109,8 @@ export async function startControlPlane(config: ServerConfig): Promise<ControlPl
   });
 
   const grpcServer = http2.createServer(
+    // Node's default lets one connection open 2^32-1 streams; a worker needs one, an admin client a few.
+    { settings: { maxConcurrentStreams: 1_000 } },
     connectNodeAdapter({
       routes: (router) => {
         router.service(
@@ -88,6 +121,8 @@ export async function startControlPlane(config: ServerConfig): Promise<ControlPl
             log,
             heartbeatIntervalMs: config.heartbeatIntervalMs,
             maxChunkBytes: 64 * 1024,
+            jobWindowChunks: JOB_WINDOW_CHUNKS,
+            helloTimeoutMs: config.helloTimeoutMs,
             shutdownSignal: shutdown.signal,
           }),
         );
@@ -101,9 +136,17 @@ export async function startControlPlane(config: ServerConfig): Promise<ControlPl
 
   // http2's close() waits for every session; workers keep theirs open, so they are closed here.
   const grpcSessions = new Set<http2.ServerHttp2Session>();
+  grpcServer.maxConnections = config.maxConnections;
   grpcServer.on("session", (session) => {
     grpcSessions.add(session);
-    session.once("close", () => grpcSessions.delete(session));
+    // A connection that never opens a stream would hold a slot under --max-connections for nothing;
+    // streams themselves (a worker's lives for days) are bounded by the Hello deadline instead.
+    const noStream = setTimeout(() => session.destroy(), config.helloTimeoutMs);
+    session.once("stream", () => clearTimeout(noStream));
+    session.once("close", () => {
+      clearTimeout(noStream);
+      grpcSessions.delete(session);
+    });
   });
 
   try {
@@ -126,20 +169,60 @@ export async function startControlPlane(config: ServerConfig): Promise<ControlPl
   const httpPort = (app.server.address() as AddressInfo).port;
   const grpcPort = (grpcServer.address() as AddressInfo).port;
 
+  const releaseEarnings = async () => {
+    try {
+      const released = await store.releaseMaturedEarnings();
+      if (released > 0) log.info({ released }, "matured provider earnings released");
+    } catch (error) {
+      log.error({ err: String(error) }, "releasing matured earnings failed; retried at the next tick");
+    }
+  };
+  await releaseEarnings();
+  const releaseTimer = setInterval(
+    () => void releaseEarnings(),
+    Math.max(1_000, Math.min(config.settleAfterMs, RELEASE_INTERVAL_MS)),
+  );
+  releaseTimer.unref();
+
   let closing: Promise<void> | undefined;
-  const close = () => {
+  let force: () => void = () => {};
+  const forced = new Promise<void>((resolve) => {
+    force = resolve;
+  });
+  const close = (options: { graceMs?: number } = {}) => {
     closing ??= (async () => {
-      // Stop new HTTP requests first, then end worker streams: running orders fail and settle.
+      const graceMs = options.graceMs ?? config.shutdownGraceMs;
+      marketplace.stopAdmitting();
+      for (const connection of registry.list()) {
+        if (connection instanceof WorkerSession) connection.drain("the control plane is stopping");
+      }
+      log.info({ inFlight: marketplace.inFlight, graceMs }, "stopping: finishing orders in flight");
+      let graceTimer: NodeJS.Timeout | undefined;
+      const graceOver = new Promise<void>((resolve) => {
+        graceTimer = setTimeout(resolve, graceMs);
+      });
+      await Promise.race([marketplace.whenIdle(), graceOver, forced]);
+      clearTimeout(graceTimer);
+      if (marketplace.inFlight > 0) {
+        log.warn({ inFlight: marketplace.inFlight }, "stopping: cutting the orders still running");
+        marketplace.abortAll("The control plane stopped before the order finished.");
+      }
+      await marketplace.whenIdle();
+      await marketplace.close();
+      clearInterval(releaseTimer);
       const httpClosed = app.close();
       shutdown.abort();
       const grpcClosed = new Promise<void>((resolve) => grpcServer.close(() => resolve()));
       for (const session of grpcSessions) session.close();
       await grpcClosed;
       await httpClosed;
-      await marketplace.whenIdle();
       await database.close();
     })();
     return closing;
+  };
+  const forceClose = () => {
+    force();
+    return close();
   };
 
   return {
@@ -153,5 +236,6 @@ export async function startControlPlane(config: ServerConfig): Promise<ControlPl
     marketplace,
     log,
     close,
+    forceClose,
   };
 }

@@ -3,7 +3,8 @@
  * what to do next, and shuts down gracefully on SIGINT/SIGTERM.
  */
 import { parseServerConfig, serverHelp } from "./config.js";
-import { startControlPlane } from "./control-plane.js";
+import { type ControlPlane, startControlPlane } from "./control-plane.js";
+import { DataDirInUseError } from "./store/data-dir-lock.js";
 
 export async function runServerCli(argv: string[]): Promise<number> {
   if (argv.includes("--help") || argv.includes("-h")) {
@@ -19,7 +20,21 @@ export async function runServerCli(argv: string[]): Promise<number> {
     );
     return 2;
   }
-  const plane = await startControlPlane(config);
+  let plane: ControlPlane;
+  try {
+    plane = await startControlPlane(config);
+  } catch (error) {
+    // A data dir or a port in use is an operator's situation, not a bug: one line, no stack trace.
+    if (error instanceof DataDirInUseError) {
+      process.stderr.write(`error: ${error.message}\n`);
+      return 1;
+    }
+    if ((error as NodeJS.ErrnoException).syscall === "listen") {
+      process.stderr.write(`error: cannot listen: ${(error as Error).message}\n`);
+      return 1;
+    }
+    throw error;
+  }
   const grpc = plane.grpcUrl;
   const tokenLine = plane.adminTokenFile
     ? `  admin token:      ${plane.adminToken}\n                    (generated on first start, kept in ${plane.adminTokenFile})`
@@ -47,15 +62,28 @@ export async function runServerCli(argv: string[]): Promise<number> {
       "",
     ].join("\n"),
   );
+  let forced = false;
   await new Promise<void>((resolve) => {
-    const stop = (signal: string) => {
-      process.stdout.write(`\n${signal}: stopping (finishing orders in flight)…\n`);
-      resolve();
+    const onSignal = (signal: NodeJS.Signals) => {
+      if (!closing) {
+        process.stdout.write(
+          `\n${signal}: stopping: new requests get 503, workers are drained, running orders may finish within ${config.shutdownGraceMs} ms (${signal} again to cut them now)…\n`,
+        );
+        closing = plane.close().then(resolve);
+        return;
+      }
+      if (!forced) {
+        forced = true;
+        process.stdout.write(
+          `\n${signal} again: cutting the running orders now (settled at what their consumers received)…\n`,
+        );
+        void plane.forceClose();
+      }
     };
-    process.once("SIGINT", () => stop("SIGINT"));
-    process.once("SIGTERM", () => stop("SIGTERM"));
+    let closing: Promise<void> | undefined;
+    process.on("SIGINT", onSignal);
+    process.on("SIGTERM", onSignal);
   });
-  await plane.close();
-  process.stdout.write("stopped.\n");
-  return 0;
+  process.stdout.write(forced ? "stopped (forced).\n" : "stopped: every order settled.\n");
+  return forced ? 1 : 0;
 }

@@ -4,9 +4,10 @@
  * {@link WorkerLink} owns the connection to the control plane: it opens the bidirectional
  * `WorkerService.Connect` stream (gRPC over HTTP/2), sends Hello, waits for Welcome, sends heartbeats
  * at the interval the server asked for, runs assigned jobs on the engine (up to `concurrency` at
- * once) and streams JobAccepted / JobChunk / JobDone / JobFailed. It answers JobCancel, Drain, Ping
- * and Reject, and reconnects with exponential backoff and jitter whenever the stream ends, except
- * after a Reject saying the token is unknown or banned.
+ * once) and streams JobAccepted / JobChunk / JobDone / JobFailed, each job's chunks within its
+ * flow-control window ({@link JobOutbox}). It answers JobWindow, JobCancel, Drain, Ping and Reject,
+ * and reconnects with exponential backoff and jitter whenever the stream ends, except after a
+ * Reject that tells this worker not to (see {@link FINAL_REJECTS}).
  *
  * Progress is reported on three channels: one-line log messages (the `log` option), typed events
  * (`link.on("welcomed", ...)`, usable with `events.once(link, "welcomed")`), and the `done` promise,
@@ -37,11 +38,11 @@ import {
   type Engine,
   EngineError,
   type EngineFinishReason,
-  type EnginePiece,
   type EngineSampling,
   type GenerationResult,
   runGeneration,
 } from "./engines/engine.js";
+import { JobOutbox } from "./job-outbox.js";
 
 /** The implementation name and version sent in Hello.agent_version. */
 export const AGENT_VERSION = "locallmarket-worker/0.1.0";
@@ -92,6 +93,11 @@ export interface WorkerLinkOptions {
   stopGraceMs?: number;
   /** After Goodbye and the half-close, how long stop() waits for the server to end the call. Default 3 s. */
   closeTimeoutMs?: number;
+  /**
+   * Output text (UTF-8 bytes) a job holds while its flow-control window is closed before it stops
+   * reading the engine until the control plane acknowledges. Default 64 KiB.
+   */
+  jobBufferBytes?: number;
 }
 
 /** The link's state, as reported by `link.state` and the "state" event. */
@@ -152,8 +158,7 @@ interface RunningJob {
   controller: AbortController;
   reason?: CancelReason;
   cancelMessage?: string;
-  sequence: bigint;
-  tokens: number;
+  outbox: JobOutbox;
   startedAt: number;
   settled: Promise<void>;
 }
@@ -169,7 +174,20 @@ interface Session {
   ended: Promise<void>;
 }
 
-const FATAL_REJECTS = new Set([RejectCode.UNAUTHENTICATED, RejectCode.BANNED]);
+/**
+ * Rejects after which this worker stops instead of reconnecting, with what the operator should do
+ * (worker.proto, "How the stream ends"). INVALID_HELLO is among them because this worker's Hello
+ * comes from its options: reconnecting would send the same invalid Hello again.
+ */
+const FINAL_REJECTS = new Map<RejectCode, string>([
+  [RejectCode.UNAUTHENTICATED, "the worker token is unknown or revoked"],
+  [RejectCode.BANNED, "the operator banned this worker"],
+  [RejectCode.INVALID_HELLO, "fix the offers (model, prices) and start the worker again"],
+  [RejectCode.REPLACED, "another process is connected with the same worker token"],
+]);
+
+/** The largest message either side may send (worker.proto); a larger one ends the call. */
+const MAX_MESSAGE_BYTES = 16 * 1024 * 1024;
 
 /** The worker's connection to the control plane. Call {@link start}, later {@link stop}. */
 export class WorkerLink extends EventEmitter<WorkerLinkEvents> {
@@ -294,7 +312,12 @@ export class WorkerLink extends EventEmitter<WorkerLinkEvents> {
       pingIntervalMs: this.options.pingIntervalMs ?? 30_000,
       pingTimeoutMs: 15_000,
     });
-    const transport = createGrpcTransport({ baseUrl: server, sessionManager });
+    const transport = createGrpcTransport({
+      baseUrl: server,
+      sessionManager,
+      readMaxBytes: MAX_MESSAGE_BYTES,
+      writeMaxBytes: MAX_MESSAGE_BYTES,
+    });
     const client = createClient(WorkerService, transport);
 
     let markEnded!: () => void;
@@ -343,10 +366,12 @@ export class WorkerLink extends EventEmitter<WorkerLinkEvents> {
       if (session.rejected) {
         const { code, message } = session.rejected;
         reason = `rejected: ${RejectCode[code] ?? code}${message ? `: ${message}` : ""}`;
-        if (FATAL_REJECTS.has(code)) {
+        const advice = FINAL_REJECTS.get(code);
+        if (advice !== undefined) {
           fatal = new WorkerRejectedError(
             code,
-            `the server rejected this worker (${RejectCode[code]}): ${message || "no reason given"}; not reconnecting`,
+            `the server rejected this worker (${RejectCode[code]}): ${message || "no reason given"}; ` +
+              `${advice}; not reconnecting`,
           );
         }
       }
@@ -387,6 +412,11 @@ export class WorkerLink extends EventEmitter<WorkerLinkEvents> {
       case "jobCancel":
         this.onJobCancel(session, message.value);
         return;
+      case "jobWindow":
+        // Acknowledgements for a job that already ended are normal (the consumer reads behind the
+        // worker) and carry nothing to do.
+        session.jobs.get(message.value.jobId)?.outbox.acknowledge(message.value.acknowledgedSequence);
+        return;
       case "drain":
         session.draining = true;
         this.log(
@@ -404,11 +434,7 @@ export class WorkerLink extends EventEmitter<WorkerLinkEvents> {
       case "reject": {
         session.rejected = message.value;
         const { code } = message.value;
-        const hint = FATAL_REJECTS.has(code)
-          ? "; will not reconnect"
-          : code === RejectCode.REPLACED
-            ? "; another worker is using the same token"
-            : "";
+        const hint = FINAL_REJECTS.has(code) ? "; will not reconnect" : "; will reconnect";
         this.log(
           `rejected by the server: ${RejectCode[code] ?? code}${message.value.message ? `: ${message.value.message}` : ""}${hint}`,
         );
@@ -491,8 +517,12 @@ export class WorkerLink extends EventEmitter<WorkerLinkEvents> {
       id: jobId,
       model,
       controller: new AbortController(),
-      sequence: 0n,
-      tokens: 0,
+      outbox: new JobOutbox({
+        window: session.welcome?.jobWindowChunks ?? 0,
+        maxChunkBytes: session.welcome?.maxChunkBytes ?? 0,
+        bufferBytes: this.options.jobBufferBytes ?? 64 * 1024,
+        send: (chunk) => this.send(session, { case: "jobChunk", value: { jobId, ...chunk } }),
+      }),
       startedAt: performance.now(),
       settled: new Promise<void>((resolve) => {
         markSettled = resolve;
@@ -522,7 +552,6 @@ export class WorkerLink extends EventEmitter<WorkerLinkEvents> {
   }
 
   private async runJob(session: Session, job: RunningJob, assign: JobAssign): Promise<void> {
-    const maxChunkBytes = session.welcome?.maxChunkBytes ?? 0;
     let result: GenerationResult | undefined;
     let failure: unknown;
     try {
@@ -537,20 +566,25 @@ export class WorkerLink extends EventEmitter<WorkerLinkEvents> {
         maxTokens: assign.maxTokens,
         signal: job.controller.signal,
       });
-      result = await runGeneration(generation, (piece) => this.sendPiece(session, job, piece, maxChunkBytes));
+      result = await runGeneration(generation, (piece) => job.outbox.push(piece));
+      // JobDone names the last chunk, so every chunk goes out first; cancel releases this wait.
+      await job.outbox.drained();
     } catch (error) {
       failure = error;
     }
+    // Whatever could not be sent (the job failed or was cancelled) is not sent anymore.
+    job.outbox.close();
 
+    const tokens = job.outbox.sentTokens;
     const summary = {
       jobId: job.id,
       model: job.model,
-      tokens: job.tokens,
-      chunks: Number(job.sequence),
+      tokens,
+      chunks: Number(job.outbox.lastSequence),
       durationMs: performance.now() - job.startedAt,
     };
     const seconds = summary.durationMs / 1000;
-    const stats = `${job.tokens} tokens in ${seconds.toFixed(2)} s (${seconds > 0 ? (job.tokens / seconds).toFixed(1) : "∞"} tok/s)`;
+    const stats = `${tokens} tokens in ${seconds.toFixed(2)} s (${seconds > 0 ? (tokens / seconds).toFixed(1) : "∞"} tok/s)`;
 
     if (job.reason === "disconnect") {
       this.log(`job ${job.id} abandoned: the stream closed (${stats})`);
@@ -584,7 +618,7 @@ export class WorkerLink extends EventEmitter<WorkerLinkEvents> {
       value: {
         jobId: job.id,
         finishReason: toProtoFinishReason(finishReason),
-        lastSequence: job.sequence,
+        lastSequence: job.outbox.lastSequence,
         ...(usage
           ? {
               usage: create(UsageSchema, {
@@ -598,22 +632,6 @@ export class WorkerLink extends EventEmitter<WorkerLinkEvents> {
     const cancelNote = job.reason === "cancel" && job.cancelMessage ? ` (${job.cancelMessage})` : "";
     this.log(`job ${job.id} done: ${finishReason}${cancelNote}, ${stats}`);
     this.emit("job-finished", { ...summary, outcome: "done", finishReason });
-  }
-
-  private sendPiece(session: Session, job: RunningJob, piece: EnginePiece, maxChunkBytes: number): void {
-    if (job.reason === "disconnect") return;
-    if (piece.text === "" && piece.tokenCount === 0) return;
-    const parts = maxChunkBytes > 0 ? splitUtf8(piece.text, maxChunkBytes) : [piece.text];
-    for (const [i, text] of parts.entries()) {
-      job.sequence += 1n;
-      // The whole piece's token count rides on its last part.
-      const tokenCount = i === parts.length - 1 ? piece.tokenCount : 0;
-      this.send(session, {
-        case: "jobChunk",
-        value: { jobId: job.id, sequence: job.sequence, text, tokenCount },
-      });
-    }
-    job.tokens += piece.tokenCount;
   }
 
   private onJobCancel(session: Session, cancel: JobCancel): void {
@@ -632,6 +650,8 @@ export class WorkerLink extends EventEmitter<WorkerLinkEvents> {
       job.cancelMessage = message;
     }
     job.controller.abort(new Error(message));
+    // A job waiting for its window is released; its unsent text is dropped.
+    job.outbox.close();
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -747,26 +767,6 @@ function failureCodeOf(error: EngineError): JobFailureCode {
     default:
       return JobFailureCode.ENGINE_ERROR;
   }
-}
-
-/** Splits text into parts of at most `maxBytes` UTF-8 bytes, never inside a character. */
-export function splitUtf8(text: string, maxBytes: number): string[] {
-  if (Buffer.byteLength(text) <= maxBytes) return [text];
-  const parts: string[] = [];
-  let current = "";
-  let currentBytes = 0;
-  for (const char of text) {
-    const bytes = Buffer.byteLength(char);
-    if (currentBytes + bytes > maxBytes && current) {
-      parts.push(current);
-      current = "";
-      currentBytes = 0;
-    }
-    current += char;
-    currentBytes += bytes;
-  }
-  if (current) parts.push(current);
-  return parts;
 }
 
 function describeError(error: unknown): string {

@@ -10,9 +10,11 @@ import {
   type AdminService,
   type ApiKeySchema,
   type BalanceSchema,
+  Book,
   type OrderSchema,
   OrderStatus,
   type RoutingDefaultsSchema,
+  type StatementEntrySchema,
   type WorkerSchema,
 } from "../../gen/locallmarket/v1/admin_pb.js";
 import type { OfferSchema } from "../../gen/locallmarket/v1/common_pb.js";
@@ -27,6 +29,7 @@ import type {
   OrderRecord,
   OrderStatus as OrderStatusName,
   RoutingDefaults,
+  StatementEntry,
   WorkerRecord,
 } from "../market/store-port.js";
 import { toConnectError } from "./connect-error.js";
@@ -36,7 +39,7 @@ export interface AdminServiceDeps {
   registry: WorkerRegistry;
 }
 
-/** ListOrders' page size when the request says 0, and the most it returns at once. */
+/** The page size of ListOrders and GetStatement when the request says 0, and the most they return. */
 export const DEFAULT_ORDER_LIMIT = 50;
 export const MAX_ORDER_LIMIT = 1000;
 /** The label of the API key created with an account. */
@@ -53,6 +56,12 @@ const ORDER_STATUSES: Readonly<Record<OrderStatusName, OrderStatus>> = {
   cancelled: OrderStatus.CANCELLED,
 };
 
+const BOOKS: Readonly<Record<StatementEntry["book"], Book>> = {
+  available: Book.AVAILABLE,
+  held: Book.HELD,
+  pending: Book.PENDING,
+};
+
 export function createAdminService(deps: AdminServiceDeps): ServiceImpl<typeof AdminService> {
   const { store, registry } = deps;
 
@@ -65,13 +74,18 @@ export function createAdminService(deps: AdminServiceDeps): ServiceImpl<typeof A
           "initial_deposit",
         );
       }
-      const account = await store.createAccount({ name });
-      const { secret } = await store.createApiKey(account.id, FIRST_API_KEY_LABEL);
-      const balance =
-        req.initialDeposit > 0n
-          ? await store.deposit(account.id, req.initialDeposit)
-          : await store.getBalance(account.id);
-      return { account: accountMessage(account), apiKey: secret, balance: balanceMessage(balance) };
+      const opened = await store.openAccount({
+        name,
+        keyLabel: FIRST_API_KEY_LABEL,
+        initialDeposit: req.initialDeposit,
+        idempotencyKey: idempotencyKey(req.idempotencyKey),
+      });
+      return {
+        account: accountMessage(opened.account),
+        apiKey: opened.apiKeySecret ?? "",
+        balance: balanceMessage(opened.balance),
+        replayed: opened.replayed,
+      };
     },
 
     async getAccount(req) {
@@ -140,9 +154,20 @@ export function createAdminService(deps: AdminServiceDeps): ServiceImpl<typeof A
       return { balance: balanceMessage(balance) };
     },
 
+    async getStatement(req) {
+      const accountId = requireText(req.accountId, "account_id");
+      const statement = await store.getStatement(accountId, { limit: pageSize(req.limit) });
+      return {
+        account: accountMessage(statement.account),
+        balance: balanceMessage(statement.balance),
+        entries: statement.entries.map(statementEntryMessage),
+        orders: statement.orders.map(orderMessage),
+      };
+    },
+
     async listOrders(req) {
       const accountId = req.accountId.trim();
-      const limit = req.limit === 0 ? DEFAULT_ORDER_LIMIT : Math.min(req.limit, MAX_ORDER_LIMIT);
+      const limit = pageSize(req.limit);
       const orders = await store.listOrders(accountId ? { accountId, limit } : { limit });
       return { orders: orders.map(orderMessage) };
     },
@@ -223,6 +248,10 @@ function requirePositiveAmount(amount: bigint): bigint {
   return amount;
 }
 
+function pageSize(limit: number): number {
+  return limit === 0 ? DEFAULT_ORDER_LIMIT : Math.min(limit, MAX_ORDER_LIMIT);
+}
+
 function idempotencyKey(value: string): string | undefined {
   const key = value.trim();
   if (key.length > MAX_IDEMPOTENCY_KEY_LENGTH) {
@@ -294,7 +323,19 @@ function accountMessage(account: AccountRecord): MessageInitShape<typeof Account
 }
 
 function balanceMessage(balance: Balance): MessageInitShape<typeof BalanceSchema> {
-  return { available: balance.available, held: balance.held };
+  return { available: balance.available, held: balance.held, pending: balance.pending };
+}
+
+function statementEntryMessage(entry: StatementEntry): MessageInitShape<typeof StatementEntrySchema> {
+  return {
+    transactionId: entry.transactionId,
+    kind: entry.kind,
+    orderId: entry.orderId ?? "",
+    book: BOOKS[entry.book] ?? Book.UNSPECIFIED,
+    amount: entry.amount,
+    balanceAfter: entry.balanceAfter,
+    createdAtUnixMs: unixMs(entry.createdAt),
+  };
 }
 
 function apiKeyMessage(key: ApiKeyRecord): MessageInitShape<typeof ApiKeySchema> {
@@ -326,6 +367,10 @@ function orderMessage(order: OrderRecord): MessageInitShape<typeof OrderSchema> 
     error: order.error ?? "",
     pricePerMillionInput: order.pricePerMillionInput,
     pricePerMillionOutput: order.pricePerMillionOutput,
+    promptTokenBound: order.promptTokenBound,
+    feeBasisPoints: order.feeBasisPoints,
+    trustSignals: order.trustSignals,
+    providerAccountId: order.providerAccountId ?? "",
   };
 }
 

@@ -15,8 +15,10 @@ import {
   type ApiKey,
   AuditLedgerResponseSchema,
   type Balance,
+  Book,
   GetAccountResponseSchema,
   GetOrderResponseSchema,
+  GetStatementResponseSchema,
   ListAccountsResponseSchema,
   ListApiKeysResponseSchema,
   ListOrdersResponseSchema,
@@ -25,6 +27,7 @@ import {
   OrderStatus,
   RevokeApiKeyResponseSchema,
   type RoutingDefaults,
+  type StatementEntry,
   UpdateAccountDefaultsResponseSchema,
 } from "../../gen/locallmarket/v1/admin_pb.js";
 import { isMarketError } from "../market/errors.js";
@@ -133,6 +136,8 @@ interface Command {
   details?: string[];
   /** What --json prints. */
   jsonOutput: string;
+  /** The help's exit-code line, when the command has codes of its own. */
+  exitCodes?: string;
   options: Options;
   /** Resolves to the exit code; undefined means 0. */
   run: (ctx: Context) => Promise<number | undefined>;
@@ -161,8 +166,12 @@ const LABEL: OptionSpec = { type: "string", value: "LABEL", description: "a labe
 const IDEMPOTENCY_KEY: OptionSpec = {
   type: "string",
   value: "KEY",
-  description: "repeating the command with the same key has no further effect",
+  description:
+    "a key you choose for this operation: repeating the command with the same key and the same values " +
+    "has no further effect and prints the first result; the same key with other values is refused (exit 1)",
 };
+const EXIT_CODES = "Exit codes: 0 success, 1 server error, 2 usage error.";
+const BALANCE_JSON = '{"available":"µc","held":"µc","pending":"µc"}';
 const API_URL: OptionSpec = {
   type: "string",
   value: "URL",
@@ -178,8 +187,12 @@ const COMMANDS: Command[] = [
   {
     name: "account create",
     summary: "create an account with a first API key and an optional deposit",
-    details: ["The API key is printed only once. The account can both consume and provide."],
-    jsonOutput: '{"accountId":"…","apiKey":"…","name":"…","balance":{"available":"µc","held":"µc"}}',
+    details: [
+      "The API key is printed only once. The account can both consume and provide.",
+      "With --idempotency-key, a retry with the same name and deposit creates nothing and prints the",
+      'first account again, with an empty API key ("replayed": true); create another key with `key create`.',
+    ],
+    jsonOutput: `{"accountId":"…","apiKey":"…","name":"…","balance":${BALANCE_JSON},"replayed":false}`,
     options: {
       name: { type: "string", value: "NAME", description: "a display name", required: true },
       deposit: {
@@ -188,18 +201,34 @@ const COMMANDS: Command[] = [
         description: "credits to deposit now, decimals allowed",
         default: "0",
       },
+      "idempotency-key": IDEMPOTENCY_KEY,
       "api-url": API_URL,
     },
     async run(ctx) {
       const res = await ctx.client.createAccount({
         name: ctx.required("name"),
         initialDeposit: ctx.credits("deposit", "non-negative") ?? 0n,
+        idempotencyKey: ctx.text("idempotency-key"),
       });
       const id = res.account?.id ?? "";
+      const name = res.account?.name ?? "";
       const balance = balanceJson(res.balance);
+      const json = () => ({ accountId: id, apiKey: res.apiKey, name, balance, replayed: res.replayed });
+      if (res.replayed) {
+        ctx.print(
+          () => [
+            `Account ${id} ("${name}") was already created with this idempotency key; nothing new was created.`,
+            "Its API key was shown only when it was created. To get another one:",
+            `  ${PROGRAM} key create --account ${id}`,
+            `Balance right after its creation: ${describeBalance(res.balance)}`,
+          ],
+          json,
+        );
+        return 0;
+      }
       ctx.print(
         () => [
-          `Created account ${id} ("${res.account?.name ?? ""}").`,
+          `Created account ${id} ("${name}").`,
           `API key: ${res.apiKey}`,
           "  It is shown only this once: store it now.",
           `Balance: ${describeBalance(res.balance)}`,
@@ -212,7 +241,7 @@ const COMMANDS: Command[] = [
           "  Sell compute with this account (creates the credential a worker connects with):",
           `    ${PROGRAM} worker-token create --account ${id} --label my-gpu`,
         ],
-        () => ({ accountId: id, apiKey: res.apiKey, name: res.account?.name ?? "", balance }),
+        json,
       );
       return 0;
     },
@@ -401,7 +430,7 @@ const COMMANDS: Command[] = [
   {
     name: "deposit",
     summary: "add credits to an account from outside the platform",
-    jsonOutput: '{"available":"µc","held":"µc"} (the balance after the deposit)',
+    jsonOutput: `${BALANCE_JSON} (the balance right after the deposit)`,
     options: {
       account: ACCOUNT,
       amount: {
@@ -432,7 +461,8 @@ const COMMANDS: Command[] = [
   {
     name: "withdraw",
     summary: "pay credits out of an account's available balance",
-    jsonOutput: '{"available":"µc","held":"µc"} (the balance after the withdrawal)',
+    details: ["Pending earnings cannot be withdrawn until they mature (the server's --settle-after)."],
+    jsonOutput: `${BALANCE_JSON} (the balance right after the withdrawal)`,
     options: {
       account: ACCOUNT,
       amount: {
@@ -463,7 +493,11 @@ const COMMANDS: Command[] = [
   {
     name: "balance",
     summary: "show an account's balance",
-    jsonOutput: '{"available":"µc","held":"µc"}',
+    details: [
+      "available: spendable now; held: reserved by orders in flight; pending: provider earnings that",
+      "become available once the server's settle-after window (--settle-after, default 24h) has passed.",
+    ],
+    jsonOutput: BALANCE_JSON,
     options: { account: ACCOUNT },
     async run(ctx) {
       const accountId = ctx.required("account");
@@ -476,6 +510,59 @@ const COMMANDS: Command[] = [
     },
   },
   {
+    name: "statement",
+    summary: "show an account's ledger entries with running balances, and its orders",
+    details: [
+      "Entries are the most recent ones, oldest first; each shows the book it moved and that book's",
+      "balance right after it. Orders are those the account consumed or served, newest first.",
+    ],
+    jsonOutput: `{"account":{…},"balance":{…},"entries":[…],"orders":[…]}, ${PROTO_JSON}`,
+    options: {
+      account: ACCOUNT,
+      limit: {
+        type: "string",
+        value: "N",
+        description: "at most this many entries and orders",
+        default: "50",
+      },
+    },
+    async run(ctx) {
+      const accountId = ctx.required("account");
+      const res = await ctx.client.getStatement({ accountId, limit: ctx.positiveInteger("limit") });
+      ctx.print(
+        () => [
+          `Statement of ${accountId} ("${res.account?.name ?? ""}")`,
+          `Balance: ${describeBalance(res.balance)}`,
+          "",
+          ...(res.entries.length === 0
+            ? ["No ledger entries."]
+            : table(
+                ["TIME", "KIND", "ORDER", "BOOK", "AMOUNT", "BALANCE AFTER", "TRANSACTION"],
+                res.entries.map(statementRow),
+              )),
+          "",
+          ...(res.orders.length === 0
+            ? ["No orders."]
+            : table(
+                ["ORDER", "ROLE", "STATUS", "MODEL", "TOKENS IN/OUT", "COST", "FEE", "CREATED"],
+                res.orders.map((o) => [
+                  o.id,
+                  o.consumerAccountId === accountId ? "consumer" : "provider",
+                  statusName(o.status),
+                  o.model,
+                  `${o.promptTokens}/${o.completionTokens}`,
+                  formatCredits(o.cost),
+                  formatCredits(o.fee),
+                  timestamp(o.createdAtUnixMs),
+                ]),
+              )),
+        ],
+        () => toJson(GetStatementResponseSchema, res, { alwaysEmitImplicit: true }),
+      );
+      return 0;
+    },
+  },
+  {
     name: "orders",
     summary: "list orders, newest first",
     jsonOutput: `{"orders":[…]}, ${PROTO_JSON}`,
@@ -483,7 +570,7 @@ const COMMANDS: Command[] = [
       account: {
         type: "string",
         value: "ID",
-        description: "only this consumer account's orders (default: all)",
+        description: "only the orders this account consumed or served (default: all)",
       },
       limit: { type: "string", value: "N", description: "at most this many", default: "50" },
     },
@@ -564,7 +651,14 @@ const COMMANDS: Command[] = [
   {
     name: "audit-ledger",
     summary: "check the ledger's invariants (exit code 1 when one is violated)",
+    details: [
+      "Checks that entries sum to zero (in total and per transaction), cached balances equal their",
+      "entries, no book is negative, every held amount belongs to a running order, every finished",
+      "order was settled exactly once, and matured pending earnings were released.",
+      "The report is printed (with or without --json) before exiting 1.",
+    ],
     jsonOutput: `{"ok":…,"entriesSum":"…","entryCount":"…","problems":[…]}, ${PROTO_JSON}`,
+    exitCodes: "Exit codes: 0 ledger OK, 1 a violated invariant or a server error, 2 usage error.",
     options: {},
     async run(ctx) {
       const res = await ctx.client.auditLedger({});
@@ -839,7 +933,7 @@ function commandHelp(command: Command): string {
     ...optionLines(GLOBAL_OPTIONS),
     "",
     `With --json, prints: ${command.jsonOutput}`,
-    "Exit codes: 0 success, 1 server error, 2 usage error.",
+    command.exitCodes ?? EXIT_CODES,
     "",
   );
   return lines.join("\n");
@@ -869,12 +963,33 @@ function stringifyJson(value: unknown): string {
   return JSON.stringify(value, (_key, v: unknown) => (typeof v === "bigint" ? v.toString() : v));
 }
 
-function balanceJson(balance: Balance | undefined): { available: string; held: string } {
-  return { available: String(balance?.available ?? 0n), held: String(balance?.held ?? 0n) };
+function balanceJson(balance: Balance | undefined): { available: string; held: string; pending: string } {
+  return {
+    available: String(balance?.available ?? 0n),
+    held: String(balance?.held ?? 0n),
+    pending: String(balance?.pending ?? 0n),
+  };
 }
 
 function describeBalance(balance: Balance | undefined): string {
-  return `${formatCredits(balance?.available ?? 0n)} credits available, ${formatCredits(balance?.held ?? 0n)} held`;
+  return `${formatCredits(balance?.available ?? 0n)} credits available, ${formatCredits(balance?.held ?? 0n)} held, ${formatCredits(balance?.pending ?? 0n)} pending`;
+}
+
+/** Signed credits, so a statement reads as money in and out. */
+function signedCredits(micros: bigint): string {
+  return micros < 0n ? formatCredits(micros) : `+${formatCredits(micros)}`;
+}
+
+function statementRow(entry: StatementEntry): string[] {
+  return [
+    timestamp(entry.createdAtUnixMs),
+    entry.kind,
+    entry.orderId || "-",
+    (Book[entry.book] ?? "UNSPECIFIED").toLowerCase(),
+    signedCredits(entry.amount),
+    formatCredits(entry.balanceAfter),
+    entry.transactionId,
+  ];
 }
 
 function describeDefaults(defaults: RoutingDefaults | undefined): string {
@@ -909,11 +1024,12 @@ function describeOrder(order: Order | undefined): string[] {
     `Status:     ${statusName(order.status)}${order.error ? ` (${order.error})` : ""}`,
     `Model:      ${order.model}`,
     `Consumer:   ${order.consumerAccountId}`,
-    `Worker:     ${order.workerId || "-"}`,
+    `Worker:     ${order.workerId || "-"}${order.providerAccountId ? ` (provider ${order.providerAccountId})` : ""}`,
     `Prices:     ${formatCredits(order.pricePerMillionInput)} in / ${formatCredits(order.pricePerMillionOutput)} out, credits per 1M tokens`,
-    `Tokens:     ${order.promptTokens} prompt, ${order.completionTokens} completion`,
+    `Tokens:     ${order.promptTokens} prompt (bound ${order.promptTokenBound}), ${order.completionTokens} completion`,
     `Hold:       ${formatCredits(order.hold)} credits`,
-    `Cost:       ${formatCredits(order.cost)} credits (platform fee ${formatCredits(order.fee)})`,
+    `Cost:       ${formatCredits(order.cost)} credits (platform fee ${formatCredits(order.fee)}, ${order.feeBasisPoints} basis points)`,
+    `Trust:      ${order.trustSignals.length > 0 ? order.trustSignals.join("; ") : "nothing noticed"}`,
     `Created:    ${timestamp(order.createdAtUnixMs)}`,
     `First token: ${order.timeToFirstTokenMs > 0 ? `${order.timeToFirstTokenMs} ms` : "-"}`,
     `Duration:   ${order.durationMs > 0 ? `${order.durationMs} ms` : "-"}`,

@@ -19,6 +19,8 @@ const CONNECT_CODES: Readonly<Record<MarketErrorCode, Code>> = {
   no_capacity: Code.Unavailable,
   worker_failed: Code.Unavailable,
   conflict: Code.AlreadyExists,
+  cancelled: Code.Canceled,
+  shutting_down: Code.Unavailable,
   internal: Code.Internal,
 };
 

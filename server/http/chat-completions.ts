@@ -10,13 +10,15 @@ import type { MarketStore, OrderRecord } from "../market/store-port.js";
 import { authenticateConsumer } from "./auth.js";
 import { parseChatRequest } from "./chat-request.js";
 import { httpStatusOf, openAiErrorBody, sendOpenAiError } from "./openai-error.js";
-import { SseWriter } from "./sse.js";
+import { SlowReaderError, SseWriter } from "./sse.js";
 
 export interface ChatCompletionsOptions {
   store: MarketStore;
   marketplace: Marketplace;
   /** Commit the SSE headers if no token arrived within this time, then send keep-alive comments. */
   keepAliveMs: number;
+  /** A streaming consumer whose socket takes nothing for this long is ended. */
+  slowReaderTimeoutMs: number;
 }
 
 /** OpenAI's usage object, plus what the order cost the consumer. */
@@ -34,18 +36,31 @@ export function registerChatCompletions(app: FastifyInstance, options: ChatCompl
   app.post("/v1/chat/completions", async (request, reply) => {
     const consumer = await authenticateConsumer(options.store, request);
     const { completion, includeUsage } = parseChatRequest(request.body);
-    const run = await options.marketplace.startCompletion(consumer, completion);
-    reply.header("x-request-id", run.orderId);
-    const consumerGone = () => {
-      if (!reply.raw.writableFinished) run.cancel("consumer disconnected");
+    // The consumer may leave at any moment, admission (and the queue) included: the marketplace
+    // then cancels whatever it started. 'close' on the response, not the request (which closes as
+    // soon as its body is read).
+    const consumerGone = new AbortController();
+    const onClose = () => {
+      if (!reply.raw.writableFinished) consumerGone.abort();
     };
-    reply.raw.on("close", consumerGone);
+    reply.raw.on("close", onClose);
+    if (reply.raw.destroyed) consumerGone.abort();
+    const run = await options.marketplace.startCompletion(consumer, completion, consumerGone.signal);
+    reply.header("x-request-id", run.orderId);
     if (completion.stream) {
       reply.hijack();
-      await streamCompletion(run, new SseWriter(reply.raw, { "x-request-id": run.orderId }), {
-        includeUsage,
-        keepAliveMs: options.keepAliveMs,
+      const sse = new SseWriter(reply.raw, {
+        headers: { "x-request-id": run.orderId },
+        slowReaderTimeoutMs: options.slowReaderTimeoutMs,
       });
+      try {
+        await streamCompletion(run, sse, { includeUsage, keepAliveMs: options.keepAliveMs });
+      } catch (error) {
+        if (!(error instanceof SlowReaderError)) throw error;
+        // The socket is full and nothing drains it: no error chunk could get through either.
+        run.cancel(error.message);
+        reply.raw.destroy();
+      }
       return;
     }
     return collectCompletion(run, reply);
@@ -54,7 +69,7 @@ export function registerChatCompletions(app: FastifyInstance, options: ChatCompl
 
 async function collectCompletion(run: CompletionRun, reply: FastifyReply) {
   let content = "";
-  for await (const event of run.events) {
+  for await (const event of run) {
     if (event.type === "delta") content += event.text;
     else if (event.type === "error") return sendOpenAiError(reply, event.error);
     else {
@@ -71,8 +86,7 @@ async function collectCompletion(run: CompletionRun, reply: FastifyReply) {
             finish_reason: event.finishReason,
           },
         ],
-        usage: usageOf(event.order),
-        provider: event.order.workerId,
+        ...(event.order ? { usage: usageOf(event.order), provider: event.order.workerId } : {}),
       };
     }
   }
@@ -93,7 +107,7 @@ async function streamCompletion(
     ...(options.includeUsage ? { usage: null } : {}),
     ...extra,
   });
-  const events = run.events[Symbol.asyncIterator]();
+  const events = run[Symbol.asyncIterator]();
 
   // Until the first event, keep the HTTP status open: an early error can still be a real 502.
   let first = events.next();
@@ -106,7 +120,8 @@ async function streamCompletion(
   ]);
   clearTimeout(keepAlive);
   if (waited === "keep-alive") {
-    const ticker = setInterval(() => void sse.comment("keep-alive"), options.keepAliveMs);
+    // A comment that cannot be written (a stalled socket) is the writes' business below, not the ticker's.
+    const ticker = setInterval(() => sse.comment("keep-alive").catch(() => {}), options.keepAliveMs);
     await sse.comment("keep-alive");
     first = first.finally(() => clearInterval(ticker));
   }
@@ -116,7 +131,7 @@ async function streamCompletion(
     return;
   }
   if (head.value.type === "error" && !sse.isCommitted) {
-    sse.rejectWith(httpStatusOf(head.value.error), openAiErrorBody(head.value.error));
+    sse.rejectWith(httpStatusOf(head.value.error), openAiErrorBody(head.value.error), head.value.error);
     return;
   }
 
@@ -131,15 +146,18 @@ async function streamCompletion(
       );
     } else if (event.type === "finish") {
       await sse.data(chunk([{ index: 0, delta: {}, logprobs: null, finish_reason: event.finishReason }]));
-      if (options.includeUsage) await sse.data(chunk([], { usage: usageOf(event.order) }));
+      if (options.includeUsage && event.order) await sse.data(chunk([], { usage: usageOf(event.order) }));
       break;
     } else {
+      if (event.error.code === "cancelled") break;
       await sse.data(
         chunk(
           [{ index: 0, delta: { content: "" }, logprobs: null, finish_reason: "error" }],
           openAiErrorBody(event.error),
         ),
       );
+      // What the stream cost, even when it ended in an error.
+      if (options.includeUsage && event.order) await sse.data(chunk([], { usage: usageOf(event.order) }));
       break;
     }
     const next = await events.next();

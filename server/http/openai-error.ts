@@ -17,6 +17,9 @@ const STATUS: Record<MarketErrorCode, { status: number; type: string }> = {
   no_capacity: { status: 503, type: "service_unavailable" },
   worker_failed: { status: 502, type: "upstream_error" },
   conflict: { status: 409, type: "invalid_request_error" },
+  // nginx's "client closed request": only ever logged, the consumer is gone.
+  cancelled: { status: 499, type: "client_closed_request" },
+  shutting_down: { status: 503, type: "service_unavailable" },
   internal: { status: 500, type: "server_error" },
 };
 
@@ -53,6 +56,7 @@ export function asMarketError(error: unknown): MarketError {
 }
 
 export function sendOpenAiError(reply: FastifyReply, error: MarketError): FastifyReply {
+  if (error.retryAfterSeconds !== undefined) reply.header("retry-after", String(error.retryAfterSeconds));
   return reply.code(httpStatusOf(error)).type("application/json").send(openAiErrorBody(error));
 }
 

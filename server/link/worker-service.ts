@@ -26,11 +26,20 @@ export interface WorkerServiceOptions {
   heartbeatIntervalMs: number;
   maxChunkBytes: number;
   /**
+   * A stream that sends no Hello within this long is ended with DEADLINE_EXCEEDED, so connections
+   * that never identify themselves cannot pile up. Defaults to DEFAULT_HELLO_TIMEOUT_MS.
+   */
+  helloTimeoutMs?: number;
+  /** Flow-control window per job, in chunks (Welcome.job_window_chunks). */
+  jobWindowChunks: number;
+  /**
    * Aborted when the control plane shuts down. A handler's own signal also aborts when the worker's
    * stream goes away (the worker died or cancelled), so only this one means "shutting down".
    */
   shutdownSignal: AbortSignal;
 }
+
+export const DEFAULT_HELLO_TIMEOUT_MS = 10_000;
 
 function reject(code: RejectCode, message: string): ConnectResponse {
   return create(ConnectResponseSchema, { message: { case: "reject", value: { code, message } } });
@@ -42,7 +51,17 @@ export function createWorkerService(options: WorkerServiceOptions): ServiceImpl<
   return {
     async *connect(requests: AsyncIterable<ConnectRequest>, context: HandlerContext) {
       const incoming = requests[Symbol.asyncIterator]();
-      const first = await incoming.next();
+      const helloTimeoutMs = options.helloTimeoutMs ?? DEFAULT_HELLO_TIMEOUT_MS;
+      let helloTimer: NodeJS.Timeout | undefined;
+      const first = await Promise.race([
+        incoming.next(),
+        new Promise<never>((_, noHello) => {
+          helloTimer = setTimeout(
+            () => noHello(new ConnectError(`no Hello within ${helloTimeoutMs} ms`, Code.DeadlineExceeded)),
+            helloTimeoutMs,
+          );
+        }),
+      ]).finally(() => clearTimeout(helloTimer));
       if (first.done || first.value.message.case !== "hello") {
         yield reject(RejectCode.INVALID_HELLO, "the first message must be Hello");
         throw new ConnectError("the first message must be Hello", Code.InvalidArgument);
@@ -72,7 +91,9 @@ export function createWorkerService(options: WorkerServiceOptions): ServiceImpl<
         offers,
         heartbeatIntervalMs: options.heartbeatIntervalMs,
         maxChunkBytes: options.maxChunkBytes,
+        jobWindowChunks: options.jobWindowChunks,
         log,
+        onCapacity: (changed) => registry.capacityChanged(changed),
         onClose: (closed) => registry.unregister(closed),
       });
       const replaced = registry.register(session);
@@ -113,6 +134,7 @@ export function createWorkerService(options: WorkerServiceOptions): ServiceImpl<
               heartbeatIntervalMs: options.heartbeatIntervalMs,
               maxChunkBytes: options.maxChunkBytes,
               acceptedOffers: offersToWire(offers),
+              jobWindowChunks: options.jobWindowChunks,
             },
           },
         });

@@ -13,14 +13,26 @@ import {
 } from "../../gen/locallmarket/v1/worker_pb.js";
 import { AsyncQueue } from "../market/async-queue.js";
 import type { MarketLogger } from "../market/marketplace.js";
-import type { FinishReason, JobSink, JobSpec, WorkerConnection } from "../market/registry.js";
+import {
+  capacityOf,
+  type FinishReason,
+  type JobSink,
+  type JobSpec,
+  type SlotLease,
+  type WorkerConnection,
+} from "../market/registry.js";
 import type { OfferRecord } from "../market/store-port.js";
 import { offersFromWire } from "./offers.js";
 
 interface RunningJob {
-  sink: JobSink;
+  /** Null once the job was cancelled: whatever the worker still sends for it is dropped. */
+  sink: JobSink | null;
   lastSequence: bigint;
-  cancelled: boolean;
+  /** Highest sequence the consumer has taken (flow control). */
+  acknowledged: bigint;
+  /** Highest sequence announced to the worker in a JobWindow. */
+  announced: bigint;
+  cancelTimer: NodeJS.Timeout | undefined;
 }
 
 const FINISH_REASONS: Record<WireFinishReason, FinishReason> = {
@@ -39,13 +51,53 @@ export interface WorkerSessionOptions {
   offers: OfferRecord[];
   heartbeatIntervalMs: number;
   maxChunkBytes: number;
+  /** Flow-control window: chunks of one job the worker may send beyond the last acknowledged. */
+  jobWindowChunks: number;
   log: MarketLogger;
+  /** Called when a slot frees up or the offers change (the admission queue may proceed). */
+  onCapacity(session: WorkerSession): void;
   /** Called once when the session ends, whatever the reason. */
   onClose(session: WorkerSession): void;
 }
 
 /** A worker silent for this many heartbeat intervals is offline. */
 const MISSED_HEARTBEATS_ALLOWED = 3;
+/** A cancelled job whose worker never confirms gives its slot back after this long. */
+const CANCEL_CONFIRMATION_MS = 10_000;
+
+/** One reserved slot of a session; see SlotLease. */
+class SessionLease implements SlotLease {
+  private state: "reserved" | "assigned" | "released" = "reserved";
+  private jobId: string | null = null;
+
+  constructor(private readonly session: WorkerSession) {}
+
+  get connection(): WorkerConnection {
+    return this.session;
+  }
+
+  assign(job: JobSpec, sink: JobSink): void {
+    if (this.state !== "reserved") throw new Error(`slot lease is ${this.state}, cannot assign ${job.jobId}`);
+    this.state = "assigned";
+    this.jobId = job.jobId;
+    this.session.startJob(job, sink);
+  }
+
+  acknowledge(sequence: bigint): void {
+    if (this.jobId !== null) this.session.acknowledge(this.jobId, sequence);
+  }
+
+  cancel(reason: string): void {
+    if (this.state === "reserved") this.release();
+    else if (this.jobId !== null) this.session.cancel(this.jobId, reason);
+  }
+
+  release(): void {
+    if (this.state !== "reserved") return;
+    this.state = "released";
+    this.session.releaseReservation();
+  }
+}
 
 export class WorkerSession implements WorkerConnection {
   readonly workerId: string;
@@ -57,6 +109,7 @@ export class WorkerSession implements WorkerConnection {
   draining = false;
 
   private readonly jobs = new Map<string, RunningJob>();
+  private reservations = 0;
   private lastMessageAt = Date.now();
   private readonly watchdog: NodeJS.Timeout;
   private closed = false;
@@ -72,19 +125,42 @@ export class WorkerSession implements WorkerConnection {
   }
 
   get activeJobs(): number {
-    return this.jobs.size;
+    return this.jobs.size + this.reservations;
   }
 
   get isClosed(): boolean {
     return this.closed;
   }
 
-  assign(job: JobSpec, sink: JobSink): void {
+  reserve(model: string): SlotLease | null {
+    if (this.closed || this.draining) return null;
+    const offer = this.offers.find((candidate) => candidate.model === model);
+    if (!offer || this.activeJobs >= capacityOf(offer)) return null;
+    this.reservations += 1;
+    return new SessionLease(this);
+  }
+
+  /** Called by a lease: the slot was given back unused. */
+  releaseReservation(): void {
+    this.reservations -= 1;
+    this.options.onCapacity(this);
+  }
+
+  /** Called by a lease: sends the job on the reserved slot. */
+  startJob(job: JobSpec, sink: JobSink): void {
+    this.reservations -= 1;
     if (this.closed) {
-      sink.failed("worker disconnected");
+      // Reported asynchronously, as every other job event is.
+      queueMicrotask(() => sink.failed("worker disconnected", "error"));
       return;
     }
-    this.jobs.set(job.jobId, { sink, lastSequence: 0n, cancelled: false });
+    this.jobs.set(job.jobId, {
+      sink,
+      lastSequence: 0n,
+      acknowledged: 0n,
+      announced: 0n,
+      cancelTimer: undefined,
+    });
     this.send({
       case: "jobAssign",
       value: {
@@ -102,12 +178,36 @@ export class WorkerSession implements WorkerConnection {
     });
   }
 
+  /** The consumer took chunks up to `sequence`; the worker hears of it in batches. */
+  acknowledge(jobId: string, sequence: bigint): void {
+    const job = this.jobs.get(jobId);
+    if (!job || job.sink === null || sequence <= job.acknowledged) return;
+    job.acknowledged = sequence;
+    const batch = BigInt(Math.max(1, Math.floor(this.options.jobWindowChunks / 4)));
+    if (job.acknowledged - job.announced >= batch || job.acknowledged === job.lastSequence) {
+      job.announced = job.acknowledged;
+      this.send({ case: "jobWindow", value: { jobId, acknowledgedSequence: job.acknowledged } });
+    }
+  }
+
   cancel(jobId: string, reason: string): void {
     const job = this.jobs.get(jobId);
-    if (!job || job.cancelled) return;
-    // The slot stays taken until the worker confirms with JobDone or JobFailed.
-    job.cancelled = true;
+    if (!job || job.sink === null) return;
+    // From now on the job belongs to nobody; the slot stays taken until the worker confirms.
+    job.sink = null;
+    job.cancelTimer = setTimeout(() => {
+      this.log("warn", "worker did not confirm a cancelled job; its slot is freed", { jobId });
+      this.finishJob(jobId);
+    }, CANCEL_CONFIRMATION_MS);
+    job.cancelTimer.unref();
     this.send({ case: "jobCancel", value: { jobId, reason } });
+  }
+
+  /** Asks the worker to finish its jobs and take no new ones. */
+  drain(reason: string): void {
+    if (this.closed || this.draining) return;
+    this.draining = true;
+    this.send({ case: "drain", value: { reason } });
   }
 
   /** Handles one message from the worker after Welcome. */
@@ -116,46 +216,38 @@ export class WorkerSession implements WorkerConnection {
     const message = request.message;
     switch (message.case) {
       case "heartbeat":
-        return;
       case "jobAccepted":
-        this.job(message.value.jobId)?.sink.accepted();
         return;
       case "offerUpdate":
         try {
           this.offers = offersFromWire(message.value.offers, { allowEmpty: true });
           this.log("info", "offers updated", { offers: this.offers.length });
+          this.options.onCapacity(this);
         } catch (error) {
           this.log("warn", "protocol error: invalid OfferUpdate ignored", { error: String(error) });
         }
         return;
       case "jobChunk": {
         const { jobId, sequence, text, tokenCount } = message.value;
-        const job = this.job(jobId);
-        if (!job) return;
-        if (sequence <= job.lastSequence) return; // a replayed chunk: already relayed
-        if (sequence !== job.lastSequence + 1n) {
-          this.finishJob(jobId)?.sink.failed(
-            `chunk sequence gap: expected ${job.lastSequence + 1n}, got ${sequence}`,
-          );
-          return;
-        }
-        if (Buffer.byteLength(text) > this.options.maxChunkBytes) {
-          this.finishJob(jobId)?.sink.failed(`chunk larger than ${this.options.maxChunkBytes} bytes`);
-          return;
-        }
-        job.lastSequence = sequence;
-        job.sink.chunk(text, tokenCount);
+        this.onChunk(jobId, sequence, text, tokenCount);
         return;
       }
       case "jobDone": {
         const { jobId, finishReason, usage, lastSequence } = message.value;
-        const job = this.finishJob(jobId);
+        const job = this.job(jobId);
         if (!job) return;
-        if (lastSequence !== job.lastSequence) {
-          job.sink.failed(`job ended at chunk ${job.lastSequence} but the worker sent up to ${lastSequence}`);
+        const sink = job.sink;
+        const sequenceSeen = job.lastSequence;
+        this.finishJob(jobId);
+        if (!sink) return;
+        if (lastSequence !== sequenceSeen) {
+          sink.failed(
+            `job ended at chunk ${sequenceSeen} but the worker sent up to ${lastSequence}`,
+            "error",
+          );
           return;
         }
-        job.sink.done(
+        sink.done(
           FINISH_REASONS[finishReason] ?? "stop",
           usage ? { promptTokens: usage.promptTokens, completionTokens: usage.completionTokens } : null,
         );
@@ -163,7 +255,14 @@ export class WorkerSession implements WorkerConnection {
       }
       case "jobFailed": {
         const { jobId, code, message: reason } = message.value;
-        this.finishJob(jobId)?.sink.failed(`${JobFailureCode[code] ?? "ENGINE_ERROR"}: ${reason}`);
+        const job = this.job(jobId);
+        if (!job) return;
+        const sink = job.sink;
+        this.finishJob(jobId);
+        sink?.failed(
+          `${JobFailureCode[code] ?? "ENGINE_ERROR"}: ${reason}`,
+          code === JobFailureCode.OVERLOADED ? "overloaded" : "error",
+        );
         return;
       }
       case "goodbye":
@@ -178,6 +277,29 @@ export class WorkerSession implements WorkerConnection {
     }
   }
 
+  private onChunk(jobId: string, sequence: bigint, text: string, tokenCount: number): void {
+    const job = this.job(jobId);
+    if (!job?.sink) return;
+    if (sequence <= job.lastSequence) return; // a replayed chunk: already relayed
+    const failure =
+      sequence !== job.lastSequence + 1n
+        ? `chunk sequence gap: expected ${job.lastSequence + 1n}, got ${sequence}`
+        : sequence > job.acknowledged + BigInt(this.options.jobWindowChunks)
+          ? `flow-control window exceeded: chunk ${sequence} sent with chunks up to ${job.acknowledged} acknowledged and a window of ${this.options.jobWindowChunks}`
+          : Buffer.byteLength(text) > this.options.maxChunkBytes
+            ? `chunk larger than ${this.options.maxChunkBytes} bytes`
+            : null;
+    if (failure !== null) {
+      const sink = job.sink;
+      this.log("warn", "protocol error: job failed", { jobId, reason: failure });
+      this.cancel(jobId, failure);
+      sink.failed(failure, "error");
+      return;
+    }
+    job.lastSequence = sequence;
+    job.sink.chunk(text, tokenCount, sequence);
+  }
+
   /** Ends the session: running jobs fail (and fall back), the stream closes after `reject`. */
   close(reason: string, rejectCode?: RejectCode): void {
     if (this.closed) return;
@@ -186,7 +308,10 @@ export class WorkerSession implements WorkerConnection {
     clearInterval(this.watchdog);
     const jobs = [...this.jobs.values()];
     this.jobs.clear();
-    for (const job of jobs) job.sink.failed(`worker disconnected: ${reason}`);
+    for (const job of jobs) {
+      clearTimeout(job.cancelTimer);
+      job.sink?.failed(`worker disconnected: ${reason}`, "error");
+    }
     this.outbound.end();
     this.log("info", "worker session closed", { reason });
     this.options.onClose(this);
@@ -205,10 +330,13 @@ export class WorkerSession implements WorkerConnection {
     return job;
   }
 
-  private finishJob(jobId: string): RunningJob | undefined {
-    const job = this.job(jobId);
+  /** The job is over on the worker: its slot is free again. */
+  private finishJob(jobId: string): void {
+    const job = this.jobs.get(jobId);
+    if (!job) return;
+    clearTimeout(job.cancelTimer);
     this.jobs.delete(jobId);
-    return job;
+    if (!this.closed) this.options.onCapacity(this);
   }
 
   private send(message: MessageInitShape<typeof ConnectResponseSchema>["message"]): void {

@@ -16,6 +16,8 @@ export type MarketErrorCode =
   | "no_capacity"
   | "worker_failed"
   | "conflict"
+  | "cancelled"
+  | "shutting_down"
   | "internal";
 
 export class MarketError extends Error {
@@ -26,6 +28,8 @@ export class MarketError extends Error {
     message: string,
     /** The request field at fault, when there is one (OpenAI's `param`). */
     readonly param?: string,
+    /** For a temporary refusal (503, 429): when to try again, sent as `Retry-After`. */
+    readonly retryAfterSeconds?: number,
   ) {
     super(message);
   }

@@ -28,7 +28,7 @@ export interface Candidate {
   /** Measured tokens/s, or the advertised figure for a worker not measured yet. */
   tokensPerSecond: number;
   timeToFirstTokenMs: number;
-  /** Jobs running on the worker when it was picked. */
+  /** Slots in use on the worker when it was picked. */
   load: number;
   /** The most this request can cost on this worker: the hold. */
   worstCaseCost: bigint;
@@ -71,9 +71,10 @@ function compareCandidates(sort: SortKey): (a: Candidate, b: Candidate) => numbe
 }
 
 /**
- * The workers that can serve the request, best first. Throws MarketError "model_not_found" when
+ * The workers that can serve the request, best first, busy or not (the marketplace reserves a slot
+ * on the first one that has one, or queues the request). Throws MarketError "model_not_found" when
  * no connected worker offers the model at all, and "no_capacity" when some do but none is within
- * the constraints or has a free slot, saying which constraint excluded them.
+ * the constraints (or all are draining), saying which constraint excluded them.
  */
 export function pickWorkers(registry: WorkerRegistry, request: MatchRequest): Candidate[] {
   const { constraints } = request;
@@ -91,12 +92,12 @@ export function pickWorkers(registry: WorkerRegistry, request: MatchRequest): Ca
     );
   }
 
-  const excluded = { price: 0, throughput: 0, busy: 0 };
+  const excluded = { price: 0, throughput: 0, draining: 0 };
   const candidates: Candidate[] = [];
   for (const { connection, offer } of offering) {
     if (constraints.ignore.includes(connection.workerId)) continue;
-    if (connection.draining || connection.activeJobs >= Math.max(1, offer.maxConcurrency)) {
-      excluded.busy++;
+    if (connection.draining) {
+      excluded.draining++;
       continue;
     }
     const tooExpensive =
@@ -139,7 +140,7 @@ export function pickWorkers(registry: WorkerRegistry, request: MatchRequest): Ca
     const reasons = [
       excluded.price > 0 ? `${excluded.price} above your max_price` : "",
       excluded.throughput > 0 ? `${excluded.throughput} below your min_throughput` : "",
-      excluded.busy > 0 ? `${excluded.busy} busy or draining` : "",
+      excluded.draining > 0 ? `${excluded.draining} draining` : "",
     ].filter(Boolean);
     throw new MarketError(
       "no_capacity",

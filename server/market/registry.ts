@@ -23,12 +23,32 @@ export interface JobSpec {
   deadlineUnixMs: number;
 }
 
-/** How a connection reports a job's progress back to the marketplace. */
+/**
+ * How a connection reports a job's progress back to the marketplace. Numbers are as the worker
+ * sent them (the wire's uint32/uint64 ranges): the marketplace decides what they are worth.
+ */
 export interface JobSink {
-  accepted(): void;
-  chunk(text: string, tokenCount: number): void;
+  chunk(text: string, tokenCount: number, sequence: bigint): void;
   done(finishReason: FinishReason, usage: { promptTokens: number; completionTokens: number } | null): void;
-  failed(message: string): void;
+  /** `overloaded`: the worker refused the job before starting it (no capacity on its side). */
+  failed(message: string, kind: "overloaded" | "error"): void;
+}
+
+/**
+ * One reserved slot on a worker. Reserved synchronously at match time, so two requests can never
+ * book the same slot; freed when the job ends on the worker (done, failure, disconnect, or a cancel
+ * the worker confirmed) or when released unused.
+ */
+export interface SlotLease {
+  readonly connection: WorkerConnection;
+  /** Sends the job on this slot; progress arrives on the sink. At most once per lease. */
+  assign(job: JobSpec, sink: JobSink): void;
+  /** The consumer has taken the job's chunks up to `sequence` (flow control towards the worker). */
+  acknowledge(sequence: bigint): void;
+  /** Stops the job; its later messages are dropped. The slot frees when the worker confirms. */
+  cancel(reason: string): void;
+  /** Gives the slot back without running a job (the order could not be opened). */
+  release(): void;
 }
 
 /** One open worker stream, as the market core sees it. */
@@ -38,10 +58,15 @@ export interface WorkerConnection {
   readonly name: string;
   readonly offers: readonly OfferRecord[];
   readonly draining: boolean;
+  /** Slots in use: reserved, running, or cancelled and not yet confirmed by the worker. */
   readonly activeJobs: number;
-  /** Sends a job to the worker; progress arrives on the sink until done() or failed(). */
-  assign(job: JobSpec, sink: JobSink): void;
-  cancel(jobId: string, reason: string): void;
+  /** Reserves a slot for a job of `model`; null when the worker is full, draining or gone. */
+  reserve(model: string): SlotLease | null;
+}
+
+/** The slots an offer allows (max_concurrency 0 is read as 1). */
+export function capacityOf(offer: OfferRecord): number {
+  return Math.max(1, offer.maxConcurrency);
 }
 
 /** Throughput the platform measured on a worker's recent jobs (exponential moving average). */
@@ -57,6 +82,18 @@ export class WorkerRegistry {
   private readonly connections = new Map<string, WorkerConnection>();
   private readonly measurements = new Map<string, Measurements>();
   private readonly waiters = new Map<string, ((connection: WorkerConnection) => void)[]>();
+  private readonly capacityListeners: ((connection: WorkerConnection) => void)[] = [];
+
+  /** Called whenever a connection may have a free slot: it registered, freed a slot or changed offers. */
+  onCapacity(listener: (connection: WorkerConnection) => void): void {
+    this.capacityListeners.push(listener);
+  }
+
+  /** A connection reports a slot (or new offers) available. */
+  capacityChanged(connection: WorkerConnection): void {
+    if (this.connections.get(connection.workerId) !== connection) return;
+    for (const listener of this.capacityListeners) listener(connection);
+  }
 
   /** Registers a connection; returns the one it replaces (same worker reconnecting), if any. */
   register(connection: WorkerConnection): WorkerConnection | undefined {
@@ -64,6 +101,7 @@ export class WorkerRegistry {
     this.connections.set(connection.workerId, connection);
     for (const resolve of this.waiters.get(connection.workerId) ?? []) resolve(connection);
     this.waiters.delete(connection.workerId);
+    this.capacityChanged(connection);
     return previous === connection ? undefined : previous;
   }
 

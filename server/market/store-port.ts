@@ -10,10 +10,18 @@
  *   world: deposits come from it and withdrawals go to it, so its `available` book is the only
  *   one allowed to go negative).
  * - Every movement is one ledger transaction whose entries sum to zero.
+ * - Every account has a third book, `pending`: provider earnings land there and become
+ *   `available` once they mature (`settleAfterMs` after the settlement), the window in which an
+ *   audit can still claw them back. Withdrawals only draw on `available`.
  * - openOrder places the hold (consumer available → consumer held) in the same DB transaction
- *   that inserts the order. settleOrder posts it: held → provider (cost − fee), held → platform
- *   (fee), held → consumer available (hold − cost), and marks the order final, once: settling a
- *   final order again returns the first settlement unchanged (idempotent).
+ *   that inserts the order. settleOrder posts it: held → provider pending (cost − fee), held →
+ *   platform (fee), held → consumer available (hold − cost), and marks the order final, once:
+ *   settling a final order again returns the first settlement unchanged (idempotent).
+ * - The money of a settlement is computed by the store, inside the settling transaction, from the
+ *   locked order row (its prices, its prompt bound, its max_tokens, its fee rate, its hold): the
+ *   core passes only token counts. cost = min(hold, ceil((prompt·p_in + completion·p_out) / 1e6))
+ *   with prompt capped at the order's promptTokenBound and completion at its maxTokens; fee =
+ *   floor(cost · feeBasisPoints / 10,000).
  */
 
 export const PLATFORM_ACCOUNT_ID = "acct_platform";
@@ -35,6 +43,8 @@ export interface AccountRecord {
 export interface Balance {
   available: bigint;
   held: bigint;
+  /** Provider earnings not yet matured (not withdrawable). */
+  pending: bigint;
 }
 
 export interface ApiKeyRecord {
@@ -82,11 +92,21 @@ export interface OrderRecord {
   pricePerMillionOutput: bigint;
   hold: bigint;
   maxTokens: number;
+  /** The platform's upper bound on the prompt's tokens, fixed at admission; billing caps at it. */
+  promptTokenBound: number;
+  /** The platform fee rate agreed at admission, in basis points. */
+  feeBasisPoints: number;
+  /**
+   * While running: the last checkpoint (tokens delivered to the consumer so far). Once final: the
+   * tokens billed.
+   */
   promptTokens: number;
   completionTokens: number;
   /** Usage as the worker's engine reported it (trust signal), null when none was reported. */
   reportedPromptTokens: number | null;
   reportedCompletionTokens: number | null;
+  /** What the platform noticed about the worker's honesty on this order (empty when nothing). */
+  trustSignals: string[];
   cost: bigint;
   fee: bigint;
   finishReason: string | null;
@@ -105,9 +125,11 @@ export interface OpenOrderInput {
   providerAccountId: string;
   pricePerMillionInput: bigint;
   pricePerMillionOutput: bigint;
-  /** Worst-case cost reserved now; must be > 0n. */
+  /** Worst-case cost reserved now; ≥ 0n (0n for a free offer). */
   hold: bigint;
   maxTokens: number;
+  promptTokenBound: number;
+  feeBasisPoints: number;
 }
 
 export interface ReassignOrderInput {
@@ -118,20 +140,52 @@ export interface ReassignOrderInput {
   hold: bigint;
 }
 
+/** What the core knows at the end of an order: token counts, never money (see the header). */
 export interface SettleOrderInput {
   status: Exclude<OrderStatus, "running">;
+  /** Prompt tokens to bill (0 when nothing reached the consumer); capped at promptTokenBound. */
   promptTokens: number;
+  /** Completion tokens to bill: the platform's own count; capped at maxTokens. */
   completionTokens: number;
+  /** As the worker reported them, any uint32 value; stored for the record, never billed. */
   reportedPromptTokens: number | null;
   reportedCompletionTokens: number | null;
-  /** What the consumer pays; 0n ≤ cost ≤ hold. */
-  cost: bigint;
-  /** The platform's share of cost; 0n ≤ fee ≤ cost. The provider gets cost − fee. */
-  fee: bigint;
+  trustSignals: string[];
   finishReason: string | null;
   error: string | null;
   firstTokenAt: Date | null;
   finishedAt: Date;
+}
+
+/** A running order's progress, written about once a second so a crash loses at most that. */
+export interface OrderCheckpoint {
+  orderId: string;
+  /** Prompt tokens billable so far (0 until the consumer received something). */
+  promptTokens: number;
+  /** Completion tokens delivered to the consumer so far. */
+  completionTokens: number;
+  firstTokenAt: Date | null;
+}
+
+/** One line of an account's statement: a ledger entry with the balances after it. */
+export interface StatementEntry {
+  transactionId: string;
+  kind: string;
+  orderId: string | null;
+  book: "available" | "held" | "pending";
+  amount: bigint;
+  /** The account's balance of that book after this entry. */
+  balanceAfter: bigint;
+  createdAt: Date;
+}
+
+export interface Statement {
+  account: AccountRecord;
+  balance: Balance;
+  /** Oldest first. */
+  entries: StatementEntry[];
+  /** Orders where the account is the consumer or the provider, newest first. */
+  orders: OrderRecord[];
 }
 
 export interface LedgerAudit {
@@ -145,6 +199,25 @@ export interface MarketStore {
   // Accounts and credentials. Secrets are returned in clear only by the create calls and are
   // stored as SHA-256 hashes.
   createAccount(input: { name: string }): Promise<AccountRecord>;
+  /**
+   * Creates an account, its first API key (labelled `keyLabel`) and its first deposit in ONE
+   * transaction. With an idempotency key (Stripe's semantics): the same key with the same name and
+   * deposit returns the first result with `replayed: true` and `apiKeySecret: null` (the secret is
+   * never stored in clear, so it cannot be shown twice); the same key with other parameters throws
+   * MarketError("conflict") and changes nothing.
+   */
+  openAccount(input: {
+    name: string;
+    keyLabel: string;
+    initialDeposit: bigint;
+    idempotencyKey?: string;
+  }): Promise<{
+    account: AccountRecord;
+    apiKey: ApiKeyRecord;
+    apiKeySecret: string | null;
+    balance: Balance;
+    replayed: boolean;
+  }>;
   getAccount(id: string): Promise<AccountRecord | null>;
   listAccounts(): Promise<AccountRecord[]>;
   updateAccountDefaults(id: string, defaults: RoutingDefaults): Promise<AccountRecord>;
@@ -168,25 +241,45 @@ export interface MarketStore {
 
   // Money. Each throws MarketError("invalid_request") on a non-positive amount,
   // MarketError("not_found") for an unknown account, and MarketError("insufficient_credits")
-  // when the available balance cannot cover the amount.
+  // when the available balance cannot cover the amount. Idempotency keys have Stripe's semantics:
+  // the same key with the same parameters moves money once and returns the balance as it was
+  // after the first call; the same key with other parameters (amount, account, operation) throws
+  // MarketError("conflict") and moves nothing.
   deposit(accountId: string, amount: bigint, idempotencyKey?: string): Promise<Balance>;
   withdraw(accountId: string, amount: bigint, idempotencyKey?: string): Promise<Balance>;
   getBalance(accountId: string): Promise<Balance>;
+  /** Moves every provider earning whose settle-after window has passed from pending to available. */
+  releaseMaturedEarnings(now?: Date): Promise<number>;
+  getStatement(accountId: string, options: { limit: number }): Promise<Statement>;
 
   // Orders.
   /** Inserts a running order and places its hold atomically. */
   openOrder(input: OpenOrderInput): Promise<OrderRecord>;
-  /** Moves a running order to another worker (fallback), replacing its hold atomically. */
+  /**
+   * Moves a running order to another worker (fallback), replacing its hold atomically. Throws
+   * MarketError("conflict") when the order is no longer running.
+   */
   reassignOrder(orderId: string, input: ReassignOrderInput): Promise<OrderRecord>;
-  /** Settles a running order (see the header comment). Idempotent. */
+  /**
+   * Settles a running order (see the header comment): computes the money from the locked row.
+   * Idempotent: a final order is returned unchanged. Never fails for any token counts the core can
+   * pass (they are clamped), so a failure here is the database's and worth retrying.
+   */
   settleOrder(orderId: string, input: SettleOrderInput): Promise<OrderRecord>;
+  /** Records the progress of running orders in one statement; counts never go down; final orders are untouched. */
+  checkpointOrders(checkpoints: readonly OrderCheckpoint[]): Promise<void>;
   getOrder(id: string): Promise<OrderRecord | null>;
   listOrders(filter: { accountId?: string; limit: number }): Promise<OrderRecord[]>;
   /** Orders still `running` (left by a crash when called at start-up). */
   listRunningOrders(): Promise<OrderRecord[]>;
 
-  /** Checks: entries sum to 0, cached balances equal their entries, no negative book but external. */
-  auditLedger(): Promise<LedgerAudit>;
+  /**
+   * Checks: entries sum to 0 (and per transaction), cached balances equal their entries, no negative
+   * book but external's available; every held amount belongs to a running order (an account's held
+   * book equals the holds of its running orders); every final order has exactly one settlement and
+   * a running one none; no matured pending earning is left unreleased.
+   */
+  auditLedger(now?: Date): Promise<LedgerAudit>;
 
   close(): Promise<void>;
 }

@@ -23,6 +23,8 @@ export const Account = defineEntity({
     available: p.bigint(),
     /** Cached sum of this account's `held` ledger entries. */
     held: p.bigint(),
+    /** Cached sum of this account's `pending` ledger entries (earnings not yet matured). */
+    pending: p.bigint(),
   },
 });
 export type Account = InferEntity<typeof Account>;
@@ -91,10 +93,14 @@ export const Order = defineEntity({
     pricePerMillionOutput: p.bigint(),
     hold: p.bigint(),
     maxTokens: p.integer(),
+    promptTokenBound: p.integer(),
+    feeBasisPoints: p.integer(),
     promptTokens: p.integer(),
     completionTokens: p.integer(),
-    reportedPromptTokens: p.integer().nullable(),
-    reportedCompletionTokens: p.integer().nullable(),
+    /** Any uint32 a worker may send: bigint columns, read as JS numbers (exact below 2^53). */
+    reportedPromptTokens: p.bigint("number").nullable(),
+    reportedCompletionTokens: p.bigint("number").nullable(),
+    trustSignals: p.json<string[]>(),
     cost: p.bigint(),
     fee: p.bigint(),
     finishReason: p.text().nullable(),
@@ -106,7 +112,14 @@ export const Order = defineEntity({
 });
 export type Order = InferEntity<typeof Order>;
 
-export const LEDGER_TRANSACTION_KINDS = ["deposit", "withdrawal", "hold", "reassign", "settle"] as const;
+export const LEDGER_TRANSACTION_KINDS = [
+  "deposit",
+  "withdrawal",
+  "hold",
+  "reassign",
+  "settle",
+  "release",
+] as const;
 export type LedgerTransactionKind = (typeof LEDGER_TRANSACTION_KINDS)[number];
 
 export const LedgerTransaction = defineEntity({
@@ -123,7 +136,7 @@ export const LedgerTransaction = defineEntity({
 });
 export type LedgerTransaction = InferEntity<typeof LedgerTransaction>;
 
-export const BOOKS = ["available", "held"] as const;
+export const BOOKS = ["available", "held", "pending"] as const;
 export type Book = (typeof BOOKS)[number];
 
 export const LedgerEntry = defineEntity({
@@ -140,4 +153,46 @@ export const LedgerEntry = defineEntity({
 });
 export type LedgerEntry = InferEntity<typeof LedgerEntry>;
 
-export const entities = [Account, ApiKey, Worker, Order, LedgerTransaction, LedgerEntry];
+/** A provider's share of one settled order, in its `pending` book until `maturesAt`. */
+export const PendingEarning = defineEntity({
+  name: "PendingEarning",
+  tableName: "pending_earnings",
+  properties: {
+    order: p.manyToOne(Order).mapToPk().primary(),
+    account: p.manyToOne(Account).mapToPk(),
+    amount: p.bigint(),
+    maturesAt: p.datetime(),
+    releasedAt: p.datetime().nullable(),
+  },
+});
+export type PendingEarning = InferEntity<typeof PendingEarning>;
+
+/**
+ * A request made with an idempotency key: what it asked (operation and fingerprint of its
+ * parameters) and what it answered, so a retry gets the same answer and a different request
+ * under the same key is refused.
+ */
+export const IdempotencyKey = defineEntity({
+  name: "IdempotencyKey",
+  tableName: "idempotency_keys",
+  properties: {
+    key: p.text().primary(),
+    operation: p.text(),
+    requestFingerprint: p.text(),
+    /** Decimal strings (JSON has no bigint), shaped by the operation. */
+    response: p.json<Record<string, string>>(),
+    createdAt: p.datetime(),
+  },
+});
+export type IdempotencyKey = InferEntity<typeof IdempotencyKey>;
+
+export const entities = [
+  Account,
+  ApiKey,
+  Worker,
+  Order,
+  LedgerTransaction,
+  LedgerEntry,
+  PendingEarning,
+  IdempotencyKey,
+];

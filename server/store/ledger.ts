@@ -132,8 +132,8 @@ export function releaseHold(accountId: string, amount: bigint): Posting[] {
 }
 
 /**
- * Settles a hold: the provider gets cost − fee, the platform the fee, and the unused part of the
- * hold returns to the consumer's available book.
+ * Settles a hold: the provider's share (cost − fee) goes to its pending book until it matures, the
+ * platform gets the fee, and the unused part of the hold returns to the consumer's available book.
  */
 export function postHold(input: {
   consumerAccountId: string;
@@ -152,7 +152,15 @@ export function postHold(input: {
     if (input.providerAccountId === null) {
       throw new MarketError("internal", "Cannot pay a provider share: the order has no provider.");
     }
-    postings.push({ accountId: input.providerAccountId, book: "available", amount: providerShare });
+    postings.push({ accountId: input.providerAccountId, book: "pending", amount: providerShare });
   }
   return postings;
+}
+
+/** A matured earning becomes withdrawable: pending → available. */
+export function releaseEarning(accountId: string, amount: bigint): Posting[] {
+  return [
+    { accountId, book: "pending", amount: -amount },
+    { accountId, book: "available", amount },
+  ];
 }

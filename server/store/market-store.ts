@@ -3,7 +3,8 @@
  *
  * Every call works in its own forked EntityManager. Money operations run in one database
  * transaction that locks the order row first (when there is one), then the involved account rows
- * in id order, writes a balanced ledger transaction and updates the cached balances.
+ * in id order, writes a balanced ledger transaction and updates the cached balances. Settlement
+ * computes the bill there too, from the locked order row: the caller only says how many tokens.
  */
 import {
   ForeignKeyConstraintViolationException,
@@ -14,7 +15,7 @@ import {
 } from "@mikro-orm/core";
 import type { EntityManager, MikroORM } from "@mikro-orm/postgresql";
 import { MarketError } from "../market/errors.js";
-import { formatCredits } from "../market/money.js";
+import { formatCredits, orderCost, platformFee } from "../market/money.js";
 import {
   type AccountRecord,
   type ApiKeyRecord,
@@ -24,29 +25,35 @@ import {
   type MarketStore,
   type OfferRecord,
   type OpenOrderInput,
+  type OrderCheckpoint,
   type OrderRecord,
   PLATFORM_ACCOUNT_ID,
   type ReassignOrderInput,
   type RoutingDefaults,
   type SettleOrderInput,
+  type Statement,
+  type StatementEntry,
   type WorkerRecord,
 } from "../market/store-port.js";
-import { Account, ApiKey, LedgerTransaction, type LedgerTransactionKind, Order, Worker } from "./entities.js";
+import { Account, ApiKey, type Book, IdempotencyKey, Order, PendingEarning, Worker } from "./entities.js";
 import {
   depositPostings,
   lockAccounts,
   placeHold,
   postHold,
   recordTransaction,
+  releaseEarning,
   releaseHold,
   requireAvailable,
   withdrawalPostings,
 } from "./ledger.js";
 import {
+  fromStoredBalance,
   toAccountRecord,
   toApiKeyRecord,
   toBalance,
   toOrderRecord,
+  toStoredBalance,
   toStoredOffer,
   toWorkerRecord,
 } from "./records.js";
@@ -59,33 +66,113 @@ import {
   WORKER_TOKEN_PREFIX,
 } from "./secrets.js";
 
+export interface SqlMarketStoreOptions {
+  /** How long a provider's earning stays pending after its order finished. Default 24 h. */
+  settleAfterMs?: number;
+  /**
+   * What close() releases, typically the Database's close; the store does not own the ORM
+   * otherwise.
+   */
+  onClose?: () => Promise<void>;
+}
+
+const DEFAULT_SETTLE_AFTER_MS = 24 * 60 * 60 * 1000;
+/** Earnings released per database transaction, so one release never holds locks for long. */
+const RELEASE_BATCH_SIZE = 500;
+/** The server releases about every minute; an earning this far past maturity was forgotten. */
+const RELEASE_GRACE_MS = 5 * 60 * 1000;
+/** Token counts live in `integer` columns. */
+const MAX_INT32 = 2_147_483_647;
+const MAX_FEE_BASIS_POINTS = 10_000;
+
+type OpenedAccount = Awaited<ReturnType<MarketStore["openAccount"]>>;
+
+/** What an idempotency key remembers of its request: the operation and its parameters. */
+interface IdempotentRequest {
+  operation: "deposit" | "withdrawal" | "open_account";
+  /** Decimal strings, in a fixed key order so equal requests serialize equally. */
+  parameters: Record<string, string>;
+}
+
 export class SqlMarketStore implements MarketStore {
   private closed = false;
+  private readonly settleAfterMs: number;
+  private readonly onClose: () => Promise<void>;
 
-  /**
-   * @param onClose what close() releases, typically the Database's close; the store does not own
-   *   the ORM otherwise.
-   */
   constructor(
     private readonly orm: MikroORM,
-    private readonly onClose: () => Promise<void> = async () => {},
-  ) {}
+    options: SqlMarketStoreOptions = {},
+  ) {
+    this.settleAfterMs = options.settleAfterMs ?? DEFAULT_SETTLE_AFTER_MS;
+    if (!(Number.isSafeInteger(this.settleAfterMs) && this.settleAfterMs >= 0)) {
+      throw new Error(`settleAfterMs must be a non-negative integer, got ${this.settleAfterMs}.`);
+    }
+    this.onClose = options.onClose ?? (async () => {});
+  }
 
   // Accounts and credentials.
 
   async createAccount(input: { name: string }): Promise<AccountRecord> {
-    const name = input.name.trim();
-    if (!name) throw new MarketError("invalid_request", "An account needs a name.", "name");
+    const name = accountName(input.name);
     const em = this.em();
-    const account = em.create(Account, {
-      id: newId("acct"),
-      name,
-      createdAt: new Date(),
-      available: 0n,
-      held: 0n,
-    });
+    const account = createAccountEntity(em, name);
     await em.flush();
     return toAccountRecord(account);
+  }
+
+  async openAccount(input: {
+    name: string;
+    keyLabel: string;
+    initialDeposit: bigint;
+    idempotencyKey?: string;
+  }): Promise<OpenedAccount> {
+    const name = accountName(input.name);
+    if (input.initialDeposit < 0n) {
+      throw new MarketError("invalid_request", "The initial deposit cannot be negative.", "initialDeposit");
+    }
+    const request: IdempotentRequest = {
+      operation: "open_account",
+      parameters: { name, keyLabel: input.keyLabel, initialDeposit: input.initialDeposit.toString() },
+    };
+    return this.idempotent<OpenedAccount>(
+      input.idempotencyKey,
+      request,
+      async (em) => {
+        const account = createAccountEntity(em, name);
+        const { key, secret } = createApiKeyEntity(em, account.id, input.keyLabel);
+        // The new rows must exist before the account can be locked for the deposit.
+        await em.flush();
+        if (input.initialDeposit > 0n) {
+          const accounts = await lockAccounts(em, [account.id, EXTERNAL_ACCOUNT_ID]);
+          recordTransaction(em, accounts, {
+            kind: "deposit",
+            postings: depositPostings(account.id, input.initialDeposit),
+          });
+        }
+        const balance = toBalance(account);
+        return {
+          result: {
+            account: toAccountRecord(account),
+            apiKey: toApiKeyRecord(key),
+            apiKeySecret: secret,
+            balance,
+            replayed: false,
+          },
+          response: { accountId: account.id, apiKeyId: key.id, ...toStoredBalance(balance) },
+        };
+      },
+      async (em, response) => {
+        const account = await em.findOneOrFail(Account, { id: response.accountId as string });
+        const key = await em.findOneOrFail(ApiKey, { id: response.apiKeyId as string });
+        return {
+          account: toAccountRecord(account),
+          apiKey: toApiKeyRecord(key),
+          apiKeySecret: null,
+          balance: fromStoredBalance(response),
+          replayed: true,
+        };
+      },
+    );
   }
 
   async getAccount(id: string): Promise<AccountRecord | null> {
@@ -115,16 +202,7 @@ export class SqlMarketStore implements MarketStore {
   async createApiKey(accountId: string, label: string): Promise<{ key: ApiKeyRecord; secret: string }> {
     const em = this.em();
     await findAccountOrFail(em, accountId);
-    const secret = generateSecret(API_KEY_PREFIX);
-    const key = em.create(ApiKey, {
-      id: newId("key"),
-      account: accountId,
-      label,
-      prefix: visiblePrefix(secret),
-      secretHash: hashSecret(secret),
-      createdAt: new Date(),
-      revokedAt: null,
-    });
+    const { key, secret } = createApiKeyEntity(em, accountId, label);
     await em.flush();
     return { key: toApiKeyRecord(key), secret };
   }
@@ -227,6 +305,87 @@ export class SqlMarketStore implements MarketStore {
     return toBalance(await findAccountOrFail(this.em(), accountId));
   }
 
+  async releaseMaturedEarnings(now: Date = new Date()): Promise<number> {
+    let released = 0;
+    for (;;) {
+      const batch = await this.transaction(async (em) => {
+        // SKIP LOCKED: two releasers running at once share the work instead of queueing.
+        const earnings = await em.find(
+          PendingEarning,
+          { releasedAt: null, maturesAt: { $lte: now } },
+          {
+            lockMode: LockMode.PESSIMISTIC_PARTIAL_WRITE,
+            orderBy: { maturesAt: QueryOrder.ASC, order: QueryOrder.ASC },
+            limit: RELEASE_BATCH_SIZE,
+          },
+        );
+        if (earnings.length === 0) return 0;
+        const accounts = await lockAccounts(
+          em,
+          earnings.map((earning) => earning.account),
+        );
+        for (const earning of earnings) {
+          recordTransaction(em, accounts, {
+            kind: "release",
+            orderId: earning.order,
+            // One release per earning, enforced by the unique index too.
+            idempotencyKey: `release/${earning.order}`,
+            postings: releaseEarning(earning.account, earning.amount),
+          });
+          earning.releasedAt = now;
+        }
+        return earnings.length;
+      });
+      released += batch;
+      if (batch < RELEASE_BATCH_SIZE) return released;
+    }
+  }
+
+  async getStatement(accountId: string, options: { limit: number }): Promise<Statement> {
+    const limit = clampCount(options.limit, MAX_INT32);
+    // One snapshot: the balance, the entries and the orders agree with each other.
+    return this.transaction(
+      async (em) => {
+        const account = await findAccountOrFail(em, accountId);
+        // The running balance is computed over all of the account's entries, then the last
+        // `limit` are kept: each line shows the book's true balance after it.
+        const rows = await em.execute<
+          {
+            transaction_id: string;
+            kind: string;
+            order_id: string | null;
+            book: Book;
+            amount: string;
+            balance_after: string;
+            created_at_ms: string;
+          }[]
+        >(
+          `select transaction_id, kind, order_id, book, amount, balance_after, created_at_ms from (
+             select e.id, e.transaction_id, t.kind, t.order_id, e.book, e.amount::text as amount,
+               (sum(e.amount) over (partition by e.book order by e.id))::text as balance_after,
+               floor(extract(epoch from t.created_at) * 1000)::bigint::text as created_at_ms
+             from ledger_entries e join ledger_transactions t on t.id = e.transaction_id
+             where e.account_id = ?
+           ) as entries
+           order by id desc limit ?`,
+          [accountId, limit],
+        );
+        const entries: StatementEntry[] = rows.reverse().map((row) => ({
+          transactionId: row.transaction_id,
+          kind: row.kind,
+          orderId: row.order_id,
+          book: row.book,
+          amount: BigInt(row.amount),
+          balanceAfter: BigInt(row.balance_after),
+          createdAt: new Date(Number(row.created_at_ms)),
+        }));
+        const orders = await findOrders(em, accountId, limit);
+        return { account: toAccountRecord(account), balance: toBalance(account), entries, orders };
+      },
+      { isolationLevel: IsolationLevel.REPEATABLE_READ, readOnly: true },
+    );
+  }
+
   private async moveExternalMoney(
     kind: "deposit" | "withdrawal",
     accountId: string,
@@ -234,34 +393,76 @@ export class SqlMarketStore implements MarketStore {
     idempotencyKey: string | undefined,
   ): Promise<Balance> {
     if (amount <= 0n) throw new MarketError("invalid_request", "The amount must be positive.", "amount");
-    // Keys are scoped to the account: two accounts may pick the same key independently.
-    const key = idempotencyKey === undefined ? null : `${accountId}/${idempotencyKey}`;
-    try {
-      return await this.transaction(async (em) => {
+    return this.idempotent(
+      idempotencyKey,
+      { operation: kind, parameters: { accountId, amount: amount.toString() } },
+      async (em) => {
         const accounts = await lockAccounts(em, [accountId, EXTERNAL_ACCOUNT_ID]);
         const account = accounts.get(accountId) as Account;
-        // Checked after locking the account, so a concurrent retry waits and then sees the first.
-        if (key !== null && (await wasAlreadyApplied(em, key, kind))) return toBalance(account);
         if (kind === "withdrawal") requireAvailable(account, amount);
         const postings =
           kind === "deposit" ? depositPostings(accountId, amount) : withdrawalPostings(accountId, amount);
-        recordTransaction(em, accounts, { kind, postings, idempotencyKey: key });
-        return toBalance(account);
+        recordTransaction(em, accounts, { kind, postings });
+        const balance = toBalance(account);
+        return { result: balance, response: toStoredBalance(balance) };
+      },
+      async (_em, response) => fromStoredBalance(response),
+    );
+  }
+
+  /**
+   * Runs `work` in a transaction, under Stripe's idempotency semantics when a key is given: the
+   * key's row is inserted in the same transaction as the money, so it commits with it or not at
+   * all (a refused request, e.g. for insufficient credits, leaves the key free). A key already
+   * used replays the stored response when the request is the same and is refused otherwise. Two
+   * first uses racing each other both get past the lookup; the primary key lets one commit and
+   * the other re-reads the winner's row.
+   */
+  private async idempotent<T>(
+    key: string | undefined,
+    request: IdempotentRequest,
+    work: (em: EntityManager) => Promise<{ result: T; response: Record<string, string> }>,
+    replay: (em: EntityManager, response: Record<string, string>) => Promise<T>,
+  ): Promise<T> {
+    if (key === undefined) return this.transaction(async (em) => (await work(em)).result);
+    try {
+      return await this.transaction(async (em) => {
+        const prior = await em.findOne(IdempotencyKey, { key });
+        if (prior) return replay(em, priorResponse(prior, key, request));
+        const { result, response } = await work(em);
+        em.create(IdempotencyKey, {
+          key,
+          operation: request.operation,
+          requestFingerprint: JSON.stringify(request.parameters),
+          response,
+          createdAt: new Date(),
+        });
+        return result;
       });
     } catch (error) {
-      // The unique index on the key is the backstop if the check above was ever bypassed.
-      if (key !== null && error instanceof UniqueConstraintViolationException) {
-        return this.getBalance(accountId);
-      }
-      throw error;
+      if (!(error instanceof UniqueConstraintViolationException)) throw error;
+      const em = this.em();
+      const prior = await em.findOne(IdempotencyKey, { key });
+      if (!prior) throw error;
+      return replay(em, priorResponse(prior, key, request));
     }
   }
 
   // Orders.
 
   async openOrder(input: OpenOrderInput): Promise<OrderRecord> {
-    if (input.hold <= 0n) {
-      throw new MarketError("internal", `Order ${input.id} has a non-positive hold.`);
+    validateOrderTerms(input.id, input.hold, input.pricePerMillionInput, input.pricePerMillionOutput);
+    validateCount(input.id, "maxTokens", input.maxTokens);
+    validateCount(input.id, "promptTokenBound", input.promptTokenBound);
+    if (
+      !Number.isInteger(input.feeBasisPoints) ||
+      input.feeBasisPoints < 0 ||
+      input.feeBasisPoints > MAX_FEE_BASIS_POINTS
+    ) {
+      throw new MarketError(
+        "internal",
+        `Order ${input.id} has a fee of ${input.feeBasisPoints} basis points (need 0 to ${MAX_FEE_BASIS_POINTS}).`,
+      );
     }
     try {
       const order = await this.transaction(async (em) => {
@@ -281,10 +482,13 @@ export class SqlMarketStore implements MarketStore {
           pricePerMillionOutput: input.pricePerMillionOutput,
           hold: input.hold,
           maxTokens: input.maxTokens,
+          promptTokenBound: input.promptTokenBound,
+          feeBasisPoints: input.feeBasisPoints,
           promptTokens: 0,
           completionTokens: 0,
           reportedPromptTokens: null,
           reportedCompletionTokens: null,
+          trustSignals: [],
           cost: 0n,
           fee: 0n,
           finishReason: null,
@@ -293,6 +497,7 @@ export class SqlMarketStore implements MarketStore {
           firstTokenAt: null,
           finishedAt: null,
         });
+        // Written even for a free order (no entries), so every order's life is in the ledger.
         recordTransaction(em, accounts, {
           kind: "hold",
           orderId: order.id,
@@ -313,9 +518,7 @@ export class SqlMarketStore implements MarketStore {
   }
 
   async reassignOrder(orderId: string, input: ReassignOrderInput): Promise<OrderRecord> {
-    if (input.hold <= 0n) {
-      throw new MarketError("internal", `Order ${orderId} cannot be reassigned to a non-positive hold.`);
-    }
+    validateOrderTerms(orderId, input.hold, input.pricePerMillionInput, input.pricePerMillionOutput);
     try {
       const order = await this.transaction(async (em) => {
         const order = await lockOrder(em, orderId);
@@ -348,18 +551,28 @@ export class SqlMarketStore implements MarketStore {
   }
 
   async settleOrder(orderId: string, input: SettleOrderInput): Promise<OrderRecord> {
-    validateSettlement(orderId, input);
+    if ((input.status as string) === "running") {
+      throw new MarketError("internal", `Order ${orderId} cannot be settled as running.`);
+    }
     try {
       const order = await this.transaction(async (em) => {
         const order = await lockOrder(em, orderId);
         // Already final: the first settlement stands (this is what makes settling idempotent).
         if (order.status !== "running") return order;
-        if (input.cost > order.hold) {
-          throw new MarketError(
-            "internal",
-            `Order ${orderId} costs ${formatCredits(input.cost)} credits, more than its hold of ${formatCredits(order.hold)}.`,
-          );
-        }
+        // The bill comes from the locked row alone; the counts are clamped to the bounds agreed
+        // at admission, so no count the core passes can fail the settlement or exceed the hold.
+        const promptTokens = clampCount(input.promptTokens, order.promptTokenBound);
+        const completionTokens = clampCount(input.completionTokens, order.maxTokens);
+        let cost = orderCost(
+          promptTokens,
+          completionTokens,
+          order.pricePerMillionInput,
+          order.pricePerMillionOutput,
+        );
+        if (cost > order.hold) cost = order.hold;
+        const fee = platformFee(cost, order.feeBasisPoints);
+        const finishedAt = validDate(input.finishedAt) ?? new Date();
+
         const accountIds = [order.consumerAccount, PLATFORM_ACCOUNT_ID];
         if (order.providerAccount) accountIds.push(order.providerAccount);
         const accounts = await lockAccounts(em, accountIds);
@@ -372,20 +585,82 @@ export class SqlMarketStore implements MarketStore {
             consumerAccountId: order.consumerAccount,
             providerAccountId: order.providerAccount ?? null,
             hold: order.hold,
-            cost: input.cost,
-            fee: input.fee,
+            cost,
+            fee,
           }),
         });
-        applySettlement(order, input);
+        if (cost - fee > 0n && order.providerAccount) {
+          em.create(PendingEarning, {
+            order: orderId,
+            account: order.providerAccount,
+            amount: cost - fee,
+            maturesAt: new Date(finishedAt.getTime() + this.settleAfterMs),
+            releasedAt: null,
+          });
+        }
+
+        order.status = input.status;
+        order.promptTokens = promptTokens;
+        order.completionTokens = completionTokens;
+        order.reportedPromptTokens = reportedCount(input.reportedPromptTokens);
+        order.reportedCompletionTokens = reportedCount(input.reportedCompletionTokens);
+        order.trustSignals = input.trustSignals.filter((signal) => typeof signal === "string").map(storable);
+        order.cost = cost;
+        order.fee = fee;
+        order.finishReason = input.finishReason === null ? null : storable(input.finishReason);
+        order.error = input.error === null ? null : storable(input.error);
+        order.firstTokenAt = validDate(input.firstTokenAt) ?? order.firstTokenAt ?? null;
+        order.finishedAt = finishedAt;
         return order;
       });
       return toOrderRecord(order);
     } catch (error) {
+      // A concurrent settlement won the unique settle key: its result is the order's.
       if (error instanceof UniqueConstraintViolationException) {
         return (await this.getOrder(orderId)) as OrderRecord;
       }
       throw error;
     }
+  }
+
+  async checkpointOrders(checkpoints: readonly OrderCheckpoint[]): Promise<void> {
+    if (checkpoints.length === 0) return;
+    // One row per order: UPDATE … FROM applies only one of several matching rows.
+    const latest = new Map<
+      string,
+      { prompt_tokens: number; completion_tokens: number; first_token_at: string | null }
+    >();
+    for (const checkpoint of checkpoints) {
+      const firstTokenAt = validDate(checkpoint.firstTokenAt);
+      const seen = latest.get(checkpoint.orderId);
+      const promptTokens = clampCount(checkpoint.promptTokens, MAX_INT32);
+      const completionTokens = clampCount(checkpoint.completionTokens, MAX_INT32);
+      const seenFirst = seen?.first_token_at ?? null;
+      latest.set(checkpoint.orderId, {
+        prompt_tokens: Math.max(promptTokens, seen?.prompt_tokens ?? 0),
+        completion_tokens: Math.max(completionTokens, seen?.completion_tokens ?? 0),
+        first_token_at:
+          firstTokenAt && (seenFirst === null || firstTokenAt.toISOString() < seenFirst)
+            ? firstTokenAt.toISOString()
+            : seenFirst,
+      });
+    }
+    const rows = [...latest].map(([orderId, counts]) => ({ order_id: orderId, ...counts }));
+    // All checkpoints travel as one JSON parameter: one statement, whatever their number. A
+    // settled order is skipped (status), counts only go up and stay within the order's bounds.
+    await this.em()
+      .getConnection()
+      .execute(
+        `update orders as o set
+           prompt_tokens = greatest(o.prompt_tokens, least(c.prompt_tokens, o.prompt_token_bound)),
+           completion_tokens = greatest(o.completion_tokens, least(c.completion_tokens, o.max_tokens)),
+           first_token_at = coalesce(o.first_token_at, c.first_token_at)
+         from jsonb_to_recordset(?::jsonb)
+           as c(order_id text, prompt_tokens integer, completion_tokens integer, first_token_at timestamptz)
+         where o.id = c.order_id and o.status = 'running'`,
+        [JSON.stringify(rows)],
+        "run",
+      );
   }
 
   async getOrder(id: string): Promise<OrderRecord | null> {
@@ -395,15 +670,7 @@ export class SqlMarketStore implements MarketStore {
 
   /** Newest first; with accountId, the orders where that account is the consumer or the provider. */
   async listOrders(filter: { accountId?: string; limit: number }): Promise<OrderRecord[]> {
-    const where =
-      filter.accountId === undefined
-        ? {}
-        : { $or: [{ consumerAccount: filter.accountId }, { providerAccount: filter.accountId }] };
-    const orders = await this.em().find(Order, where, {
-      orderBy: { createdAt: QueryOrder.DESC, id: QueryOrder.DESC },
-      limit: filter.limit,
-    });
-    return orders.map(toOrderRecord);
+    return findOrders(this.em(), filter.accountId, filter.limit);
   }
 
   async listRunningOrders(): Promise<OrderRecord[]> {
@@ -417,9 +684,12 @@ export class SqlMarketStore implements MarketStore {
 
   // Audit.
 
-  async auditLedger(): Promise<LedgerAudit> {
+  async auditLedger(now: Date = new Date()): Promise<LedgerAudit> {
     // One snapshot for all queries, so money moving meanwhile cannot look like an inconsistency.
-    return this.transaction(auditLedger, { isolationLevel: IsolationLevel.REPEATABLE_READ, readOnly: true });
+    return this.transaction((em) => auditLedger(em, now), {
+      isolationLevel: IsolationLevel.REPEATABLE_READ,
+      readOnly: true,
+    });
   }
 
   async close(): Promise<void> {
@@ -444,6 +714,41 @@ export class SqlMarketStore implements MarketStore {
   }
 }
 
+function accountName(name: string): string {
+  const trimmed = name.trim();
+  if (!trimmed) throw new MarketError("invalid_request", "An account needs a name.", "name");
+  return trimmed;
+}
+
+function createAccountEntity(em: EntityManager, name: string): Account {
+  return em.create(Account, {
+    id: newId("acct"),
+    name,
+    createdAt: new Date(),
+    available: 0n,
+    held: 0n,
+    pending: 0n,
+  });
+}
+
+function createApiKeyEntity(
+  em: EntityManager,
+  accountId: string,
+  label: string,
+): { key: ApiKey; secret: string } {
+  const secret = generateSecret(API_KEY_PREFIX);
+  const key = em.create(ApiKey, {
+    id: newId("key"),
+    account: accountId,
+    label,
+    prefix: visiblePrefix(secret),
+    secretHash: hashSecret(secret),
+    createdAt: new Date(),
+    revokedAt: null,
+  });
+  return { key, secret };
+}
+
 async function findAccountOrFail(em: EntityManager, id: string): Promise<Account> {
   const account = await em.findOne(Account, { id });
   if (!account) throw new MarketError("not_found", `Account ${id} does not exist.`);
@@ -456,18 +761,60 @@ async function lockOrder(em: EntityManager, id: string): Promise<Order> {
   return order;
 }
 
-/** Whether a ledger transaction with this idempotency key exists; a different kind is a conflict. */
-async function wasAlreadyApplied(
+async function findOrders(
   em: EntityManager,
+  accountId: string | undefined,
+  limit: number,
+): Promise<OrderRecord[]> {
+  // MikroORM reads a limit of 0 as "no limit".
+  if (limit <= 0) return [];
+  const where =
+    accountId === undefined ? {} : { $or: [{ consumerAccount: accountId }, { providerAccount: accountId }] };
+  const orders = await em.find(Order, where, {
+    orderBy: { createdAt: QueryOrder.DESC, id: QueryOrder.DESC },
+    limit,
+  });
+  return orders.map(toOrderRecord);
+}
+
+/**
+ * The stored response of a key's first use, when this request is the same one; a different
+ * request under the same key is refused, naming what differs.
+ */
+function priorResponse(
+  prior: IdempotencyKey,
   key: string,
-  kind: LedgerTransactionKind,
-): Promise<boolean> {
-  const existing = await em.findOne(LedgerTransaction, { idempotencyKey: key });
-  if (!existing) return false;
-  if (existing.kind !== kind) {
-    throw new MarketError("conflict", `This idempotency key was already used for a ${existing.kind}.`);
+  request: IdempotentRequest,
+): Record<string, string> {
+  const fingerprint = JSON.stringify(request.parameters);
+  if (prior.operation === request.operation && prior.requestFingerprint === fingerprint)
+    return prior.response;
+  const priorParameters = JSON.parse(prior.requestFingerprint) as Record<string, string>;
+  const differences = prior.operation === request.operation ? [] : ["operation"];
+  for (const field of new Set([...Object.keys(priorParameters), ...Object.keys(request.parameters)])) {
+    if (priorParameters[field] !== request.parameters[field]) differences.push(field);
   }
-  return true;
+  throw new MarketError(
+    "conflict",
+    `Idempotency key "${key}" was already used for ${describeRequest(prior.operation, priorParameters)}; ` +
+      `this request is ${describeRequest(request.operation, request.parameters)} ` +
+      `(${differences.join(", ")} differ${differences.length === 1 ? "s" : ""}). ` +
+      "Nothing was changed; use a new key for a new request.",
+  );
+}
+
+function describeRequest(operation: string, parameters: Record<string, string>): string {
+  const credits = (field: string) => `${formatCredits(BigInt(parameters[field] ?? "0"))} credits`;
+  switch (operation) {
+    case "deposit":
+      return `a deposit of ${credits("amount")} into account ${parameters.accountId}`;
+    case "withdrawal":
+      return `a withdrawal of ${credits("amount")} from account ${parameters.accountId}`;
+    case "open_account":
+      return `opening account "${parameters.name}" (key "${parameters.keyLabel}") with ${credits("initialDeposit")}`;
+    default:
+      return `${operation} ${JSON.stringify(parameters)}`;
+  }
 }
 
 function validateDefaults(defaults: RoutingDefaults): void {
@@ -487,34 +834,42 @@ function validateDefaults(defaults: RoutingDefaults): void {
   }
 }
 
-function applySettlement(order: Order, input: SettleOrderInput): void {
-  order.status = input.status;
-  order.promptTokens = input.promptTokens;
-  order.completionTokens = input.completionTokens;
-  order.reportedPromptTokens = input.reportedPromptTokens;
-  order.reportedCompletionTokens = input.reportedCompletionTokens;
-  order.cost = input.cost;
-  order.fee = input.fee;
-  order.finishReason = input.finishReason;
-  order.error = input.error;
-  order.firstTokenAt = input.firstTokenAt;
-  order.finishedAt = input.finishedAt;
-}
-
-/** Settlement amounts come from the market core, so a bad one is a bug there, not a user error. */
-function validateSettlement(orderId: string, input: SettleOrderInput): void {
-  if ((input.status as string) === "running") {
-    throw new MarketError("internal", `Order ${orderId} cannot be settled as running.`);
-  }
-  if (input.cost < 0n || input.fee < 0n || input.fee > input.cost) {
-    throw new MarketError(
-      "internal",
-      `Order ${orderId} has an invalid settlement: cost ${input.cost}, fee ${input.fee} (need 0 ≤ fee ≤ cost).`,
-    );
+/** Order terms come from the market core, so a bad one is a bug there, not a user error. */
+function validateOrderTerms(orderId: string, hold: bigint, priceInput: bigint, priceOutput: bigint): void {
+  if (hold < 0n) throw new MarketError("internal", `Order ${orderId} has a negative hold.`);
+  if (priceInput < 0n || priceOutput < 0n) {
+    throw new MarketError("internal", `Order ${orderId} has a negative price.`);
   }
 }
 
-async function auditLedger(em: EntityManager): Promise<LedgerAudit> {
+function validateCount(orderId: string, field: string, value: number): void {
+  if (!Number.isInteger(value) || value < 0 || value > MAX_INT32) {
+    throw new MarketError("internal", `Order ${orderId} has an invalid ${field}: ${value}.`);
+  }
+}
+
+/** A token count forced into 0..max: NaN and negatives are 0, fractions round down. */
+function clampCount(value: number, max: number): number {
+  if (Number.isNaN(value) || value <= 0) return 0;
+  return value >= max ? max : Math.floor(value);
+}
+
+/** A worker-reported count as stored (bigint column, read back exactly as a JS number). */
+function reportedCount(value: number | null): number | null {
+  if (value === null || Number.isNaN(value)) return null;
+  return clampCount(value, Number.MAX_SAFE_INTEGER);
+}
+
+/** PostgreSQL text and jsonb cannot hold NUL, which a protobuf string may carry. */
+function storable(text: string): string {
+  return text.replaceAll("\u0000", "\uFFFD");
+}
+
+function validDate(date: Date | null): Date | null {
+  return date instanceof Date && !Number.isNaN(date.getTime()) ? date : null;
+}
+
+async function auditLedger(em: EntityManager, now: Date): Promise<LedgerAudit> {
   const problems: string[] = [];
 
   const [totals] = await em.execute<{ sum: string; count: number }[]>(
@@ -533,18 +888,19 @@ async function auditLedger(em: EntityManager): Promise<LedgerAudit> {
   }
 
   const books = await em.execute<
-    { id: string; available: string; held: string; entries_available: string; entries_held: string }[]
+    ({ id: string } & Record<Book, string> & Record<`entries_${Book}`, string>)[]
   >(
-    `select a.id, a.available::text, a.held::text,
+    `select a.id, a.available::text, a.held::text, a.pending::text,
        coalesce(sum(e.amount) filter (where e.book = 'available'), 0)::text as entries_available,
-       coalesce(sum(e.amount) filter (where e.book = 'held'), 0)::text as entries_held
+       coalesce(sum(e.amount) filter (where e.book = 'held'), 0)::text as entries_held,
+       coalesce(sum(e.amount) filter (where e.book = 'pending'), 0)::text as entries_pending
      from accounts a left join ledger_entries e on e.account_id = a.id
      group by a.id order by a.id`,
   );
   for (const row of books) {
-    for (const book of ["available", "held"] as const) {
+    for (const book of ["available", "held", "pending"] as const) {
       const cached = BigInt(row[book]);
-      const fromEntries = BigInt(book === "available" ? row.entries_available : row.entries_held);
+      const fromEntries = BigInt(row[`entries_${book}`]);
       if (cached !== fromEntries) {
         problems.push(
           `Account ${row.id} caches a ${book} balance of ${cached} but its entries sum to ${fromEntries}.`,
@@ -555,6 +911,68 @@ async function auditLedger(em: EntityManager): Promise<LedgerAudit> {
         problems.push(`Account ${row.id} has a negative ${book} balance of ${cached}.`);
       }
     }
+  }
+
+  // Every held micro-credit belongs to a live order: the held book is the sum of the holds of the
+  // account's running orders, no more (a leaked hold) and no less (an order without its hold).
+  const holds = await em.execute<{ id: string; held: string; holds: string }[]>(
+    `select a.id, a.held::text, coalesce(h.holds, 0)::text as holds
+     from accounts a left join (
+       select consumer_account_id, sum(hold) as holds from orders where status = 'running'
+       group by consumer_account_id
+     ) h on h.consumer_account_id = a.id
+     where a.held <> coalesce(h.holds, 0) order by a.id`,
+  );
+  for (const row of holds) {
+    problems.push(
+      `Account ${row.id} has ${row.held} micro-credits held but its running orders hold ${row.holds}.`,
+    );
+  }
+
+  const settlements = await em.execute<{ id: string; status: string; settlements: number }[]>(
+    `select o.id, o.status, count(t.id)::int as settlements
+     from orders o left join ledger_transactions t on t.order_id = o.id and t.kind = 'settle'
+     group by o.id
+     having count(t.id) <> case when o.status = 'running' then 0 else 1 end
+     order by o.id`,
+  );
+  for (const row of settlements) {
+    problems.push(
+      row.status === "running"
+        ? `Order ${row.id} is running but was settled ${row.settlements} time(s).`
+        : `Order ${row.id} is ${row.status} but was settled ${row.settlements} times instead of exactly once.`,
+    );
+  }
+
+  const overdue = await em.execute<
+    { order_id: string; account_id: string; amount: string; matures_at_ms: string }[]
+  >(
+    `select order_id, account_id, amount::text,
+       floor(extract(epoch from matures_at) * 1000)::bigint::text as matures_at_ms
+     from pending_earnings
+     where released_at is null and matures_at <= ?::timestamptz
+     order by matures_at, order_id`,
+    [new Date(now.getTime() - RELEASE_GRACE_MS).toISOString()],
+  );
+  for (const row of overdue) {
+    problems.push(
+      `The earning of ${row.amount} micro-credits for account ${row.account_id} from order ${row.order_id} ` +
+        `matured at ${new Date(Number(row.matures_at_ms)).toISOString()} and is still pending.`,
+    );
+  }
+
+  const pending = await em.execute<{ id: string; pending: string; unreleased: string }[]>(
+    `select a.id, a.pending::text, coalesce(p.unreleased, 0)::text as unreleased
+     from accounts a left join (
+       select account_id, sum(amount) as unreleased from pending_earnings where released_at is null
+       group by account_id
+     ) p on p.account_id = a.id
+     where a.pending <> coalesce(p.unreleased, 0) order by a.id`,
+  );
+  for (const row of pending) {
+    problems.push(
+      `Account ${row.id} has ${row.pending} micro-credits pending but its unreleased earnings sum to ${row.unreleased}.`,
+    );
   }
 
   return { ok: problems.length === 0, entriesSum, entryCount, problems };

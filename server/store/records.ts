@@ -25,7 +25,24 @@ export function toAccountRecord(account: Account): AccountRecord {
 }
 
 export function toBalance(account: Account): Balance {
-  return { available: account.available, held: account.held };
+  return { available: account.available, held: account.held, pending: account.pending };
+}
+
+/** A balance as stored in a JSON column (decimal strings: JSON has no bigint). */
+export function toStoredBalance(balance: Balance): Record<string, string> {
+  return {
+    available: balance.available.toString(),
+    held: balance.held.toString(),
+    pending: balance.pending.toString(),
+  };
+}
+
+export function fromStoredBalance(stored: Record<string, string | undefined>): Balance {
+  return {
+    available: BigInt(stored.available ?? "0"),
+    held: BigInt(stored.held ?? "0"),
+    pending: BigInt(stored.pending ?? "0"),
+  };
 }
 
 export function toApiKeyRecord(key: ApiKey): ApiKeyRecord {
@@ -79,10 +96,13 @@ export function toOrderRecord(order: Order): OrderRecord {
     pricePerMillionOutput: order.pricePerMillionOutput,
     hold: order.hold,
     maxTokens: order.maxTokens,
+    promptTokenBound: order.promptTokenBound,
+    feeBasisPoints: order.feeBasisPoints,
     promptTokens: order.promptTokens,
     completionTokens: order.completionTokens,
     reportedPromptTokens: order.reportedPromptTokens ?? null,
     reportedCompletionTokens: order.reportedCompletionTokens ?? null,
+    trustSignals: [...order.trustSignals],
     cost: order.cost,
     fee: order.fee,
     finishReason: order.finishReason ?? null,

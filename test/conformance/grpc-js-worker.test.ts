@@ -33,6 +33,77 @@ function inbox(call: grpc.ClientDuplexStream<WireMessage, WireMessage>) {
   };
 }
 
+type WorkerCall = grpc.ClientDuplexStream<WireMessage, WireMessage>;
+
+/**
+ * Sends a job's chunks under the flow control the .proto describes: chunk N only while
+ * N <= acknowledged + Welcome.job_window_chunks. While the window is full it reads the stream for
+ * JobWindow (answering Ping meanwhile). Returns the acknowledgements received, in order.
+ */
+async function sendChunks(
+  call: WorkerCall,
+  incoming: ReturnType<typeof inbox>,
+  jobId: string,
+  texts: string[],
+  windowChunks: number,
+): Promise<bigint[]> {
+  const acknowledgements: bigint[] = [];
+  let acknowledged = 0n;
+  for (const [index, text] of texts.entries()) {
+    const sequence = BigInt(index + 1);
+    while (sequence > acknowledged + BigInt(windowChunks)) {
+      const message = await incoming.next();
+      if (message.message === "ping") {
+        call.write({ heartbeat: { pingNonce: (message.ping as { nonce: string }).nonce } });
+        continue;
+      }
+      if (message.message !== "jobWindow") throw new Error(`unexpected ${message.message} while waiting`);
+      const window = message.jobWindow as { jobId: string; acknowledgedSequence: string };
+      if (window.jobId !== jobId) continue;
+      const value = BigInt(window.acknowledgedSequence);
+      acknowledgements.push(value);
+      if (value > acknowledged) acknowledged = value;
+    }
+    call.write({ jobChunk: { jobId, sequence: String(sequence), text, tokenCount: 1 } });
+  }
+  return acknowledgements;
+}
+
+/** Opens the stream, sends Hello with one offer and returns the Welcome. */
+async function register(client: grpc.Client, workerToken: string, model: string) {
+  const call = (client as unknown as { connect(): WorkerCall }).connect();
+  const incoming = inbox(call);
+  call.write({
+    hello: {
+      workerToken,
+      agentVersion: "conformance-worker/1.0",
+      workerName: "grpc-js",
+      protocolVersion: 1,
+      offers: [
+        {
+          model,
+          pricePerMillionInput: "1000000",
+          pricePerMillionOutput: "2000000",
+          advertisedTokensPerSecond: 25,
+          maxConcurrency: 0,
+          contextLength: 2048,
+          quantization: "F32",
+          engine: "hand-written",
+        },
+      ],
+    },
+  });
+  const welcome = await incoming.next();
+  return { call, incoming, welcome };
+}
+
+async function hangUp(call: WorkerCall): Promise<void> {
+  const ended = new Promise((resolve) => call.on("error", resolve).on("end", resolve));
+  call.end();
+  call.cancel();
+  await ended;
+}
+
 function loadWorkerService() {
   const definition = protoLoader.loadSync(join(REPO_ROOT, "proto/locallmarket/v1/worker.proto"), {
     includeDirs: [join(REPO_ROOT, "proto")],
@@ -70,35 +141,18 @@ describe("a grpc-js worker built from the .proto files alone", () => {
     const consumer = await market.account("consumer", 50);
     const { workerToken, workerId } = await market.admin.createWorkerToken({ accountId: provider.accountId });
 
-    const call = (
-      client as unknown as { connect(): grpc.ClientDuplexStream<WireMessage, WireMessage> }
-    ).connect();
-    const incoming = inbox(call);
-    call.write({
-      hello: {
-        workerToken,
-        agentVersion: "conformance-worker/1.0",
-        workerName: "grpc-js",
-        protocolVersion: 1,
-        offers: [
-          {
-            model: "conformance-model",
-            pricePerMillionInput: "1000000",
-            pricePerMillionOutput: "2000000",
-            advertisedTokensPerSecond: 25,
-            maxConcurrency: 0,
-            contextLength: 2048,
-            quantization: "F32",
-            engine: "hand-written",
-          },
-        ],
-      },
-    });
-    const welcome = await incoming.next();
+    const { call, incoming, welcome } = await register(client, workerToken, "conformance-model");
     expect(welcome.message).toBe("welcome");
-    expect((welcome.welcome as { workerId: string }).workerId).toBe(workerId);
-    expect((welcome.welcome as { heartbeatIntervalMs: number }).heartbeatIntervalMs).toBeGreaterThan(0);
-    expect((welcome.welcome as { acceptedOffers: unknown[] }).acceptedOffers).toMatchObject([
+    const welcomed = welcome.welcome as {
+      workerId: string;
+      heartbeatIntervalMs: number;
+      acceptedOffers: unknown[];
+      jobWindowChunks: number;
+    };
+    expect(welcomed.workerId).toBe(workerId);
+    expect(welcomed.heartbeatIntervalMs).toBeGreaterThan(0);
+    expect(welcomed.jobWindowChunks).toBeGreaterThanOrEqual(1);
+    expect(welcomed.acceptedOffers).toMatchObject([
       { model: "conformance-model", pricePerMillionOutput: "2000000", maxConcurrency: 1 },
     ]);
     call.write({ heartbeat: { activeJobs: 0, queuedJobs: 0 } });
@@ -125,9 +179,7 @@ describe("a grpc-js worker built from the .proto files alone", () => {
 
     call.write({ jobAccepted: { jobId: job.jobId } });
     const pieces = ["One", ", two", ", three", "."];
-    pieces.forEach((text, index) => {
-      call.write({ jobChunk: { jobId: job.jobId, sequence: String(index + 1), text, tokenCount: 1 } });
-    });
+    await sendChunks(call, incoming, job.jobId, pieces, welcomed.jobWindowChunks);
     call.write({
       jobDone: {
         jobId: job.jobId,
@@ -146,19 +198,73 @@ describe("a grpc-js worker built from the .proto files alone", () => {
     expect(text).toBe("One, two, three.");
     expect(usage).toMatchObject({ prompt_tokens: 7, completion_tokens: 4 });
 
-    // 7 × 1 credit/1M + 4 × 2 credits/1M = 15 µc; the provider gets it minus the 5 % fee (rounded down).
-    expect((await market.balance(provider.accountId)).available).toBe(15n - (15n * 500n) / 10_000n);
+    // 7 × 1 credit/1M + 4 × 2 credits/1M = 15 µc; the provider earns it minus the 5 % fee (rounded
+    // down), pending until the settlement delay has passed.
+    expect(await market.balance(provider.accountId)).toMatchObject({
+      available: 0n,
+      pending: 15n - (15n * 500n) / 10_000n,
+    });
 
-    const ended = new Promise((resolve) => call.on("error", resolve).on("end", resolve));
-    call.end();
-    call.cancel();
-    await ended;
+    await hangUp(call);
+  });
+
+  it("streams more chunks than one window: JobWindow acknowledgements let it go on, the consumer gets every chunk", async () => {
+    const provider = await market.account("windowed-provider");
+    const consumer = await market.account("windowed-consumer", 50);
+    const { workerToken } = await market.admin.createWorkerToken({ accountId: provider.accountId });
+    const { call, incoming, welcome } = await register(client, workerToken, "windowed-model");
+    expect(welcome.message).toBe("welcome");
+    const windowChunks = (welcome.welcome as { jobWindowChunks: number }).jobWindowChunks;
+    expect(windowChunks).toBeGreaterThanOrEqual(1);
+    const pieces = Array.from({ length: 2 * windowChunks + 7 }, (_, i) => `w${i} `);
+
+    const completion = market.openai(consumer.apiKey).chat.completions.create({
+      model: "windowed-model",
+      messages: [{ role: "user", content: "Count" }],
+      max_tokens: pieces.length,
+      stream: true,
+      stream_options: { include_usage: true },
+    });
+    // The consumer reads while the worker streams: its reading is what opens the window.
+    const received = (async () => {
+      let text = "";
+      let usage: { completion_tokens: number } | undefined;
+      for await (const chunk of await completion) {
+        text += chunk.choices[0]?.delta.content ?? "";
+        if (chunk.usage) usage = chunk.usage;
+      }
+      return { text, usage };
+    })();
+
+    const assigned = await incoming.next();
+    expect(assigned.message).toBe("jobAssign");
+    const { jobId } = assigned.jobAssign as { jobId: string };
+    call.write({ jobAccepted: { jobId } });
+    const acknowledgements = await sendChunks(call, incoming, jobId, pieces, windowChunks);
+    call.write({
+      jobDone: {
+        jobId,
+        finishReason: "FINISH_REASON_STOP",
+        usage: { promptTokens: 3, completionTokens: pieces.length },
+        lastSequence: String(pieces.length),
+      },
+    });
+
+    const { text, usage } = await received;
+    expect(text).toBe(pieces.join(""));
+    expect(usage).toMatchObject({ completion_tokens: pieces.length });
+    // Two windows were passed, so at least two acknowledgements came, growing, never beyond what was sent.
+    expect(acknowledgements.length).toBeGreaterThanOrEqual(2);
+    for (const [index, value] of acknowledgements.entries()) {
+      expect(value).toBeGreaterThan(index === 0 ? 0n : (acknowledgements[index - 1] as bigint));
+      expect(value).toBeLessThanOrEqual(BigInt(pieces.length));
+    }
+
+    await hangUp(call);
   });
 
   it("is rejected with UNAUTHENTICATED and a Reject message for an unknown token", async () => {
-    const call = (
-      client as unknown as { connect(): grpc.ClientDuplexStream<WireMessage, WireMessage> }
-    ).connect();
+    const call = (client as unknown as { connect(): WorkerCall }).connect();
     const incoming = inbox(call);
     const status = new Promise<grpc.ServiceError>((resolve) => call.on("error", resolve));
     call.write({ hello: { workerToken: "wt-llm-forged", offers: [{ model: "m", maxConcurrency: 1 }] } });

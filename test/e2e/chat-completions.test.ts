@@ -61,7 +61,8 @@ describe("chat completions through a real worker", () => {
     expect(fee).toBeGreaterThan(0n);
     expect(before.consumer.available - after.consumer.available).toBe(cost);
     expect(after.consumer.held).toBe(0n);
-    expect(after.provider.available - before.provider.available).toBe(cost - fee);
+    expect(after.provider.pending - before.provider.pending).toBe(cost - fee);
+    expect(after.provider.available).toBe(before.provider.available);
     expect(after.platform - before.platform).toBe(fee);
     const audit = await ledgerIsBalanced(market);
     expect(audit.problems).toEqual([]);

@@ -74,7 +74,7 @@ describe.skipIf(!present)("chat completions served by node-llama-cpp (stories260
     const cost = orderCost(PROMPT_TOKENS, 20, 10_000_000n, 20_000_000n);
     const fee = platformFee(cost, 500);
     expect(before.available - after.available).toBe(cost);
-    expect((await market.balance(provider.accountId)).available - providerBefore.available).toBe(cost - fee);
+    expect((await market.balance(provider.accountId)).pending - providerBefore.pending).toBe(cost - fee);
     expect((await platformBalance(market)) - platformBefore).toBe(fee);
   });
 

@@ -63,7 +63,7 @@ export async function openTestStore(
       databaseUrl: testDatabase.databaseUrl,
       dataDir: testDatabase.dataDir,
     });
-    const store = new SqlMarketStore(database.orm, database.close);
+    const store = new SqlMarketStore(database.orm, { onClose: database.close });
     return {
       store,
       orm: database.orm,

@@ -7,9 +7,11 @@
  *   and non-streaming (one `chat.completion`);
  * - `GET /v1/models`.
  *
- * Output is always `tokens` (in order), cut after `max_tokens` (or `max_completion_tokens`) tokens
- * with finish reason "length"; otherwise finish reason "stop". Usage is `promptTokens` prompt
- * tokens and the number of tokens sent as completion tokens.
+ * Output is always `tokens` (in order), or `tokenCount` tokens made by `tokenText`, cut after
+ * `max_tokens` (or `max_completion_tokens`) tokens with finish reason "length"; otherwise finish
+ * reason "stop". Usage is `promptTokens` prompt tokens and the number of tokens sent as completion
+ * tokens. A streamed response respects backpressure (it waits for 'drain' when the socket is full),
+ * as a real engine's server does, so a slow reader slows the engine down.
  */
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
@@ -32,6 +34,18 @@ export interface FakeEngineOptions {
   model?: string;
   /** Ignore `max_tokens` (to test the client-side limit). Default false. */
   ignoreMaxTokens?: boolean;
+  /**
+   * Generate this many tokens with `tokenText` instead of holding them in `tokens`, for very long
+   * completions (e.g. 100,000 tokens) that should not be built as an array up front.
+   */
+  tokenCount?: number;
+  /** The text of generated token number `index` (0-based), with `tokenCount`. Default `t${index} `. */
+  tokenText?: (index: number) => string;
+  /**
+   * Hold every response (streamed or not) before its first token until this promise settles, so a
+   * test can act while a request sits at the engine.
+   */
+  gate?: Promise<unknown>;
 }
 
 export interface FakeEngine {
@@ -44,6 +58,10 @@ export interface FakeEngine {
    * `aborted` is true when the client went away before the response was complete.
    */
   requestClosed(index: number): Promise<{ aborted: boolean }>;
+  /** Resolves once chat completion request number `index` (0-based) has been received. */
+  requestArrived(index: number): Promise<void>;
+  /** The most chat completion requests that were being answered at the same time so far. */
+  readonly maxConcurrentSeen: number;
   close(): Promise<void>;
 }
 
@@ -60,12 +78,21 @@ interface ChatBody {
 
 export async function startFakeEngine(options: FakeEngineOptions = {}): Promise<FakeEngine> {
   const tokens = options.tokens ?? [...DEFAULT_FAKE_TOKENS];
+  const tokenTotal = options.tokenCount ?? tokens.length;
+  const tokenText =
+    options.tokenCount === undefined
+      ? (index: number) => tokens[index] as string
+      : (options.tokenText ?? ((index: number) => `t${index} `));
   const promptTokens = options.promptTokens ?? DEFAULT_FAKE_PROMPT_TOKENS;
   const delayMs = options.delayMs ?? 0;
   const modelId = options.model ?? "fake-model";
   const requests: unknown[] = [];
   type ClosedEntry = { promise: Promise<{ aborted: boolean }>; resolve: (v: { aborted: boolean }) => void };
   const closed: ClosedEntry[] = [];
+  type ArrivedEntry = { promise: Promise<void>; resolve: () => void };
+  const arrived: ArrivedEntry[] = [];
+  let inFlight = 0;
+  let maxConcurrentSeen = 0;
 
   const closedEntry = (index: number) => {
     while (closed.length <= index) {
@@ -76,6 +103,17 @@ export async function startFakeEngine(options: FakeEngineOptions = {}): Promise<
       closed.push({ promise, resolve });
     }
     return closed[index] as ClosedEntry;
+  };
+
+  const arrivedEntry = (index: number) => {
+    while (arrived.length <= index) {
+      let resolve!: ArrivedEntry["resolve"];
+      const promise = new Promise<void>((r) => {
+        resolve = r;
+      });
+      arrived.push({ promise, resolve });
+    }
+    return arrived[index] as ArrivedEntry;
   };
 
   const server = createServer((req, res) => {
@@ -109,7 +147,13 @@ export async function startFakeEngine(options: FakeEngineOptions = {}): Promise<
     const index = requests.length;
     requests.push(body);
     const entry = closedEntry(index);
-    res.on("close", () => entry.resolve({ aborted: !res.writableFinished }));
+    inFlight += 1;
+    maxConcurrentSeen = Math.max(maxConcurrentSeen, inFlight);
+    res.on("close", () => {
+      inFlight -= 1;
+      entry.resolve({ aborted: !res.writableFinished });
+    });
+    arrivedEntry(index).resolve();
 
     if (options.failWith) {
       sendJson(res, options.failWith.status, {
@@ -119,18 +163,27 @@ export async function startFakeEngine(options: FakeEngineOptions = {}): Promise<
     }
 
     const limit = options.ignoreMaxTokens ? null : (body.max_tokens ?? body.max_completion_tokens ?? null);
-    const out = limit !== null && limit >= 0 && limit < tokens.length ? tokens.slice(0, limit) : tokens;
-    const finishReason = out.length < tokens.length ? "length" : "stop";
+    const outCount = limit !== null && limit >= 0 && limit < tokenTotal ? limit : tokenTotal;
+    const finishReason = outCount < tokenTotal ? "length" : "stop";
     const usage = {
       prompt_tokens: promptTokens,
-      completion_tokens: out.length,
-      total_tokens: promptTokens + out.length,
+      completion_tokens: outCount,
+      total_tokens: promptTokens + outCount,
     };
     const model = body.model ?? modelId;
     const id = `chatcmpl-fake-${index}`;
 
+    if (options.gate) {
+      await options.gate;
+      if (res.destroyed) return;
+    }
+
     if (!body.stream) {
-      for (let i = 0; i < out.length; i++) await delay(delayMs);
+      let content = "";
+      for (let i = 0; i < outCount; i++) {
+        await delay(delayMs);
+        content += tokenText(i);
+      }
       sendJson(res, 200, {
         id,
         object: "chat.completion",
@@ -139,7 +192,7 @@ export async function startFakeEngine(options: FakeEngineOptions = {}): Promise<
         choices: [
           {
             index: 0,
-            message: { role: "assistant", content: out.join("") },
+            message: { role: "assistant", content },
             finish_reason: finishReason,
             logprobs: null,
           },
@@ -162,28 +215,34 @@ export async function startFakeEngine(options: FakeEngineOptions = {}): Promise<
       choices: [{ index: 0, delta, finish_reason: finish, logprobs: null }],
       ...extra,
     });
-    const send = (payload: object | string) =>
-      res.write(`data: ${typeof payload === "string" ? payload : JSON.stringify(payload)}\n\n`);
+    const send = async (payload: object | string) => {
+      const written = res.write(
+        `data: ${typeof payload === "string" ? payload : JSON.stringify(payload)}\n\n`,
+      );
+      if (!written && !res.destroyed)
+        await new Promise((resolve) => res.once("drain", resolve).once("close", resolve));
+    };
 
-    send(chunk({ role: "assistant", content: "" }, null));
-    for (const [i, token] of out.entries()) {
+    await send(chunk({ role: "assistant", content: "" }, null));
+    for (let i = 0; i < outCount; i++) {
       await delay(delayMs);
       if (res.destroyed) return;
-      send(chunk({ content: token }, null));
+      await send(chunk({ content: tokenText(i) }, null));
       if (options.hang && i === 0) {
         await entry.promise;
         return;
       }
     }
-    if (options.hang && out.length === 0) {
+    if (options.hang && outCount === 0) {
       await entry.promise;
       return;
     }
-    send(chunk({}, finishReason));
+    if (res.destroyed) return;
+    await send(chunk({}, finishReason));
     if (body.stream_options?.include_usage) {
-      send({ id, object: "chat.completion.chunk", created: 0, model, choices: [], usage });
+      await send({ id, object: "chat.completion.chunk", created: 0, model, choices: [], usage });
     }
-    send("[DONE]");
+    await send("[DONE]");
     res.end();
   }
 
@@ -200,6 +259,10 @@ export async function startFakeEngine(options: FakeEngineOptions = {}): Promise<
     url: `http://127.0.0.1:${port}/v1`,
     requests,
     requestClosed: (index) => closedEntry(index).promise,
+    requestArrived: (index) => arrivedEntry(index).promise,
+    get maxConcurrentSeen() {
+      return maxConcurrentSeen;
+    },
     close: () =>
       new Promise<void>((resolve) => {
         server.closeAllConnections();

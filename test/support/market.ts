@@ -27,7 +27,8 @@ export interface TestMarket {
   openai(apiKey: string): OpenAI;
   /** Creates an account with a deposit (credits) and returns its id and API key. */
   account(name: string, depositCredits?: number): Promise<{ accountId: string; apiKey: string }>;
-  balance(accountId: string): Promise<{ available: bigint; held: bigint }>;
+  /** The account's three books, µc; a provider's earnings are in `pending` until they mature. */
+  balance(accountId: string): Promise<{ available: bigint; held: bigint; pending: bigint }>;
   /** Starts a worker process for the account and resolves once it is registered. */
   worker(options: WorkerProcessOptions): Promise<WorkerProcess>;
   close(): Promise<void>;
@@ -89,7 +90,11 @@ export async function startTestMarket(overrides: Partial<ServerConfig> = {}): Pr
     },
     async balance(accountId) {
       const { balance } = await admin.getBalance({ accountId });
-      return { available: balance?.available ?? 0n, held: balance?.held ?? 0n };
+      return {
+        available: balance?.available ?? 0n,
+        held: balance?.held ?? 0n,
+        pending: balance?.pending ?? 0n,
+      };
     },
     async worker(options) {
       const { workerToken, workerId } = await admin.createWorkerToken({
@@ -147,7 +152,7 @@ export async function startTestMarket(overrides: Partial<ServerConfig> = {}): Pr
     },
     async close() {
       await Promise.all(workers.map((worker) => worker.stop()));
-      await plane.close();
+      await plane.close({ graceMs: 0 });
       await database.drop();
     },
   };

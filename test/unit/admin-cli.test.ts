@@ -1,6 +1,7 @@
 /**
  * The admin CLI end to end: runAdminCli → gRPC over h2c → a real connect-node server with the
- * admin auth interceptor → AdminService → an in-memory MarketStore and a real WorkerRegistry.
+ * admin auth interceptor → AdminService → the real store on a fresh database (PGlite, or
+ * PostgreSQL with DATABASE_URL) and a real WorkerRegistry.
  */
 import http2 from "node:http2";
 import type { AddressInfo } from "node:net";
@@ -10,176 +11,30 @@ import { AdminService } from "../../gen/locallmarket/v1/admin_pb.js";
 import { adminAuthInterceptor } from "../../server/admin/admin-auth.js";
 import { createAdminService } from "../../server/admin/admin-service.js";
 import { runAdminCli } from "../../server/admin/cli.js";
-import { MarketError } from "../../server/market/errors.js";
 import { type WorkerConnection, WorkerRegistry } from "../../server/market/registry.js";
-import type {
-  AccountRecord,
-  ApiKeyRecord,
-  Balance,
-  LedgerAudit,
-  MarketStore,
-  OfferRecord,
-  OrderRecord,
-  RoutingDefaults,
-  WorkerRecord,
-} from "../../server/market/store-port.js";
+import type { OfferRecord, OrderRecord } from "../../server/market/store-port.js";
+import { openTestStore, type TestStore } from "../support/database.js";
 
 const ADMIN_TOKEN = "adm-test-token";
-
-type AdminStore = Pick<
-  MarketStore,
-  | "createAccount"
-  | "getAccount"
-  | "listAccounts"
-  | "updateAccountDefaults"
-  | "createApiKey"
-  | "listApiKeys"
-  | "revokeApiKey"
-  | "createWorkerToken"
-  | "listWorkers"
-  | "deposit"
-  | "withdraw"
-  | "getBalance"
-  | "getOrder"
-  | "listOrders"
-  | "auditLedger"
->;
-
-/** Just enough of a MarketStore for the admin API, with the port's documented error behaviour. */
-class FakeStore implements AdminStore {
-  readonly accounts = new Map<string, AccountRecord>();
-  readonly balances = new Map<string, Balance>();
-  readonly keys = new Map<string, ApiKeyRecord>();
-  readonly workers: WorkerRecord[] = [];
-  readonly orders: OrderRecord[] = [];
-  readonly idempotencyKeys = new Set<string>();
-  audit: LedgerAudit = { ok: true, entriesSum: 0n, entryCount: 0, problems: [] };
-  /** Makes listAccounts fail like a broken database would. */
-  failListAccounts = false;
-  private sequence = 0;
-
-  private next(prefix: string): string {
-    this.sequence += 1;
-    return `${prefix}_${this.sequence}`;
-  }
-
-  private requireAccount(id: string): AccountRecord {
-    const account = this.accounts.get(id);
-    if (!account) throw new MarketError("not_found", `account ${id} not found`);
-    return account;
-  }
-
-  async createAccount(input: { name: string }): Promise<AccountRecord> {
-    const account: AccountRecord = {
-      id: this.next("acct"),
-      name: input.name,
-      createdAt: new Date(),
-      defaults: {},
-    };
-    this.accounts.set(account.id, account);
-    this.balances.set(account.id, { available: 0n, held: 0n });
-    return account;
-  }
-
-  async getAccount(id: string): Promise<AccountRecord | null> {
-    return this.accounts.get(id) ?? null;
-  }
-
-  async listAccounts(): Promise<AccountRecord[]> {
-    if (this.failListAccounts) throw new Error("connection to database lost at /var/lib/secret.sock");
-    return [...this.accounts.values()].reverse();
-  }
-
-  async updateAccountDefaults(id: string, defaults: RoutingDefaults): Promise<AccountRecord> {
-    const account = { ...this.requireAccount(id), defaults };
-    this.accounts.set(id, account);
-    return account;
-  }
-
-  async createApiKey(accountId: string, label: string): Promise<{ key: ApiKeyRecord; secret: string }> {
-    this.requireAccount(accountId);
-    const secret = `sk-${this.next("secret")}`;
-    const key: ApiKeyRecord = {
-      id: this.next("key"),
-      accountId,
-      label,
-      prefix: secret.slice(0, 6),
-      createdAt: new Date(),
-      revokedAt: null,
-    };
-    this.keys.set(key.id, key);
-    return { key, secret };
-  }
-
-  async listApiKeys(accountId: string): Promise<ApiKeyRecord[]> {
-    return [...this.keys.values()].filter((key) => key.accountId === accountId);
-  }
-
-  async revokeApiKey(keyId: string): Promise<ApiKeyRecord> {
-    const key = this.keys.get(keyId);
-    if (!key) throw new MarketError("not_found", `API key ${keyId} not found`);
-    const revoked = { ...key, revokedAt: new Date(1_700_000_000_000) };
-    this.keys.set(keyId, revoked);
-    return revoked;
-  }
-
-  async createWorkerToken(accountId: string, label: string): Promise<{ workerId: string; secret: string }> {
-    this.requireAccount(accountId);
-    return { workerId: this.next(`wrk_${label}`), secret: `wt-${this.next("secret")}` };
-  }
-
-  async listWorkers(): Promise<WorkerRecord[]> {
-    return this.workers;
-  }
-
-  async deposit(accountId: string, amount: bigint, idempotencyKey?: string): Promise<Balance> {
-    if (amount <= 0n) throw new MarketError("invalid_request", "amount must be positive");
-    const balance = this.balances.get(this.requireAccount(accountId).id) ?? { available: 0n, held: 0n };
-    if (idempotencyKey !== undefined) {
-      if (this.idempotencyKeys.has(idempotencyKey)) return balance;
-      this.idempotencyKeys.add(idempotencyKey);
-    }
-    balance.available += amount;
-    this.balances.set(accountId, balance);
-    return { ...balance };
-  }
-
-  async withdraw(accountId: string, amount: bigint): Promise<Balance> {
-    if (amount <= 0n) throw new MarketError("invalid_request", "amount must be positive");
-    const balance = this.balances.get(this.requireAccount(accountId).id) ?? { available: 0n, held: 0n };
-    if (balance.available < amount) {
-      throw new MarketError(
-        "insufficient_credits",
-        `insufficient credits: ${balance.available} µc available`,
-      );
-    }
-    balance.available -= amount;
-    return { ...balance };
-  }
-
-  async getBalance(accountId: string): Promise<Balance> {
-    return { ...(this.balances.get(this.requireAccount(accountId).id) ?? { available: 0n, held: 0n }) };
-  }
-
-  async getOrder(id: string): Promise<OrderRecord | null> {
-    return this.orders.find((order) => order.id === id) ?? null;
-  }
-
-  async listOrders(filter: { accountId?: string; limit: number }): Promise<OrderRecord[]> {
-    return this.orders
-      .filter((order) => filter.accountId === undefined || order.consumerAccountId === filter.accountId)
-      .slice(0, filter.limit);
-  }
-
-  async auditLedger(): Promise<LedgerAudit> {
-    return this.audit;
-  }
-}
-
-/** The admin service only calls the AdminStore part of the port; the rest is never reached. */
-function asMarketStore(store: AdminStore): MarketStore {
-  return store as MarketStore;
-}
+/** Every command of the CLI, as typed. */
+const COMMANDS = [
+  "account create",
+  "account list",
+  "account get",
+  "account defaults",
+  "key create",
+  "key list",
+  "key revoke",
+  "worker-token create",
+  "deposit",
+  "withdraw",
+  "balance",
+  "statement",
+  "orders",
+  "order",
+  "workers",
+  "audit-ledger",
+];
 
 const OFFER: OfferRecord = {
   model: "llama3.2:1b",
@@ -192,59 +47,30 @@ const OFFER: OfferRecord = {
   engine: "ollama",
 };
 
-function liveConnection(workerId: string, activeJobs: number): WorkerConnection {
+function liveConnection(workerId: string, providerAccountId: string, activeJobs: number): WorkerConnection {
   return {
     workerId,
-    providerAccountId: "acct_provider",
+    providerAccountId,
     name: "basement-4090",
     offers: [OFFER],
     draining: false,
     activeJobs,
-    assign() {},
-    cancel() {},
+    reserve: () => null,
   };
 }
 
-function completedOrder(id: string, consumerAccountId: string): OrderRecord {
-  const createdAt = new Date(1_700_000_000_000);
-  return {
-    id,
-    consumerAccountId,
-    apiKeyId: "key_x",
-    model: "llama3.2:1b",
-    workerId: "wrk_live",
-    providerAccountId: "acct_provider",
-    status: "completed",
-    pricePerMillionInput: 500_000n,
-    pricePerMillionOutput: 1_500_000n,
-    hold: 3_000n,
-    maxTokens: 256,
-    promptTokens: 12,
-    completionTokens: 34,
-    reportedPromptTokens: 12,
-    reportedCompletionTokens: 34,
-    cost: 57n,
-    fee: 2n,
-    finishReason: "stop",
-    error: null,
-    createdAt,
-    firstTokenAt: new Date(createdAt.getTime() + 120),
-    finishedAt: new Date(createdAt.getTime() + 900),
-  };
-}
-
-let store: FakeStore;
+let db: TestStore;
 let registry: WorkerRegistry;
 let server: http2.Http2Server;
 let baseUrl: string;
 
 beforeAll(async () => {
-  store = new FakeStore();
+  db = await openTestStore();
   registry = new WorkerRegistry();
   server = http2.createServer(
     connectNodeAdapter({
       routes: (router) =>
-        router.service(AdminService, createAdminService({ store: asMarketStore(store), registry }), {
+        router.service(AdminService, createAdminService({ store: db.store, registry }), {
           interceptors: [adminAuthInterceptor(ADMIN_TOKEN)],
         }),
     }),
@@ -254,7 +80,12 @@ beforeAll(async () => {
 });
 
 afterAll(async () => {
-  await new Promise<void>((resolve, reject) => server.close((error) => (error ? reject(error) : resolve())));
+  if (server) {
+    await new Promise<void>((resolve, reject) =>
+      server.close((error) => (error ? reject(error) : resolve())),
+    );
+  }
+  await db?.close();
 });
 
 afterEach(() => {
@@ -302,6 +133,52 @@ async function newAccount(name: string, deposit?: string): Promise<string> {
   return String(out.accountId);
 }
 
+async function accountCount(): Promise<number> {
+  return (await db.store.listAccounts()).length;
+}
+
+let orderSequence = 0;
+
+/**
+ * A settled order of `consumerId` served by a new provider's worker: 12 prompt + 34 completion
+ * tokens at 0.5 / 1.5 credits per 1M = 6 + 51 = 57 µc, fee floor(57 · 5%) = 2 µc.
+ */
+async function settledOrder(consumerId: string): Promise<{ order: OrderRecord; providerId: string }> {
+  const provider = await db.store.openAccount({ name: "provider", keyLabel: "default", initialDeposit: 0n });
+  const providerId = provider.account.id;
+  const { workerId } = await db.store.createWorkerToken(providerId, "gpu");
+  const [key] = await db.store.listApiKeys(consumerId);
+  orderSequence += 1;
+  const open = await db.store.openOrder({
+    id: `ord_cli_${String(orderSequence).padStart(4, "0")}`,
+    consumerAccountId: consumerId,
+    apiKeyId: key?.id ?? "",
+    model: "llama3.2:1b",
+    workerId,
+    providerAccountId: providerId,
+    pricePerMillionInput: 500_000n,
+    pricePerMillionOutput: 1_500_000n,
+    hold: 3_000n,
+    maxTokens: 256,
+    promptTokenBound: 40,
+    feeBasisPoints: 500,
+  });
+  const createdAt = open.createdAt.getTime();
+  const order = await db.store.settleOrder(open.id, {
+    status: "completed",
+    promptTokens: 12,
+    completionTokens: 34,
+    reportedPromptTokens: 12,
+    reportedCompletionTokens: 34,
+    trustSignals: [],
+    finishReason: "stop",
+    error: null,
+    firstTokenAt: new Date(createdAt + 120),
+    finishedAt: new Date(createdAt + 900),
+  });
+  return { order, providerId };
+}
+
 describe("account create", () => {
   it("--json prints accountId then apiKey, with the deposit in µc strings", async () => {
     const result = await cli(["account", "create", "--name", "Alice", "--deposit", "12.5", "--json"]);
@@ -312,11 +189,13 @@ describe("account create", () => {
     expect(
       result.stdout.startsWith(`{"accountId":"${String(out.accountId)}","apiKey":"${String(out.apiKey)}"`),
     ).toBe(true);
-    expect(out.balance).toEqual({ available: "12500000", held: "0" });
+    expect(out.balance).toEqual({ available: "12500000", held: "0", pending: "0" });
+    expect(out.replayed).toBe(false);
     const id = String(out.accountId);
-    expect(store.accounts.get(id)?.name).toBe("Alice");
-    expect(store.balances.get(id)?.available).toBe(12_500_000n);
-    expect([...store.keys.values()].find((key) => key.accountId === id)?.label).toBe("default");
+    expect((await db.store.getAccount(id))?.name).toBe("Alice");
+    expect((await db.store.getBalance(id)).available).toBe(12_500_000n);
+    expect((await db.store.listApiKeys(id)).map((key) => key.label)).toEqual(["default"]);
+    expect((await db.store.authenticateApiKey(String(out.apiKey)))?.account.id).toBe(id);
   });
 
   it("without --json explains the key and the next steps", async () => {
@@ -332,28 +211,84 @@ describe("account create", () => {
     ]);
 
     expect(result.code).toBe(0);
-    const account = [...store.accounts.values()].find((a) => a.name === "Bob");
-    expect(account).toBeDefined();
+    const id = /Created account (\S+)/.exec(result.stdout)?.[1] ?? "";
+    expect((await db.store.getAccount(id))?.name).toBe("Bob");
     const apiKey = /API key: (\S+)/.exec(result.stdout)?.[1];
     expect(apiKey).toMatch(/^sk-/);
-    expect(result.stdout).toContain("3 credits available");
+    expect(result.stdout).toContain("3 credits available, 0 held, 0 pending");
     expect(result.stdout).toContain("curl http://api:9/v1/chat/completions");
     expect(result.stdout).toContain(`Authorization: Bearer ${apiKey}`);
-    expect(result.stdout).toContain(`worker-token create --account ${account?.id}`);
+    expect(result.stdout).toContain(`worker-token create --account ${id}`);
+  });
+
+  it("with --idempotency-key, a retry creates nothing and says the key was shown once", async () => {
+    const args = [
+      "account",
+      "create",
+      "--name",
+      "Cleo",
+      "--deposit",
+      "2",
+      "--idempotency-key",
+      "create-cleo",
+    ];
+    const first = await cliJson(args);
+    const before = await accountCount();
+    const retryJson = await cliJson(args);
+    const retryHuman = await cli(args);
+
+    expect(retryJson).toEqual({ ...first, apiKey: "", replayed: true });
+    expect(retryHuman.code).toBe(0);
+    expect(retryHuman.stdout).toContain(`Account ${String(first.accountId)} ("Cleo") was already created`);
+    expect(retryHuman.stdout).toContain(`key create --account ${String(first.accountId)}`);
+    expect(retryHuman.stdout).not.toContain("API key: ");
+    expect(await accountCount()).toBe(before);
+    expect((await db.store.getBalance(String(first.accountId))).available).toBe(2_000_000n);
+  });
+
+  it("the same --idempotency-key with another deposit is refused, exit 1, and creates nothing", async () => {
+    await cliJson([
+      "account",
+      "create",
+      "--name",
+      "Dora",
+      "--deposit",
+      "1",
+      "--idempotency-key",
+      "create-dora",
+    ]);
+    const before = await accountCount();
+    const result = await cli([
+      "account",
+      "create",
+      "--name",
+      "Dora",
+      "--deposit",
+      "5",
+      "--idempotency-key",
+      "create-dora",
+    ]);
+
+    expect(result.code).toBe(1);
+    expect(result.stdout).toBe("");
+    expect(result.stderr).toMatch(
+      /^error: Idempotency key "create-dora" was already used .*Nothing was changed.* \(AlreadyExists\)\n$/,
+    );
+    expect(await accountCount()).toBe(before);
   });
 
   it("rejects a blank name before calling the server, exit 2", async () => {
-    const before = store.accounts.size;
+    const before = await accountCount();
     const result = await cli(["account", "create", "--name", "  "]);
 
     expect(result.code).toBe(2);
     expect(result.stderr).toMatch(/^error: --name is required/);
-    expect(store.accounts.size).toBe(before);
+    expect(await accountCount()).toBe(before);
   });
 });
 
 describe("worker-token create", () => {
-  it("--json prints workerToken then workerId", async () => {
+  it("--json prints workerToken then workerId, and the token authenticates that worker", async () => {
     const accountId = await newAccount("Provider");
     const result = await cli(["worker-token", "create", "--account", accountId, "--label", "gpu", "--json"]);
 
@@ -361,8 +296,11 @@ describe("worker-token create", () => {
     const out = JSON.parse(result.stdout) as Record<string, unknown>;
     expect(Object.keys(out).slice(0, 2)).toEqual(["workerToken", "workerId"]);
     expect(out.workerToken).toMatch(/^wt-/);
-    expect(out.workerId).toMatch(/^wrk_gpu_/);
+    expect(out.accountId).toBe(accountId);
+    const worker = await db.store.authenticateWorkerToken(String(out.workerToken));
+    expect(worker).toMatchObject({ id: out.workerId, accountId });
   });
+
   it("without --json shows the token and how to start a worker with it", async () => {
     const accountId = await newAccount("Provider 2");
     const result = await cli(["worker-token", "create", "--account", accountId]);
@@ -377,18 +315,25 @@ describe("worker-token create", () => {
 });
 
 describe("money", () => {
-  it("balance --json prints available and held as µc strings", async () => {
+  it("balance --json prints available, held and pending as µc strings", async () => {
     const accountId = await newAccount("Carol", "1.000001");
 
-    expect(await cliJson(["balance", "--account", accountId])).toEqual({ available: "1000001", held: "0" });
+    expect(await cliJson(["balance", "--account", accountId])).toEqual({
+      available: "1000001",
+      held: "0",
+      pending: "0",
+    });
   });
 
-  it("balance shows credits to humans", async () => {
-    const accountId = await newAccount("Dan", "2.25");
-    const result = await cli(["balance", "--account", accountId]);
+  it("balance shows a provider's earnings as pending, in credits to humans", async () => {
+    const consumerId = await newAccount("Dan", "2.25");
+    const { providerId } = await settledOrder(consumerId);
+    const consumer = await cli(["balance", "--account", consumerId]);
+    const provider = await cliJson(["balance", "--account", providerId]);
 
-    expect(result.code).toBe(0);
-    expect(result.stdout).toBe(`${accountId}: 2.25 credits available, 0 held\n`);
+    expect(consumer.code).toBe(0);
+    expect(consumer.stdout).toBe(`${consumerId}: 2.249943 credits available, 0 held, 0 pending\n`);
+    expect(provider).toEqual({ available: "0", held: "0", pending: "55" });
   });
 
   it("deposit and withdraw move credits and print the new balance", async () => {
@@ -397,19 +342,45 @@ describe("money", () => {
     expect(await cliJson(["deposit", "--account", accountId, "--amount", "5"])).toEqual({
       available: "5000000",
       held: "0",
+      pending: "0",
     });
     expect(await cliJson(["withdraw", "--account", accountId, "--amount", "0.5"])).toEqual({
       available: "4500000",
       held: "0",
+      pending: "0",
     });
+    expect((await db.store.getBalance(accountId)).available).toBe(4_500_000n);
   });
 
-  it("passes the idempotency key through", async () => {
+  it("the same --idempotency-key twice deposits once and prints the first balance", async () => {
     const accountId = await newAccount("Faye");
     const args = ["deposit", "--account", accountId, "--amount", "1", "--idempotency-key", "dep-1"];
 
     await cliJson(args);
-    expect(await cliJson(args)).toEqual({ available: "1000000", held: "0" });
+    await cliJson(["deposit", "--account", accountId, "--amount", "0.5"]);
+    expect(await cliJson(args)).toEqual({ available: "1000000", held: "0", pending: "0" });
+    expect((await db.store.getBalance(accountId)).available).toBe(1_500_000n);
+  });
+
+  it("the same --idempotency-key with another amount is refused with a hint, exit 1, and moves nothing", async () => {
+    const accountId = await newAccount("Fritz");
+    await cliJson(["deposit", "--account", accountId, "--amount", "1", "--idempotency-key", "dep-fritz"]);
+    const result = await cli([
+      "deposit",
+      "--account",
+      accountId,
+      "--amount",
+      "2",
+      "--idempotency-key",
+      "dep-fritz",
+    ]);
+
+    expect(result.code).toBe(1);
+    expect(result.stdout).toBe("");
+    expect(result.stderr).toMatch(
+      /^error: Idempotency key "dep-fritz" was already used for a deposit of 1 credits .*this request is a deposit of 2 credits .*Nothing was changed.* \(AlreadyExists\)\n$/,
+    );
+    expect((await db.store.getBalance(accountId)).available).toBe(1_000_000n);
   });
 
   it("maps insufficient credits to FailedPrecondition, exit 1", async () => {
@@ -418,8 +389,11 @@ describe("money", () => {
 
     expect(result.code).toBe(1);
     expect(result.stdout).toBe("");
-    expect(result.stderr).toContain("error: insufficient credits: 1000000 µc available (FailedPrecondition)");
-    expect(store.balances.get(accountId)?.available).toBe(1_000_000n);
+    expect(result.stderr).toBe(
+      "error: Insufficient credits: 2 credits needed, 1 available. (FailedPrecondition)\n",
+    );
+    expect(result.stderr).not.toContain("hint:");
+    expect((await db.store.getBalance(accountId)).available).toBe(1_000_000n);
   });
 
   it("rejects a malformed or zero amount before calling the server, exit 2", async () => {
@@ -433,7 +407,59 @@ describe("money", () => {
     );
     expect(zero.code).toBe(2);
     expect(zero.stderr).toMatch(/^error: --amount must be more than 0 credits/);
-    expect(store.balances.get(accountId)?.available).toBe(0n);
+    expect((await db.store.getBalance(accountId)).available).toBe(0n);
+  });
+});
+
+describe("statement", () => {
+  it("--json lists entries with running balances, oldest first, and the orders", async () => {
+    const accountId = await newAccount("Stella", "1");
+    await cliJson(["deposit", "--account", accountId, "--amount", "0.5"]);
+    await cliJson(["withdraw", "--account", accountId, "--amount", "0.25"]);
+    const { order } = await settledOrder(accountId);
+    const out = await cliJson(["statement", "--account", accountId]);
+
+    expect(out.account).toMatchObject({ id: accountId, name: "Stella" });
+    expect(out.balance).toEqual({ available: "1249943", held: "0", pending: "0" });
+    const entries = out.entries as Record<string, string>[];
+    expect(entries.slice(0, 3).map((e) => [e.kind, e.book, e.amount, e.balanceAfter])).toEqual([
+      ["deposit", "BOOK_AVAILABLE", "1000000", "1000000"],
+      ["deposit", "BOOK_AVAILABLE", "500000", "1500000"],
+      ["withdrawal", "BOOK_AVAILABLE", "-250000", "1250000"],
+    ]);
+    const available = entries.filter((e) => e.book === "BOOK_AVAILABLE");
+    expect(available.at(-1)?.balanceAfter).toBe("1249943");
+    expect(entries.slice(3).every((e) => e.orderId === order.id)).toBe(true);
+    expect((out.orders as Record<string, unknown>[]).map((o) => [o.id, o.cost, o.fee])).toEqual([
+      [order.id, "57", "2"],
+    ]);
+  });
+
+  it("without --json prints the entries and the orders as tables", async () => {
+    const accountId = await newAccount("Stan", "1");
+    const { order, providerId } = await settledOrder(accountId);
+    const consumer = await cli(["statement", "--account", accountId, "--limit", "10"]);
+    const provider = await cli(["statement", "--account", providerId]);
+
+    expect(consumer.code).toBe(0);
+    expect(consumer.stdout).toContain(`Statement of ${accountId} ("Stan")`);
+    expect(consumer.stdout).toContain("Balance: 0.999943 credits available, 0 held, 0 pending");
+    expect(consumer.stdout).toMatch(/\bdeposit\s+-\s+available\s+\+1\s+1\s/);
+    expect(consumer.stdout).toMatch(new RegExp(`${order.id}\\s+consumer\\s+completed`));
+    expect(provider.stdout).toMatch(
+      new RegExp(`\\bsettle\\s+${order.id}\\s+pending\\s+\\+0\\.000055\\s+0\\.000055\\s`),
+    );
+    expect(provider.stdout).toMatch(new RegExp(`${order.id}\\s+provider\\s+completed`));
+  });
+
+  it("an unknown account is NotFound, exit 1; --limit must be a positive number, exit 2", async () => {
+    const missing = await cli(["statement", "--account", "acct_nope"]);
+    const badLimit = await cli(["statement", "--account", "acct_nope", "--limit", "0"]);
+
+    expect(missing.code).toBe(1);
+    expect(missing.stderr).toContain("(NotFound)");
+    expect(badLimit.code).toBe(2);
+    expect(badLimit.stderr).toMatch(/^error: --limit must be a positive whole number/);
   });
 });
 
@@ -444,7 +470,7 @@ describe("accounts and keys", () => {
     const listed = await cliJson(["account", "list"]);
 
     expect(got.account).toMatchObject({ id: accountId, name: "Ivy" });
-    expect(got.balance).toEqual({ available: "1000000", held: "0" });
+    expect(got.balance).toEqual({ available: "1000000", held: "0", pending: "0" });
     expect((listed.accounts as { id: string }[]).map((a) => a.id)).toContain(accountId);
   });
 
@@ -460,7 +486,7 @@ describe("accounts and keys", () => {
     await cliJson(["account", "defaults", "--account", accountId, "--max-price-out", "9", "--min-tps", "3"]);
     const out = await cliJson(["account", "defaults", "--account", accountId, "--max-price-in", "1.5"]);
 
-    expect(store.accounts.get(accountId)?.defaults).toEqual({ maxPricePerMillionInput: 1_500_000n });
+    expect((await db.store.getAccount(accountId))?.defaults).toEqual({ maxPricePerMillionInput: 1_500_000n });
     expect((out.account as { defaults: unknown }).defaults).toEqual({ maxPricePerMillionInput: "1500000" });
   });
 
@@ -475,128 +501,132 @@ describe("accounts and keys", () => {
     expect(labels).toEqual(["default", "laptop"]);
 
     const revoked = await cliJson(["key", "revoke", "--key", String(created.keyId)]);
-    expect((revoked.key as { revokedAtUnixMs: string }).revokedAtUnixMs).toBe("1700000000000");
+    expect(Number((revoked.key as { revokedAtUnixMs: string }).revokedAtUnixMs)).toBeGreaterThan(0);
+    expect(await db.store.authenticateApiKey(String(created.apiKey))).toBeNull();
   });
 });
 
 describe("orders, workers and the ledger", () => {
-  it("orders --json renders status, money and timings", async () => {
-    store.orders.push(completedOrder("ord_1", "acct_consumer"));
-    const out = await cliJson(["orders", "--account", "acct_consumer", "--limit", "5"]);
-    const order = (out.orders as Record<string, unknown>[])[0];
+  it("orders --json renders status, money, bounds and timings", async () => {
+    const consumerId = await newAccount("Olga", "1");
+    const { order, providerId } = await settledOrder(consumerId);
+    const out = await cliJson(["orders", "--account", consumerId, "--limit", "5"]);
 
-    expect(order).toMatchObject({
-      id: "ord_1",
-      status: "ORDER_STATUS_COMPLETED",
-      cost: "57",
-      fee: "2",
-      hold: "3000",
-      createdAtUnixMs: "1700000000000",
-      timeToFirstTokenMs: 120,
-      durationMs: 900,
-      workerId: "wrk_live",
-    });
+    expect(out.orders).toEqual([
+      expect.objectContaining({
+        id: order.id,
+        status: "ORDER_STATUS_COMPLETED",
+        consumerAccountId: consumerId,
+        providerAccountId: providerId,
+        promptTokens: 12,
+        completionTokens: 34,
+        cost: "57",
+        fee: "2",
+        hold: "3000",
+        promptTokenBound: 40,
+        feeBasisPoints: 500,
+        trustSignals: [],
+        createdAtUnixMs: String(order.createdAt.getTime()),
+        timeToFirstTokenMs: 120,
+        durationMs: 900,
+      }),
+    ]);
   });
 
   it("order --id shows one order; an unknown id is NotFound", async () => {
-    store.orders.push(completedOrder("ord_2", "acct_consumer"));
-    const found = await cli(["order", "--id", "ord_2"]);
+    const consumerId = await newAccount("Otto", "1");
+    const { order } = await settledOrder(consumerId);
+    const found = await cli(["order", "--id", order.id]);
     const missing = await cli(["order", "--id", "ord_missing"]);
 
     expect(found.code).toBe(0);
     expect(found.stdout).toContain("Status:     completed");
-    expect(found.stdout).toContain("Cost:       0.000057 credits");
+    expect(found.stdout).toContain("Tokens:     12 prompt (bound 40), 34 completion");
+    expect(found.stdout).toContain("Cost:       0.000057 credits (platform fee 0.000002, 500 basis points)");
+    expect(found.stdout).toContain("Trust:      nothing noticed");
     expect(missing.code).toBe(1);
     expect(missing.stderr).toContain("(NotFound)");
   });
 
   it("workers merges stored workers with the live registry", async () => {
-    const seen = new Date(1_700_000_100_000);
-    store.workers.push(
-      {
-        id: "wrk_live",
-        accountId: "acct_provider",
-        name: "old-name",
-        agentVersion: "1.0.0",
-        offers: [],
-        lastSeenAt: seen,
-      },
-      {
-        id: "wrk_gone",
-        accountId: "acct_provider",
-        name: "laptop",
-        agentVersion: "0.9.0",
-        offers: [OFFER],
-        lastSeenAt: null,
-      },
-    );
-    const connection = liveConnection("wrk_live", 2);
+    const providerId = await newAccount("Pia");
+    const live = await cliJson(["worker-token", "create", "--account", providerId, "--label", "live"]);
+    const gone = await cliJson(["worker-token", "create", "--account", providerId, "--label", "gone"]);
+    const liveId = String(live.workerId);
+    await db.store.recordWorkerConnected(liveId, { name: "old-name", agentVersion: "1.0.0", offers: [] });
+    const connection = liveConnection(liveId, providerId, 2);
     registry.register(connection);
     try {
       const out = await cliJson(["workers"]);
       const workers = out.workers as Record<string, unknown>[];
 
-      expect(workers.find((w) => w.id === "wrk_live")).toMatchObject({
+      expect(workers.find((w) => w.id === liveId)).toMatchObject({
         online: true,
         activeJobs: 2,
         name: "basement-4090",
-        lastSeenUnixMs: "1700000100000",
+        agentVersion: "1.0.0",
         offers: [{ model: "llama3.2:1b", pricePerMillionInput: "500000", pricePerMillionOutput: "1500000" }],
       });
-      expect(workers.find((w) => w.id === "wrk_gone")).toMatchObject({
+      expect(Number(workers.find((w) => w.id === liveId)?.lastSeenUnixMs)).toBeGreaterThan(0);
+      expect(workers.find((w) => w.id === String(gone.workerId))).toMatchObject({
         online: false,
         activeJobs: 0,
         lastSeenUnixMs: "0",
       });
     } finally {
       registry.unregister(connection);
-      store.workers.length = 0;
     }
   });
 
-  it("audit-ledger exits 0 when ok and 1 with the problems when not", async () => {
-    store.audit = { ok: true, entriesSum: 0n, entryCount: 7, problems: [] };
+  it("audit-ledger exits 0 when ok, and 1 with the report (with or without --json) when not", async () => {
+    const accountId = await newAccount("Audrey", "1");
     const ok = await cli(["audit-ledger"]);
-    store.audit = { ok: false, entriesSum: 5n, entryCount: 8, problems: ["entries sum to 5, not 0"] };
-    const bad = await cli(["audit-ledger", "--json"]);
-    store.audit = { ok: true, entriesSum: 0n, entryCount: 0, problems: [] };
+    const sql = db.orm.em.getConnection();
+    await sql.execute("update accounts set available = available + 5 where id = ?", [accountId]);
+    let bad: CliResult;
+    let badHuman: CliResult;
+    try {
+      bad = await cli(["audit-ledger", "--json"]);
+      badHuman = await cli(["audit-ledger"]);
+    } finally {
+      await sql.execute("update accounts set available = available - 5 where id = ?", [accountId]);
+    }
 
     expect(ok.code).toBe(0);
-    expect(ok.stdout).toContain("Ledger OK.");
+    expect(ok.stdout).toMatch(/^Ledger OK\.\nEntries: \d+, sum: 0 µc\n$/);
     expect(bad.code).toBe(1);
-    expect(JSON.parse(bad.stdout)).toEqual({
-      ok: false,
-      entriesSum: "5",
-      entryCount: "8",
-      problems: ["entries sum to 5, not 0"],
-    });
+    const report = JSON.parse(bad.stdout) as { ok: boolean; problems: string[]; entriesSum: string };
+    expect(report.ok).toBe(false);
+    expect(report.problems.join("\n")).toContain(accountId);
+    expect(badHuman.code).toBe(1);
+    expect(badHuman.stdout).toMatch(/^Ledger NOT OK\./);
+    expect(badHuman.stdout).toContain(`  problem: ${report.problems[0]}`);
+    expect((await cli(["audit-ledger"])).code).toBe(0);
   });
 
   it("an unexpected server failure is Internal with a generic message, logged on the server", async () => {
     const log = vi.spyOn(console, "error").mockImplementation(() => {});
-    store.failListAccounts = true;
-    try {
-      const result = await cli(["account", "list"]);
+    vi.spyOn(db.store, "listAccounts").mockRejectedValueOnce(
+      new Error("connection to database lost at /var/lib/secret.sock"),
+    );
+    const result = await cli(["account", "list"]);
 
-      expect(result.code).toBe(1);
-      expect(result.stderr).toContain("error: internal error (Internal)");
-      expect(result.stderr).not.toContain("secret.sock");
-      expect(log).toHaveBeenCalledOnce();
-      expect(String(log.mock.calls[0]?.[1])).toContain("secret.sock");
-    } finally {
-      store.failListAccounts = false;
-    }
+    expect(result.code).toBe(1);
+    expect(result.stderr).toContain("error: internal error (Internal)");
+    expect(result.stderr).not.toContain("secret.sock");
+    expect(log).toHaveBeenCalledOnce();
+    expect(String(log.mock.calls[0]?.[1])).toContain("secret.sock");
   });
 });
 
 describe("authentication", () => {
   it("a wrong admin token is Unauthenticated, exit 1, and changes nothing", async () => {
-    const before = store.accounts.size;
+    const before = await accountCount();
     const result = await cli(["account", "create", "--name", "Mallory", "--admin-token", "adm-wrong"]);
 
     expect(result.code).toBe(1);
     expect(result.stderr).toContain("error: missing or invalid admin token (Unauthenticated)");
-    expect(store.accounts.size).toBe(before);
+    expect(await accountCount()).toBe(before);
   });
 
   it("the token from --admin-token wins over the environment", async () => {
@@ -644,23 +674,7 @@ describe("usage", () => {
     const result = await cli(["--help"], { LOCALLMARKET_ADMIN_TOKEN: undefined });
 
     expect(result.code).toBe(0);
-    for (const command of [
-      "account create",
-      "account list",
-      "account get",
-      "account defaults",
-      "key create",
-      "key list",
-      "key revoke",
-      "worker-token create",
-      "deposit",
-      "withdraw",
-      "balance",
-      "orders",
-      "order",
-      "workers",
-      "audit-ledger",
-    ]) {
+    for (const command of COMMANDS) {
       expect(result.stdout).toContain(`  ${command} `);
     }
     expect(result.stdout).toContain("LOCALLMARKET_SERVER");
@@ -683,6 +697,28 @@ describe("usage", () => {
     expect(result.stdout).toMatch(/--json\s+/);
     expect(result.stdout).toMatch(/-h, --help\s+/);
     expect(result.stdout).toContain('{"accountId":"…","apiKey":"…"');
+  });
+
+  it.each(COMMANDS)("%s --help prints its usage without a token", async (command) => {
+    const result = await cli([...command.split(" "), "--help"], { LOCALLMARKET_ADMIN_TOKEN: undefined });
+
+    expect(result.code).toBe(0);
+    expect(result.stdout).toMatch(new RegExp(`^Usage: locallmarket admin ${command} `));
+    expect(result.stdout).toContain("With --json, prints: ");
+  });
+
+  it("the money commands document their idempotency key and the balance's three books", async () => {
+    for (const command of [["deposit"], ["withdraw"], ["account", "create"]]) {
+      const help = (await cli([...command, "--help"])).stdout;
+      expect(help).toMatch(/--idempotency-key KEY\s+.*same key with other values is refused/);
+    }
+    expect((await cli(["balance", "--help"])).stdout).toContain(
+      'With --json, prints: {"available":"µc","held":"µc","pending":"µc"}',
+    );
+    expect((await cli(["statement", "--help"])).stdout).toMatch(/--limit N\s+.*\(default: 50\)/);
+    expect((await cli(["audit-ledger", "--help"])).stdout).toContain(
+      "Exit codes: 0 ledger OK, 1 a violated invariant or a server error, 2 usage error.",
+    );
   });
 
   it("group help and `help <command>` work too", async () => {

@@ -21,8 +21,7 @@ function connection(workerId: string, price: bigint, tps: number, maxConcurrency
         engine: "",
       },
     ],
-    assign: () => {},
-    cancel: () => {},
+    reserve: () => null,
   };
 }
 
@@ -50,11 +49,17 @@ describe("pickWorkers", () => {
     expect(pickWorkers(registry, request).map((c) => c.connection.workerId)).toEqual(["honest", "liar"]);
   });
 
-  it("skips a worker whose slots are all taken", () => {
+  it("ranks busy workers too (the marketplace reserves a slot or queues) and skips draining ones", () => {
     const registry = new WorkerRegistry();
     registry.register({ ...connection("full", 1n, 10), activeJobs: 1 });
+    registry.register({ ...connection("leaving", 0n, 10), draining: true });
     registry.register(connection("free", 9n, 10));
-    expect(pickWorkers(registry, request).map((c) => c.connection.workerId)).toEqual(["free"]);
+    expect(pickWorkers(registry, request).map((c) => c.connection.workerId)).toEqual(["full", "free"]);
+    registry.unregister(registry.get("full") as WorkerConnection);
+    registry.unregister(registry.get("free") as WorkerConnection);
+    expect(() => pickWorkers(registry, request)).toThrow(
+      expect.objectContaining({ code: "no_capacity", message: expect.stringContaining("1 draining") }),
+    );
   });
 
   it("says model_not_found when nobody offers the model and no_capacity when caps exclude all", () => {

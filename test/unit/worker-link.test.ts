@@ -18,7 +18,14 @@ import {
 } from "../../gen/locallmarket/v1/worker_pb.js";
 import { AsyncQueue } from "../../worker/async-queue.js";
 import { runWorkerCli } from "../../worker/cli.js";
-import type { Engine } from "../../worker/engines/engine.js";
+import {
+  type Engine,
+  EngineError,
+  type EnginePiece,
+  type GenerateRequest,
+  type Generation,
+  type GenerationResult,
+} from "../../worker/engines/engine.js";
 import { OpenAiEngine } from "../../worker/engines/openai-engine.js";
 import {
   AGENT_VERSION,
@@ -57,7 +64,13 @@ class StubStream {
   }
 
   welcome(
-    overrides: Partial<{ workerId: string; sessionId: string; heartbeatIntervalMs: number }> = {},
+    overrides: Partial<{
+      workerId: string;
+      sessionId: string;
+      heartbeatIntervalMs: number;
+      maxChunkBytes: number;
+      jobWindowChunks: number;
+    }> = {},
   ): void {
     this.send({
       case: "welcome",
@@ -230,11 +243,15 @@ async function setup(
 }
 
 /** Connects, checks the Hello and answers Welcome; resolves once the link saw it. */
-async function connected(stub: Stub, link: WorkerLink, heartbeatIntervalMs = 60_000): Promise<StubStream> {
+async function connected(
+  stub: Stub,
+  link: WorkerLink,
+  welcome: Parameters<StubStream["welcome"]>[0] = {},
+): Promise<StubStream> {
   const stream = await nextStream(stub);
   await stream.next("hello");
   const welcomed = once(link, "welcomed");
-  stream.welcome({ heartbeatIntervalMs });
+  stream.welcome(welcome);
   await welcomed;
   return stream;
 }
@@ -251,6 +268,286 @@ function assign(stream: StubStream, jobId: string, overrides: Record<string, unk
     },
   });
 }
+
+/**
+ * An engine the test feeds piece by piece. It records every time the job's loop asks it for the
+ * next piece (a pull): a loop waiting for its window does not pull, so the engine is not read.
+ */
+class ScriptedEngine implements Engine {
+  readonly name = "scripted";
+  readonly requests: GenerateRequest[] = [];
+  readonly endings: GenerationResult[] = [];
+  private readonly steps = new AsyncQueue<EnginePiece | "end" | EngineError>();
+  private pullCount = 0;
+  private pullWaiters: Array<{ count: number; resolve: () => void }> = [];
+
+  /** How many pieces the job's loop has asked for so far (including the one it waits for). */
+  get pulls(): number {
+    return this.pullCount;
+  }
+
+  feed(...pieces: EnginePiece[]): void {
+    for (const piece of pieces) this.steps.push(piece);
+  }
+
+  end(): void {
+    this.steps.push("end");
+  }
+
+  fail(error: EngineError): void {
+    this.steps.push(error);
+  }
+
+  /** Resolves once the job's loop has asked for `count` pieces. */
+  pulled(count: number): Promise<void> {
+    if (this.pullCount >= count) return Promise.resolve();
+    return new Promise((resolve) => this.pullWaiters.push({ count, resolve }));
+  }
+
+  async *generate(request: GenerateRequest): Generation {
+    this.requests.push(request);
+    const aborted = new Promise<"aborted">((resolve) =>
+      request.signal.addEventListener("abort", () => resolve("aborted"), { once: true }),
+    );
+    let completionTokens = 0;
+    for (;;) {
+      this.pullCount += 1;
+      this.pullWaiters = this.pullWaiters.filter((waiter) => {
+        if (waiter.count > this.pullCount) return true;
+        waiter.resolve();
+        return false;
+      });
+      const step = request.signal.aborted ? "aborted" : await Promise.race([this.steps.shift(), aborted]);
+      if (step === "aborted") return this.ended({ finishReason: "cancelled" });
+      if (step.done || step.value === "end") {
+        return this.ended({ finishReason: "stop", usage: { promptTokens: 3, completionTokens } });
+      }
+      if (step.value instanceof EngineError) throw step.value;
+      completionTokens += step.value.tokenCount;
+      yield step.value;
+    }
+  }
+
+  async close(): Promise<void> {}
+
+  private ended(result: GenerationResult): GenerationResult {
+    this.endings.push(result);
+    return result;
+  }
+}
+
+async function setupScripted(
+  welcome: Parameters<StubStream["welcome"]>[0],
+  link: Partial<WorkerLinkOptions> = {},
+): Promise<{ stream: StubStream; engine: ScriptedEngine; link: WorkerLink }> {
+  const engine = new ScriptedEngine();
+  const setUp = await setup({ link: { engine, ...link } });
+  const stream = await connected(setUp.stub, setUp.link, welcome);
+  return { stream, engine, link: setUp.link };
+}
+
+/** A Ping answered: every message the worker queued before it has been received by then. */
+async function roundTrip(stream: StubStream, nonce: bigint): Promise<void> {
+  stream.send({ case: "ping", value: { nonce } });
+  expect((await stream.next("heartbeat")).pingNonce).toBe(nonce);
+}
+
+function acknowledge(stream: StubStream, jobId: string, sequence: bigint): void {
+  stream.send({ case: "jobWindow", value: { jobId, acknowledgedSequence: sequence } });
+}
+
+describe("WorkerLink flow control", () => {
+  it("never sends a chunk beyond the window while the server acknowledges slowly", async () => {
+    const tokens = Array.from({ length: 40 }, (_, i) => `t${i} `);
+    const { stub, link } = await setup({ engine: { tokens } });
+    const window = 3n;
+    const stream = await connected(stub, link, { jobWindowChunks: Number(window) });
+    assign(stream, "job-w");
+    await stream.next("jobAccepted");
+    let acknowledged = 0n;
+    let last = 0n;
+    let text = "";
+    let tokenCount = 0;
+    let nonce = 0n;
+    let pingOut: bigint | undefined;
+    for (;;) {
+      const message = await stream.nextAny();
+      if (message.case === "heartbeat") {
+        if (pingOut !== undefined && message.value.pingNonce === pingOut) {
+          // The worker had a full round trip to overstep the window; now let one more chunk in.
+          pingOut = undefined;
+          acknowledged += 1n;
+          acknowledge(stream, "job-w", acknowledged);
+        }
+        continue;
+      }
+      if (message.case === "jobDone") {
+        expect(message.value.lastSequence).toBe(last);
+        expect(message.value.usage?.completionTokens).toBe(tokens.length);
+        break;
+      }
+      if (message.case !== "jobChunk") throw new Error(`unexpected ${message.case}`);
+      expect(message.value.sequence).toBe(last + 1n);
+      expect(message.value.sequence).toBeLessThanOrEqual(acknowledged + window);
+      last = message.value.sequence;
+      text += message.value.text;
+      tokenCount += message.value.tokenCount;
+      if (last === acknowledged + window) {
+        nonce += 1n;
+        pingOut = nonce;
+        stream.send({ case: "ping", value: { nonce } });
+      }
+    }
+    expect(text).toBe(tokens.join(""));
+    expect(tokenCount).toBe(tokens.length);
+  });
+
+  it("sends a lone token at once while the window is open, one chunk per piece", async () => {
+    const { stream, engine } = await setupScripted({ jobWindowChunks: 64 });
+    assign(stream, "job-lone");
+    await stream.next("jobAccepted");
+    engine.feed({ text: "Hi", tokenCount: 1 });
+    expect(await stream.next("jobChunk")).toMatchObject({ sequence: 1n, text: "Hi", tokenCount: 1 });
+    engine.feed({ text: " there", tokenCount: 1 });
+    expect(await stream.next("jobChunk")).toMatchObject({ sequence: 2n, text: " there", tokenCount: 1 });
+    engine.end();
+    expect(await stream.next("jobDone")).toMatchObject({ finishReason: FinishReason.STOP, lastSequence: 2n });
+  });
+
+  it("coalesces what the engine produced while the window was closed into one chunk with the summed token count", async () => {
+    const { stream, engine } = await setupScripted({ jobWindowChunks: 1 });
+    assign(stream, "job-co");
+    await stream.next("jobAccepted");
+    engine.feed({ text: "Hel", tokenCount: 1 });
+    expect(await stream.next("jobChunk")).toMatchObject({ sequence: 1n, text: "Hel", tokenCount: 1 });
+    // The window (1) is full: these wait in the worker, and the engine keeps being read meanwhile.
+    engine.feed({ text: "lo", tokenCount: 1 }, { text: ",", tokenCount: 2 }, { text: " wör", tokenCount: 1 });
+    await engine.pulled(5);
+    acknowledge(stream, "job-co", 1n);
+    expect(await stream.next("jobChunk")).toMatchObject({ sequence: 2n, text: "lo, wör", tokenCount: 4 });
+    // The engine ends with text still waiting: JobDone comes only after that text was sent.
+    engine.feed({ text: "ld", tokenCount: 1 });
+    engine.end();
+    await roundTrip(stream, 1n);
+    acknowledge(stream, "job-co", 2n);
+    expect(await stream.next("jobChunk")).toMatchObject({ sequence: 3n, text: "ld", tokenCount: 1 });
+    const done = await stream.next("jobDone");
+    expect(done).toMatchObject({ finishReason: FinishReason.STOP, lastSequence: 3n });
+    expect(done.usage).toMatchObject({ promptTokens: 3, completionTokens: 6 });
+  });
+
+  it("splits coalesced text at Welcome.max_chunk_bytes, never inside a character", async () => {
+    const { stream, engine } = await setupScripted({ jobWindowChunks: 1, maxChunkBytes: 4 });
+    assign(stream, "job-split");
+    await stream.next("jobAccepted");
+    engine.feed({ text: "é", tokenCount: 1 });
+    expect(await stream.next("jobChunk")).toMatchObject({ sequence: 1n, text: "é", tokenCount: 1 });
+    engine.feed({ text: "abc", tokenCount: 2 }, { text: "üx", tokenCount: 1 }, { text: "€€", tokenCount: 2 });
+    engine.end();
+    const chunks: RequestOf<"jobChunk">[] = [];
+    let done: RequestOf<"jobDone"> | undefined;
+    let acknowledged = 1n;
+    while (!done) {
+      acknowledge(stream, "job-split", acknowledged);
+      const message = await stream.nextAny();
+      if (message.case === "jobChunk") {
+        chunks.push(message.value);
+        acknowledged = message.value.sequence;
+      } else if (message.case === "jobDone") done = message.value;
+    }
+    expect(chunks.map((c) => c.text)).toEqual(["abc", "üx", "€", "€"]);
+    for (const chunk of chunks) expect(Buffer.byteLength(chunk.text)).toBeLessThanOrEqual(4);
+    expect(chunks.map((c) => c.sequence)).toEqual([2n, 3n, 4n, 5n]);
+    expect(chunks.reduce((sum, c) => sum + c.tokenCount, 0)).toBe(5);
+    expect(done.lastSequence).toBe(5n);
+  });
+
+  it("stops reading the engine while its buffer is full and the window closed, until acknowledged", async () => {
+    const { stream, engine } = await setupScripted({ jobWindowChunks: 1 }, { jobBufferBytes: 4 });
+    assign(stream, "job-bp");
+    await stream.next("jobAccepted");
+    engine.feed({ text: "one ", tokenCount: 1 });
+    expect(await stream.next("jobChunk")).toMatchObject({ sequence: 1n, text: "one " });
+    await engine.pulled(2);
+    engine.feed({ text: "two ", tokenCount: 1 }, { text: "three", tokenCount: 1 });
+    // 4 bytes wait for the window: the job's loop waits too and does not ask for "three".
+    await roundTrip(stream, 1n);
+    expect(engine.pulls).toBe(2);
+    acknowledge(stream, "job-bp", 1n);
+    expect(await stream.next("jobChunk")).toMatchObject({ sequence: 2n, text: "two ", tokenCount: 1 });
+    await engine.pulled(3);
+    acknowledge(stream, "job-bp", 2n);
+    expect(await stream.next("jobChunk")).toMatchObject({ sequence: 3n, text: "three", tokenCount: 1 });
+    engine.end();
+    expect(await stream.next("jobDone")).toMatchObject({ lastSequence: 3n });
+  });
+
+  it("applies no window when Welcome.job_window_chunks is 0 (an older server)", async () => {
+    const { stream, engine } = await setupScripted({ jobWindowChunks: 0 });
+    assign(stream, "job-old");
+    await stream.next("jobAccepted");
+    for (let i = 1; i <= 5; i++) {
+      engine.feed({ text: `${i}`, tokenCount: 1 });
+      expect(await stream.next("jobChunk")).toMatchObject({ sequence: BigInt(i), text: `${i}` });
+    }
+    engine.end();
+    expect(await stream.next("jobDone")).toMatchObject({ lastSequence: 5n });
+  });
+
+  it("on JobCancel while waiting for the window, ends the job at once and the engine sees its request aborted", async () => {
+    const { stream, engine, link } = await setupScripted({ jobWindowChunks: 1 }, { jobBufferBytes: 1 });
+    assign(stream, "job-x");
+    await stream.next("jobAccepted");
+    engine.feed({ text: "a", tokenCount: 1 });
+    expect(await stream.next("jobChunk")).toMatchObject({ sequence: 1n, text: "a" });
+    await engine.pulled(2);
+    engine.feed({ text: "b", tokenCount: 1 });
+    await roundTrip(stream, 1n);
+    expect(engine.pulls).toBe(2);
+    const finished = once(link, "job-finished");
+    stream.send({ case: "jobCancel", value: { jobId: "job-x", reason: "consumer disconnected" } });
+    // The waiting "b" is dropped: the next message about the job is its JobDone.
+    const done = await stream.next("jobDone");
+    expect(done).toMatchObject({ jobId: "job-x", finishReason: FinishReason.CANCELLED, lastSequence: 1n });
+    expect(engine.requests[0]?.signal.aborted).toBe(true);
+    expect(engine.endings).toEqual([{ finishReason: "cancelled" }]);
+    expect((await finished)[0]).toMatchObject({ outcome: "done", finishReason: "cancelled", tokens: 1 });
+    expect(link.runningJobs).toBe(0);
+  });
+
+  it("on JobCancel while waiting for the window, aborts the HTTP request to an OpenAI-compatible engine", async () => {
+    // The engine streams "Hello" and holds the response open; at 4 bytes per chunk "Hell" fills the
+    // window of 1 and "o" waits, which (buffer of 1 byte) holds the job's loop over the response.
+    const { stub, link, fake } = await setup({ engine: { hang: true }, link: { jobBufferBytes: 1 } });
+    const stream = await connected(stub, link, { jobWindowChunks: 1, maxChunkBytes: 4 });
+    assign(stream, "job-http");
+    await stream.next("jobAccepted");
+    expect(await stream.next("jobChunk")).toMatchObject({ sequence: 1n, text: "Hell", tokenCount: 1 });
+    stream.send({ case: "jobCancel", value: { jobId: "job-http", reason: "consumer disconnected" } });
+    expect(await stream.next("jobDone")).toMatchObject({
+      jobId: "job-http",
+      finishReason: FinishReason.CANCELLED,
+      lastSequence: 1n,
+    });
+    expect(await fake.requestClosed(0)).toEqual({ aborted: true });
+  });
+
+  it("sends JobFailed without waiting for the window when the engine fails", async () => {
+    const { stream, engine } = await setupScripted({ jobWindowChunks: 1 });
+    assign(stream, "job-fail");
+    await stream.next("jobAccepted");
+    engine.feed({ text: "a", tokenCount: 1 }, { text: "b", tokenCount: 1 });
+    expect(await stream.next("jobChunk")).toMatchObject({ sequence: 1n, text: "a" });
+    await engine.pulled(3);
+    engine.fail(new EngineError("engine_error", "GPU on fire"));
+    // No acknowledgement was sent: the failure is not held back, and the waiting "b" is dropped.
+    expect(await stream.next("jobFailed")).toMatchObject({
+      jobId: "job-fail",
+      code: JobFailureCode.ENGINE_ERROR,
+      message: "GPU on fire",
+    });
+  });
+});
 
 describe("WorkerLink", () => {
   it("sends a complete Hello first, then waits for Welcome", async () => {
@@ -285,7 +582,7 @@ describe("WorkerLink", () => {
 
   it("sends heartbeats at the interval from Welcome", async () => {
     const { stub, link } = await setup();
-    const stream = await connected(stub, link, 20);
+    const stream = await connected(stub, link, { heartbeatIntervalMs: 20 });
     const first = await stream.next("heartbeat");
     expect(first).toMatchObject({ activeJobs: 0, queuedJobs: 0, pingNonce: 0n });
     const second = await stream.next("heartbeat");
@@ -551,20 +848,91 @@ describe("WorkerLink", () => {
     expect(logs.some((line) => line.includes("rejected by the server: UNAUTHENTICATED"))).toBe(true);
   });
 
-  it("does not reconnect after Reject BANNED", async () => {
-    const { stub, link } = await setup();
+  it.each([
+    ["UNAUTHENTICATED", RejectCode.UNAUTHENTICATED, "the worker token is unknown or revoked"],
+    ["BANNED", RejectCode.BANNED, "the operator banned this worker"],
+    // This worker's Hello comes from its options: reconnecting would repeat the same invalid Hello.
+    ["INVALID_HELLO", RejectCode.INVALID_HELLO, "fix the offers"],
+    ["REPLACED", RejectCode.REPLACED, "another process is connected with the same worker token"],
+  ])("stops for good after Reject %s, saying what to do", async (_name, code, advice) => {
+    const { stub, link, logs } = await setup();
     const stream = await connected(stub, link);
-    stream.send({ case: "reject", value: { code: RejectCode.BANNED, message: "banned" } });
-    await expect(link.done).rejects.toBeInstanceOf(WorkerRejectedError);
+    stream.send({ case: "reject", value: { code, message: "from the server" } });
+    const error = await link.done.catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(WorkerRejectedError);
+    expect((error as WorkerRejectedError).code).toBe(code);
+    expect((error as Error).message).toContain(advice);
+    expect((error as Error).message).toContain("not reconnecting");
+    expect(link.state).toBe("failed");
+    // `done` settled: the connection loop has ended, so no second stream can ever be opened.
     expect(stub.count()).toBe(1);
+    expect(logs.some((line) => line.includes("; will not reconnect"))).toBe(true);
   });
 
-  it("reconnects after Reject SHUTTING_DOWN", async () => {
-    const { stub, link } = await setup();
-    const stream = await connected(stub, link);
-    stream.send({ case: "reject", value: { code: RejectCode.SHUTTING_DOWN, message: "restart" } });
-    const second = await nextStream(stub);
-    expect((await second.next("hello")).workerToken).toBe("wt_test_token");
+  it.each([
+    ["SHUTTING_DOWN", RejectCode.SHUTTING_DOWN],
+    ["PROTOCOL_ERROR", RejectCode.PROTOCOL_ERROR],
+    ["UNSPECIFIED", RejectCode.UNSPECIFIED],
+  ])(
+    "reconnects with backoff after Reject %s, with a fresh Hello and none of the old jobs",
+    async (_name, code) => {
+      const { stub, link, logs } = await setup({ engine: { hang: true } });
+      const first = await connected(stub, link);
+      assign(first, "job-old");
+      await first.next("jobAccepted");
+      await first.next("jobChunk");
+      const finished = once(link, "job-finished");
+      const retrying = once(link, "retrying");
+      first.send({ case: "reject", value: { code, message: "bye" } });
+      const [summary] = await finished;
+      expect(summary).toMatchObject({ jobId: "job-old", outcome: "abandoned" });
+      await retrying;
+      const second = await nextStream(stub);
+      expect((await second.next("hello")).workerToken).toBe("wt_test_token");
+      const welcomed = once(link, "welcomed");
+      second.welcome({ sessionId: "s-2" });
+      await welcomed;
+      // Nothing about the old job is sent on the new stream.
+      second.send({ case: "ping", value: { nonce: 1n } });
+      expect((await second.next("heartbeat")).pingNonce).toBe(1n);
+      expect(link.runningJobs).toBe(0);
+      expect(logs.some((line) => line.includes("; will reconnect"))).toBe(true);
+    },
+  );
+
+  it("after Drain, stays connected with heartbeats until Reject SHUTTING_DOWN, then reconnects and takes jobs", async () => {
+    const { stub, link } = await setup({ engine: { hang: true } });
+    const first = await connected(stub, link, { heartbeatIntervalMs: 20 });
+    assign(first, "job-running");
+    await first.next("jobAccepted");
+    await first.next("jobChunk");
+    const drained = once(link, "drain");
+    first.send({ case: "drain", value: { reason: "server stopping" } });
+    await drained;
+    // Still connected: heartbeats keep coming and report the running job.
+    expect((await first.next("heartbeat")).activeJobs).toBe(1);
+    expect((await first.next("heartbeat")).activeJobs).toBe(1);
+    expect(link.state).toBe("connected");
+    assign(first, "job-new");
+    expect(await first.next("jobFailed")).toMatchObject({
+      jobId: "job-new",
+      code: JobFailureCode.OVERLOADED,
+    });
+    first.send({ case: "jobCancel", value: { jobId: "job-running" } });
+    expect(await first.next("jobDone")).toMatchObject({
+      jobId: "job-running",
+      finishReason: FinishReason.CANCELLED,
+    });
+    first.send({ case: "reject", value: { code: RejectCode.SHUTTING_DOWN, message: "stopping" } });
+    const second = await connected(stub, link);
+    // The new stream is not draining.
+    const finished = once(link, "job-finished");
+    assign(second, "job-next");
+    expect(await second.next("jobAccepted")).toMatchObject({ jobId: "job-next" });
+    expect(await second.next("jobChunk")).toMatchObject({ jobId: "job-next", sequence: 1n });
+    second.send({ case: "jobCancel", value: { jobId: "job-next" } });
+    expect(await second.next("jobDone")).toMatchObject({ jobId: "job-next" });
+    expect((await finished)[0]).toMatchObject({ jobId: "job-next", outcome: "done" });
   });
 
   it("stop() sends Goodbye, lets the running job finish, then closes the stream", async () => {

@@ -140,6 +140,19 @@ describe("OpenAiEngine", () => {
     expect(await server.requestClosed(0)).toEqual({ aborted: true });
   });
 
+  it("aborts the HTTP request as soon as the job's signal aborts, while the reader is paused", async () => {
+    // A job waiting for its flow-control window does not pull the generation: the abort alone
+    // must reach the engine's HTTP request (the SDK was given the signal).
+    const server = await fake({ tokens: ["a", "b", "c"], hang: true });
+    const engine = new OpenAiEngine({ baseUrl: server.url });
+    const controller = new AbortController();
+    const generation = engine.generate(request({ signal: controller.signal }));
+    expect(await generation.next()).toEqual({ done: false, value: { text: "a", tokenCount: 1 } });
+    controller.abort(new Error("consumer disconnected"));
+    expect(await server.requestClosed(0)).toEqual({ aborted: true });
+    expect(await generation.next()).toEqual({ done: true, value: { finishReason: "cancelled" } });
+  });
+
   it("returns 'cancelled' at once for an already aborted signal", async () => {
     const server = await fake();
     const engine = new OpenAiEngine({ baseUrl: server.url });

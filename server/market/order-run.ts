@@ -1,0 +1,612 @@
+/**
+ * One order's life as an explicit state machine:
+ *
+ *   admitted ──dispatch──▶ dispatched(attempt n) ──first token──▶ streaming ──done──▶ completed
+ *                │   ▲                  │                              │
+ *                │   └────fall back─────┘                              ├──consumer gone──▶ cancelled
+ *                └───────────────────────────── any ──────────────────┴──failure────────▶ failed
+ *
+ * Every transition has a name, is logged with its reason, and is decided synchronously: an attempt
+ * is superseded before any `await`, so nothing a superseded attempt sends (chunk, done, failure,
+ * stream close) can end, settle or re-route the order, and one failed attempt causes at most one
+ * fallback. The order's money is settled exactly once, after the outcome is decided and the
+ * consumer has taken what it will take; the store computes it from the order row and the token
+ * counts passed here (see store-port.ts), and a failed settlement is retried until it succeeds.
+ *
+ * Billing never takes a worker's word: a chunk counts min(token_count, UTF-8 bytes of its text)
+ * tokens, capped in total at max_tokens; a streamed order bills the tokens the consumer actually
+ * took (chunks handed to the consumer's socket), a non-streamed one bills only when completed.
+ */
+import { randomBytes } from "node:crypto";
+import { MarketError } from "./errors.js";
+import type { Candidate } from "./matcher.js";
+import type { FinishReason, JobSink, JobSpec, SlotLease, WorkerRegistry } from "./registry.js";
+import type { MarketStore, OrderCheckpoint, OrderRecord } from "./store-port.js";
+
+export interface MarketLogger {
+  info(fields: object, message: string): void;
+  warn(fields: object, message: string): void;
+  error(fields: object, message: string): void;
+}
+
+export type OrderState = "admitted" | "dispatched" | "streaming" | "completed" | "cancelled" | "failed";
+type FinalState = Exclude<OrderState, "admitted" | "dispatched" | "streaming">;
+
+/** What the consumer sees of an order: deltas, then exactly one `finish` or `error`. */
+export type RunEvent =
+  | { type: "delta"; text: string }
+  | { type: "finish"; finishReason: ConsumerFinishReason; order: OrderRecord | null }
+  | { type: "error"; error: MarketError; order: OrderRecord | null };
+
+/** OpenAI's finish reasons (the `error` of in-band errors is the front door's). */
+export type ConsumerFinishReason = "stop" | "length" | "content_filter";
+
+/** A slot reserved on a worker, with the offer it was matched on. */
+export interface Acquired {
+  lease: SlotLease;
+  candidate: Candidate;
+}
+
+export interface OrderRunDeps {
+  store: MarketStore;
+  registry: WorkerRegistry;
+  log: MarketLogger;
+  firstTokenTimeoutMs: number;
+  jobTimeoutMs: number;
+  /**
+   * Finds the next worker for a fallback (waiting in the admission queue if every one is busy),
+   * skipping `excluded`. Rejects when none is left.
+   */
+  acquireFallback(excluded: ReadonlySet<string>): Promise<Acquired>;
+}
+
+export interface OrderRunInput {
+  order: OrderRecord;
+  first: Acquired;
+  job: Omit<JobSpec, "jobId" | "maxTokens" | "deadlineUnixMs">;
+  stream: boolean;
+  allowFallbacks: boolean;
+}
+
+interface Attempt {
+  n: number;
+  jobId: string;
+  lease: SlotLease;
+  candidate: Candidate;
+  assignedAt: number;
+}
+
+interface Delta {
+  text: string;
+  tokens: number;
+  sequence: bigint;
+  attempt: Attempt;
+}
+
+interface Outcome {
+  status: FinalState;
+  finishReason: ConsumerFinishReason | null;
+  error: MarketError | null;
+}
+
+/** Settlement retries back off up to this. */
+const MAX_SETTLE_BACKOFF_MS = 30_000;
+/** How many settlement tries a consumer waits for before it is answered without the cost. */
+const SETTLE_TRIES_BEFORE_ANSWERING = 3;
+/** Trust signals kept per order at most. */
+const MAX_TRUST_SIGNALS = 20;
+
+function newJobId(): string {
+  return `job_${randomBytes(12).toString("base64url")}`;
+}
+
+export class OrderRun implements AsyncIterable<RunEvent> {
+  readonly orderId: string;
+  readonly model: string;
+  readonly createdAt: Date;
+  /** Resolves once the order is settled in the store. */
+  readonly settled: Promise<void>;
+
+  private state: OrderState = "admitted";
+  private order: OrderRecord;
+  private attempt: Attempt | null = null;
+  private attempts = 0;
+  private readonly excluded = new Set<string>();
+  /** Whether an attempt failed for a reason other than the worker being full. */
+  private sawWorkerError = false;
+  private readonly buffer: Delta[] = [];
+  /** The delta the consumer is writing now: counted as delivered when it asks for the next. */
+  private inFlight: Delta | null = null;
+  /** Tokens accepted from the current attempt's chunks (platform count). */
+  private relayedTokens = 0;
+  /** Tokens the consumer has taken. */
+  private deliveredTokens = 0;
+  private reportedUsage: { promptTokens: number; completionTokens: number } | null = null;
+  private claimedTokens = 0;
+  private readonly trustSignals: string[] = [];
+  private firstTokenAt: Date | null = null;
+  private outcome: Outcome | null = null;
+  private terminal: RunEvent | null = null;
+  private terminalTaken = false;
+  private wake: (() => void) | null = null;
+  private settling: Promise<OrderRecord | null> | null = null;
+  private markSettled: () => void = () => {};
+  private firstTokenTimer: NodeJS.Timeout | undefined;
+  private readonly jobTimer: NodeJS.Timeout;
+  private lastCheckpoint = -1;
+
+  constructor(
+    private readonly deps: OrderRunDeps,
+    private readonly input: OrderRunInput,
+  ) {
+    this.order = input.order;
+    this.orderId = input.order.id;
+    this.model = input.order.model;
+    this.createdAt = input.order.createdAt;
+    this.settled = new Promise((resolve) => {
+      this.markSettled = resolve;
+    });
+    this.jobTimer = setTimeout(() => this.timedOut(), deps.jobTimeoutMs);
+    this.jobTimer.unref();
+  }
+
+  get currentState(): OrderState {
+    return this.state;
+  }
+
+  get isFinal(): boolean {
+    return this.outcome !== null;
+  }
+
+  /** admitted → dispatched(1). */
+  start(): void {
+    this.dispatch(this.input.first, "admitted");
+  }
+
+  /** The consumer went away (or stopped reading): stop the worker, bill what it took. */
+  cancel(reason: string): void {
+    if (this.outcome) {
+      // Decided already, but the consumer will not take the rest: settle for what it took.
+      if (!this.settling) {
+        this.buffer.length = 0;
+        void this.settle();
+      }
+      return;
+    }
+    this.finish({ status: "cancelled", finishReason: null, error: null }, reason, { drain: false });
+  }
+
+  /** The control plane stops and cannot wait: end the order now, billing what was delivered. */
+  abort(reason: string): void {
+    if (this.outcome) return;
+    this.finish(
+      { status: "failed", finishReason: null, error: new MarketError("shutting_down", reason, undefined, 5) },
+      reason,
+      { drain: false },
+    );
+  }
+
+  /** The progress a crash must not lose, or null when nothing changed since the last call. */
+  checkpoint(): OrderCheckpoint | null {
+    if (this.outcome || !this.input.stream || this.deliveredTokens === this.lastCheckpoint) return null;
+    this.lastCheckpoint = this.deliveredTokens;
+    return {
+      orderId: this.orderId,
+      promptTokens: 0,
+      completionTokens: this.deliveredTokens,
+      firstTokenAt: this.firstTokenAt,
+    };
+  }
+
+  [Symbol.asyncIterator](): AsyncIterator<RunEvent> {
+    return { next: () => this.next() };
+  }
+
+  // --- consumer side --------------------------------------------------------------------------
+
+  private async next(): Promise<IteratorResult<RunEvent>> {
+    this.deliverInFlight();
+    for (;;) {
+      if (this.terminalTaken) return { value: undefined, done: true };
+      const delta = this.outcome?.status === "cancelled" ? undefined : this.buffer.shift();
+      if (delta) {
+        this.inFlight = delta;
+        return { value: { type: "delta", text: delta.text }, done: false };
+      }
+      if (this.outcome) {
+        await this.settle();
+        this.terminalTaken = true;
+        return { value: this.terminal as RunEvent, done: false };
+      }
+      await new Promise<void>((resolve) => {
+        this.wake = resolve;
+      });
+    }
+  }
+
+  private deliverInFlight(): void {
+    const delta = this.inFlight;
+    if (!delta) return;
+    this.inFlight = null;
+    if (this.outcome?.status === "cancelled") return;
+    this.deliveredTokens += delta.tokens;
+    if (delta.attempt === this.attempt) delta.attempt.lease.acknowledge(delta.sequence);
+  }
+
+  private notify(): void {
+    const wake = this.wake;
+    this.wake = null;
+    wake?.();
+  }
+
+  // --- worker side ----------------------------------------------------------------------------
+
+  private dispatch(acquired: Acquired, from: OrderState): void {
+    this.attempts += 1;
+    const attempt: Attempt = {
+      n: this.attempts,
+      jobId: newJobId(),
+      lease: acquired.lease,
+      candidate: acquired.candidate,
+      assignedAt: Date.now(),
+    };
+    this.attempt = attempt;
+    this.transition("dispatched", `attempt ${attempt.n} on ${acquired.candidate.connection.workerId}`, from);
+    clearTimeout(this.firstTokenTimer);
+    this.firstTokenTimer = setTimeout(
+      () => this.attemptFailed(attempt, `no token within ${this.deps.firstTokenTimeoutMs} ms`, "error"),
+      this.deps.firstTokenTimeoutMs,
+    );
+    this.firstTokenTimer.unref();
+    attempt.lease.assign(
+      {
+        ...this.input.job,
+        jobId: attempt.jobId,
+        maxTokens: this.order.maxTokens,
+        deadlineUnixMs: this.createdAt.getTime() + this.deps.jobTimeoutMs,
+      },
+      this.sinkFor(attempt),
+    );
+  }
+
+  /** Events of a superseded attempt (a worker the order already gave up on) are dropped. */
+  private sinkFor(attempt: Attempt): JobSink {
+    const current = () => this.attempt === attempt && this.outcome === null;
+    return {
+      chunk: (text, tokenCount, sequence) => {
+        if (current()) this.onChunk(attempt, text, tokenCount, sequence);
+      },
+      done: (finishReason, usage) => {
+        if (current()) this.onDone(finishReason, usage);
+      },
+      failed: (message, kind) => {
+        if (current()) this.attemptFailed(attempt, message, kind);
+      },
+    };
+  }
+
+  private onChunk(attempt: Attempt, text: string, tokenCount: number, sequence: bigint): void {
+    if (this.state === "dispatched") {
+      clearTimeout(this.firstTokenTimer);
+      this.firstTokenAt = new Date();
+      this.transition("streaming", "first token", "dispatched");
+    }
+    const bytes = Buffer.byteLength(text);
+    const claimed = Number.isFinite(tokenCount) && tokenCount > 0 ? Math.floor(tokenCount) : 0;
+    this.claimedTokens += claimed;
+    if (claimed > bytes) {
+      this.signal(`chunk ${sequence} claimed ${claimed} tokens for ${bytes} bytes of text; counted ${bytes}`);
+    }
+    const room = this.order.maxTokens - this.relayedTokens;
+    if (room <= 0) {
+      this.signal(`the worker went on past max_tokens (${this.order.maxTokens})`);
+      this.finish({ status: "completed", finishReason: "length", error: null }, "max_tokens reached", {
+        drain: true,
+      });
+      return;
+    }
+    const counted = Math.min(claimed, bytes, room);
+    this.relayedTokens += counted;
+    if (text === "" && counted === 0) {
+      // Nothing for the consumer; acknowledge at once so the window keeps moving.
+      attempt.lease.acknowledge(sequence);
+      return;
+    }
+    this.buffer.push({ text, tokens: counted, sequence, attempt });
+    this.notify();
+  }
+
+  private onDone(
+    finishReason: FinishReason,
+    usage: { promptTokens: number; completionTokens: number } | null,
+  ): void {
+    this.reportedUsage = usage;
+    const capped = this.relayedTokens >= this.order.maxTokens;
+    const reason: ConsumerFinishReason =
+      capped || finishReason === "length"
+        ? "length"
+        : finishReason === "content_filter"
+          ? "content_filter"
+          : "stop";
+    this.finish({ status: "completed", finishReason: reason, error: null }, `worker done (${finishReason})`, {
+      drain: true,
+    });
+  }
+
+  /**
+   * The attempt failed. Before the first token the next worker gets the job (at most one fallback
+   * per failed attempt: the attempt is superseded here, synchronously); after it, the order fails.
+   */
+  private attemptFailed(attempt: Attempt, message: string, kind: "overloaded" | "error"): void {
+    if (this.attempt !== attempt || this.outcome) return;
+    const workerId = attempt.candidate.connection.workerId;
+    this.deps.log.warn(
+      { orderId: this.orderId, jobId: attempt.jobId, workerId, reason: message },
+      "attempt failed",
+    );
+    attempt.lease.cancel(message);
+    if (this.state === "streaming") {
+      this.finish(
+        {
+          status: "failed",
+          finishReason: null,
+          error: new MarketError("worker_failed", `The worker failed mid-stream: ${message}`),
+        },
+        message,
+        { drain: true },
+      );
+      return;
+    }
+    clearTimeout(this.firstTokenTimer);
+    this.attempt = null;
+    this.excluded.add(workerId);
+    if (kind === "error") this.sawWorkerError = true;
+    if (!this.input.allowFallbacks) {
+      const busy =
+        kind === "overloaded"
+          ? new MarketError("no_capacity", `The only allowed worker is busy: ${message}`, "provider", 2)
+          : null;
+      this.failBeforeFirstToken(message, busy);
+      return;
+    }
+    this.deps.log.info({ orderId: this.orderId, failed: workerId }, "order falls back");
+    void this.fallBack(message);
+  }
+
+  private async fallBack(lastError: string): Promise<void> {
+    for (;;) {
+      let next: Acquired;
+      try {
+        next = await this.deps.acquireFallback(this.excluded);
+      } catch (error) {
+        // Only busy workers stood in the way: that is a 503 to retry, not a failure (502).
+        if (!this.outcome) this.failBeforeFirstToken(lastError, this.sawWorkerError ? null : error);
+        return;
+      }
+      if (this.outcome) {
+        next.lease.release();
+        return;
+      }
+      try {
+        this.order = await this.deps.store.reassignOrder(this.orderId, {
+          workerId: next.candidate.connection.workerId,
+          providerAccountId: next.candidate.connection.providerAccountId,
+          pricePerMillionInput: next.candidate.offer.pricePerMillionInput,
+          pricePerMillionOutput: next.candidate.offer.pricePerMillionOutput,
+          hold: next.candidate.worstCaseCost,
+        });
+      } catch (error) {
+        next.lease.release();
+        this.excluded.add(next.candidate.connection.workerId);
+        if (error instanceof MarketError && error.code === "insufficient_credits") continue;
+        // "conflict": the order was settled meanwhile (the consumer left); anything else is the
+        // database's, and the order cannot move.
+        if (!this.outcome) {
+          this.deps.log.error({ orderId: this.orderId, err: String(error) }, "fallback failed");
+          this.failBeforeFirstToken(lastError, null);
+        }
+        return;
+      }
+      // The consumer may have gone (or the order timed out) while the hold moved.
+      if (this.outcome) {
+        next.lease.release();
+        return;
+      }
+      this.dispatch(next, "dispatched");
+      return;
+    }
+  }
+
+  private failBeforeFirstToken(lastError: string, cause: unknown): void {
+    const error =
+      cause instanceof MarketError && cause.code === "no_capacity"
+        ? cause
+        : new MarketError(
+            "worker_failed",
+            `The worker failed before the first token and no fallback succeeded: ${lastError}`,
+          );
+    this.finish({ status: "failed", finishReason: null, error }, lastError, { drain: true });
+  }
+
+  private timedOut(): void {
+    if (this.outcome) return;
+    this.finish(
+      {
+        status: "failed",
+        finishReason: null,
+        error: new MarketError("worker_failed", `The order exceeded ${this.deps.jobTimeoutMs} ms.`),
+      },
+      "order timed out",
+      { drain: true },
+    );
+  }
+
+  // --- the outcome and the money --------------------------------------------------------------
+
+  /**
+   * Decides the outcome, synchronously and once: stops the worker if it still runs, and settles
+   * when the consumer has taken what it will take (`drain`: the buffered deltas first).
+   */
+  private finish(outcome: Outcome, reason: string, options: { drain: boolean }): void {
+    if (this.outcome) return;
+    const from = this.state;
+    this.outcome = outcome;
+    this.transition(outcome.status, reason, from);
+    clearTimeout(this.firstTokenTimer);
+    clearTimeout(this.jobTimer);
+    if (this.attempt && outcome.status !== "completed") this.attempt.lease.cancel(reason);
+    else if (this.attempt && this.relayedTokens >= this.order.maxTokens) this.attempt.lease.cancel(reason);
+    if (!options.drain) {
+      this.buffer.length = 0;
+      void this.settle();
+    }
+    this.notify();
+  }
+
+  private transition(to: OrderState, reason: string, from: OrderState): void {
+    this.state = to;
+    this.deps.log.info(
+      {
+        orderId: this.orderId,
+        from,
+        to,
+        reason,
+        attempt: this.attempt?.n,
+        workerId: this.attempt?.candidate.connection.workerId,
+      },
+      `order ${to}`,
+    );
+  }
+
+  private signal(text: string): void {
+    if (this.trustSignals.length < MAX_TRUST_SIGNALS) this.trustSignals.push(text);
+  }
+
+  /** Settles once; every caller waits for the same settlement. */
+  private settle(): Promise<OrderRecord | null> {
+    this.settling ??= this.settleWithRetry();
+    return this.settling;
+  }
+
+  private async settleWithRetry(): Promise<OrderRecord | null> {
+    const outcome = this.outcome as Outcome;
+    const input = this.settlementInput(outcome);
+    let answered = false;
+    let backoffMs = 100;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        this.order = await this.deps.store.settleOrder(this.orderId, input);
+        break;
+      } catch (error) {
+        this.deps.log.error(
+          { orderId: this.orderId, attempt, err: String(error) },
+          "settlement failed; retrying",
+        );
+        if (attempt === SETTLE_TRIES_BEFORE_ANSWERING && !answered) {
+          answered = true;
+          this.terminal = this.terminalEvent(outcome, null);
+          // The consumer is answered without the cost; the settlement goes on in the background.
+          void this.keepSettling(input, backoffMs);
+          return null;
+        }
+        await new Promise((resolve) => setTimeout(resolve, backoffMs + Math.random() * backoffMs));
+        backoffMs = Math.min(backoffMs * 2, MAX_SETTLE_BACKOFF_MS);
+      }
+    }
+    this.afterSettlement(outcome);
+    this.terminal = this.terminalEvent(outcome, this.order);
+    return this.order;
+  }
+
+  private async keepSettling(
+    input: ReturnType<OrderRun["settlementInput"]>,
+    initialBackoffMs: number,
+  ): Promise<void> {
+    let backoffMs = initialBackoffMs;
+    for (;;) {
+      await new Promise((resolve) => setTimeout(resolve, backoffMs + Math.random() * backoffMs));
+      try {
+        this.order = await this.deps.store.settleOrder(this.orderId, input);
+        this.afterSettlement(this.outcome as Outcome);
+        return;
+      } catch (error) {
+        this.deps.log.error({ orderId: this.orderId, err: String(error) }, "settlement failed; retrying");
+        backoffMs = Math.min(backoffMs * 2, MAX_SETTLE_BACKOFF_MS);
+      }
+    }
+  }
+
+  private settlementInput(outcome: Outcome) {
+    const completionTokens = this.input.stream || outcome.status === "completed" ? this.deliveredTokens : 0;
+    const delivered = completionTokens > 0 || outcome.status === "completed";
+    const reported = this.reportedUsage;
+    if (reported && reported.promptTokens > this.order.promptTokenBound) {
+      this.signal(
+        `the worker reported ${reported.promptTokens} prompt tokens, above the prompt's bound of ${this.order.promptTokenBound}`,
+      );
+    }
+    if (reported && outcome.status === "completed" && reported.completionTokens !== this.relayedTokens) {
+      this.signal(
+        `the worker reported ${reported.completionTokens} completion tokens; the platform counted ${this.relayedTokens}`,
+      );
+    }
+    if (
+      this.claimedTokens > this.relayedTokens &&
+      !this.trustSignals.some((s) => s.startsWith("chunks claimed"))
+    ) {
+      this.signal(
+        `chunks claimed ${this.claimedTokens} tokens in all; the platform counted ${this.relayedTokens}`,
+      );
+    }
+    return {
+      status: outcome.status,
+      promptTokens: delivered ? Math.min(reported?.promptTokens ?? 0, this.order.promptTokenBound) : 0,
+      completionTokens,
+      reportedPromptTokens: reported?.promptTokens ?? null,
+      reportedCompletionTokens: reported?.completionTokens ?? null,
+      trustSignals: [...this.trustSignals],
+      finishReason: outcome.finishReason,
+      error: outcome.error?.message ?? null,
+      firstTokenAt: this.firstTokenAt,
+      finishedAt: new Date(),
+    } satisfies Parameters<MarketStore["settleOrder"]>[1];
+  }
+
+  private afterSettlement(outcome: Outcome): void {
+    const attempt = this.attempt;
+    if (outcome.status === "completed" && attempt && this.firstTokenAt) {
+      const finishedAt = this.order.finishedAt ?? new Date();
+      this.deps.registry.recordJob(attempt.candidate.connection.workerId, {
+        tokens: this.relayedTokens,
+        generationMs: finishedAt.getTime() - this.firstTokenAt.getTime(),
+        timeToFirstTokenMs: this.firstTokenAt.getTime() - attempt.assignedAt,
+      });
+    }
+    if (this.trustSignals.length > 0) {
+      this.deps.log.warn(
+        { orderId: this.orderId, workerId: this.order.workerId, signals: this.trustSignals },
+        "trust signals recorded",
+      );
+    }
+    this.deps.log.info(
+      {
+        orderId: this.orderId,
+        status: this.order.status,
+        cost: this.order.cost.toString(),
+        promptTokens: this.order.promptTokens,
+        completionTokens: this.order.completionTokens,
+        workerId: this.order.workerId,
+      },
+      "order settled",
+    );
+    this.markSettled();
+  }
+
+  private terminalEvent(outcome: Outcome, order: OrderRecord | null): RunEvent {
+    if (outcome.error) return { type: "error", error: outcome.error, order };
+    if (outcome.status === "cancelled") {
+      return { type: "error", error: new MarketError("cancelled", "The request was cancelled."), order };
+    }
+    return { type: "finish", finishReason: outcome.finishReason ?? "stop", order };
+  }
+}
