@@ -270,7 +270,8 @@ const OPTIONS: OptionSpec[] = [
     key: "httpRequestTimeoutMs",
     flag: "http-request-timeout",
     env: "LOCALLMARKET_HTTP_REQUEST_TIMEOUT",
-    defaultValue: "30s",
+    // 25 s plus node's 1 s check: a slowloris socket is gone within 30 s.
+    defaultValue: "25s",
     kind: "duration",
     min: 100,
     max: 3_600_000,

@@ -77,7 +77,11 @@ export async function startControlPlane(config: ServerConfig): Promise<ControlPl
   });
   app.server.maxConnections = config.maxConnections;
   const log = app.log;
-  const database = await openDatabase({ databaseUrl: config.databaseUrl, dataDir: config.dataDir });
+  const database = await openDatabase({
+    databaseUrl: config.databaseUrl,
+    dataDir: config.dataDir,
+    warn: (message) => log.warn(message),
+  });
   const store = new SqlMarketStore(database.orm, { settleAfterMs: config.settleAfterMs });
   const registry = new WorkerRegistry();
   const marketplace = new Marketplace(store, registry, config, log);

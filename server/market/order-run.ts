@@ -321,13 +321,10 @@ export class OrderRun implements AsyncIterable<RunEvent> {
     usage: { promptTokens: number; completionTokens: number } | null,
   ): void {
     this.reportedUsage = usage;
-    const capped = this.relayedTokens >= this.order.maxTokens;
+    // The worker's own reason stands (an engine may end on its stop token exactly at max_tokens);
+    // a worker that went past max_tokens was stopped in onChunk, with "length".
     const reason: ConsumerFinishReason =
-      capped || finishReason === "length"
-        ? "length"
-        : finishReason === "content_filter"
-          ? "content_filter"
-          : "stop";
+      finishReason === "length" ? "length" : finishReason === "content_filter" ? "content_filter" : "stop";
     this.finish({ status: "completed", finishReason: reason, error: null }, `worker done (${finishReason})`, {
       drain: true,
     });

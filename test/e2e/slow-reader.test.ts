@@ -175,6 +175,7 @@ describe("a slow reader of a 100,000-token stream", () => {
       stream_options: { include_usage: true },
     });
 
+    console.log("DIAG", (Math.max(...read.rss) - baseline) / MB, baseline / MB, read.sseBytes / MB, read.rss.length, read.finishReason, JSON.stringify(read.usage));
     expect(read.status).toBe(200);
     expect(read.contentBytes % TOKEN_BYTES).toBe(0);
     const tokensRead = read.contentBytes / TOKEN_BYTES;

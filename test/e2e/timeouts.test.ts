@@ -65,7 +65,7 @@ describe("timeouts where attackers live", () => {
     expect(defaults).toMatchObject({
       helloTimeoutMs: 10_000,
       httpHeadersTimeoutMs: 10_000,
-      httpRequestTimeoutMs: 30_000,
+      httpRequestTimeoutMs: 25_000,
       httpKeepAliveTimeoutMs: 5_000,
       maxConnections: 10_000,
     });

@@ -276,13 +276,17 @@ class Run {
       this.accountIds.push(result.account.id);
       this.apiKeyIds.push(result.apiKey.id);
       this.credit(i, "available", initialDeposits[i] as bigint);
-      this.netDeposits[i] += initialDeposits[i] as bigint;
+      this.addNetDeposit(i, initialDeposits[i] as bigint);
     });
     for (let i = CONSUMERS; i < ACCOUNTS; i++) {
       const account = await store.createAccount({ name: `provider ${this.id}.${i}` });
       this.accountIds.push(account.id);
       this.workerIds.push((await store.createWorkerToken(account.id, "w")).workerId);
     }
+  }
+
+  addNetDeposit(account: number, amount: bigint): void {
+    this.netDeposits[account] = (this.netDeposits[account] as bigint) + amount;
   }
 
   credit(account: number, book: keyof Balance, amount: bigint): void {
@@ -386,7 +390,7 @@ class Run {
       }
       const signed = op.kind === "deposit" ? op.amount : -op.amount;
       this.credit(op.account, "available", signed);
-      this.netDeposits[op.account] += signed;
+      this.addNetDeposit(op.account, signed);
       if (!concurrent) expect(outcome.value).toEqual(this.balance(op.account));
       if (idempotencyKey !== undefined) {
         this.keys.set(idempotencyKey, {
@@ -541,8 +545,8 @@ class Run {
     }
     const promptTokens = clamp(input.promptTokens, order.promptTokenBound);
     const completionTokens = clamp(input.completionTokens, order.maxTokens);
-    const fullCost = orderCost(promptTokens, completionTokens, order.priceInput, order.priceOutput);
-    const cost = fullCost < order.hold ? fullCost : order.hold;
+    let cost = orderCost(promptTokens, completionTokens, order.priceInput, order.priceOutput);
+    if (cost > order.hold) cost = order.hold;
     const fee = platformFee(cost, order.feeBasisPoints);
     expect(result).toMatchObject({ status: input.status, promptTokens, completionTokens, cost, fee });
     this.credit(order.consumer, "held", -order.hold);
@@ -615,7 +619,7 @@ class Run {
     for (const { order, input, result } of settlements) this.applySettlement(order, input, result);
   }
 
-  private async release(now: number): Promise<void> {
+  async release(now: number): Promise<void> {
     const due = this.earnings.filter((earning) => !earning.released && earning.maturesAt <= now);
     expect(await store.releaseMaturedEarnings(new Date(now))).toBe(due.length);
     for (const earning of due) {
@@ -643,29 +647,33 @@ class Run {
     const balances = await Promise.all(this.accountIds.map((id) => store.getBalance(id)));
     expect(balances).toEqual(this.books);
 
-    const orders = await Promise.all(this.orders.map((order) => store.getOrder(order.id)));
-    for (const [i, order] of this.orders.entries()) {
-      expect(orders[i]).toMatchObject({ status: order.status, hold: order.hold });
-      if (order.settled) expect(orders[i]).toEqual(order.settled);
+    const orders: OrderRecord[] = [];
+    for (const order of this.orders) {
+      const stored = await store.getOrder(order.id);
+      expect(stored).toMatchObject({ status: order.status, hold: order.hold });
+      if (order.settled) expect(stored).toEqual(order.settled);
+      else
+        expect(stored).toMatchObject({
+          promptTokens: order.checkpointPrompt,
+          completionTokens: order.checkpointCompletion,
+        });
+      orders.push(stored as OrderRecord);
     }
     // What each consumer paid is what its orders cost; what each provider earned is their cost
     // minus the fee; the platform got the fees. Read from the store's own records.
-    for (let account = 0; account < ACCOUNTS; account++) {
-      const id = this.accountIds[account];
+    const final = orders.filter((order) => order.status !== "running");
+    for (const [account, id] of this.accountIds.entries()) {
       const balance = balances[account] as Balance;
-      const asConsumer = orders.filter(
-        (order) => order?.consumerAccountId === id && order.status !== "running",
-      );
-      const asProvider = orders.filter(
-        (order) => order?.providerAccountId === id && order.status !== "running",
-      );
-      const paid = asConsumer.reduce((sum, order) => sum + (order?.cost ?? 0n), 0n);
-      const earned = asProvider.reduce((sum, order) => sum + (order ? order.cost - order.fee : 0n), 0n);
-      expect(this.netDeposits[account] - (balance.available + balance.held + balance.pending)).toBe(
-        paid - earned,
-      );
+      const paid = final
+        .filter((order) => order.consumerAccountId === id)
+        .reduce((sum, order) => sum + order.cost, 0n);
+      const earned = final
+        .filter((order) => order.providerAccountId === id)
+        .reduce((sum, order) => sum + order.cost - order.fee, 0n);
+      const kept = balance.available + balance.held + balance.pending;
+      expect((this.netDeposits[account] as bigint) - kept).toBe(paid - earned);
     }
-    const fees = orders.reduce((sum, order) => sum + (order?.fee ?? 0n), 0n);
+    const fees = final.reduce((sum, order) => sum + order.fee, 0n);
     expect(fees).toBe(this.platformFees);
   }
 }

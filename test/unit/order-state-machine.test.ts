@@ -5,7 +5,7 @@
  * `session.handle`, so every interleaving is forced, none hoped for.
  */
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
-import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, beforeEach, describe, expect, it, vi } from "vitest";
 import { FinishReason } from "../../gen/locallmarket/v1/common_pb.js";
 import {
   ConnectRequestSchema,
@@ -22,7 +22,13 @@ import {
   type RunEvent,
 } from "../../server/market/marketplace.js";
 import { orderCost, platformFee } from "../../server/market/money.js";
-import { WorkerRegistry } from "../../server/market/registry.js";
+import {
+  type JobSink,
+  type JobSpec,
+  type SlotLease,
+  type WorkerConnection,
+  WorkerRegistry,
+} from "../../server/market/registry.js";
 import { type Balance, type OrderRecord, PLATFORM_ACCOUNT_ID } from "../../server/market/store-port.js";
 import { openTestStore, type TestStore } from "../support/database.js";
 
@@ -456,5 +462,122 @@ describe("the order state machine", () => {
     const orders = await db.store.listOrders({ accountId: consumer.account.id, limit: 10 });
     expect(orders.map((order) => order.id)).toEqual([first.orderId]);
     expect((await db.store.getBalance(consumer.account.id)).held).toBe(0n);
+  });
+});
+
+/**
+ * The same guarantees one level down: a scripted WorkerConnection hands the test the very sinks
+ * the order gave each attempt, so a superseded attempt can speak after its session would have
+ * stopped it. The order itself must ignore it.
+ */
+describe("the order state machine, scripted at the connection", () => {
+  interface Assigned {
+    job: JobSpec;
+    sink: JobSink;
+    cancelled: string[];
+  }
+
+  function scriptedConnection(workerId: string, price: bigint): WorkerConnection & { jobs: Assigned[] } {
+    const jobs: Assigned[] = [];
+    let active = 0;
+    const connection: WorkerConnection & { jobs: Assigned[] } = {
+      workerId,
+      providerAccountId,
+      name: workerId,
+      draining: false,
+      jobs,
+      get activeJobs() {
+        return active;
+      },
+      offers: [
+        {
+          model: "m",
+          pricePerMillionInput: price,
+          pricePerMillionOutput: price,
+          advertisedTokensPerSecond: 100,
+          maxConcurrency: 4,
+          contextLength: 0,
+          quantization: "",
+          engine: "scripted",
+        },
+      ],
+      reserve(): SlotLease {
+        active += 1;
+        let assigned: Assigned | null = null;
+        return {
+          connection,
+          assign(job, sink) {
+            assigned = { job, sink, cancelled: [] };
+            jobs.push(assigned);
+          },
+          acknowledge() {},
+          cancel(reason) {
+            assigned?.cancelled.push(reason);
+          },
+          release() {
+            active -= 1;
+          },
+        };
+      },
+    };
+    return connection;
+  }
+
+  async function workerIds(): Promise<{ a: string; b: string }> {
+    const a = await db.store.createWorkerToken(providerAccountId, "a");
+    const b = await db.store.createWorkerToken(providerAccountId, "b");
+    return { a: a.workerId, b: b.workerId };
+  }
+
+  it("a superseded attempt's done, failure and chunk change nothing; one failure, one fallback", async () => {
+    const ids = await workerIds();
+    const a = scriptedConnection(ids.a, 1_000n);
+    const b = scriptedConnection(ids.b, 2_000n);
+    registry.register(a);
+    registry.register(b);
+    const before = await balances();
+    const run = await market.startCompletion(consumer, request());
+    const first = a.jobs[0] as Assigned;
+    first.sink.failed("ENGINE_ERROR: boom", "error");
+    // The same attempt reports again, then finishes and chats: the order must not move twice.
+    first.sink.failed("ENGINE_ERROR: boom again", "error");
+    first.sink.chunk("stale", 1, 1n);
+    first.sink.done("stop", { promptTokens: 1, completionTokens: 1 });
+    expect(first.cancelled.length).toBe(1);
+    const second = await vi.waitFor(() => {
+      const job = b.jobs[0];
+      if (!job) throw new Error("no fallback yet");
+      return job;
+    });
+    first.sink.chunk("still stale", 1, 2n);
+    second.sink.chunk("fresh", 1, 1n);
+    first.sink.done("stop", null);
+    second.sink.done("stop", { promptTokens: 2, completionTokens: 1 });
+    second.sink.done("length", { promptTokens: 2, completionTokens: 99 });
+    const { text, last } = await consume(run);
+    expect(text).toBe("fresh");
+    expect(last).toMatchObject({ type: "finish", finishReason: "stop" });
+    expect(b.jobs).toHaveLength(1);
+    const order = (await db.store.getOrder(run.orderId)) as OrderRecord;
+    expect(order).toMatchObject({ status: "completed", workerId: ids.b, completionTokens: 1, promptTokens: 2 });
+    expect(await ledgerKinds(run.orderId)).toEqual(["hold", "reassign", "settle"]);
+    await expectPaid(before, order);
+  });
+
+  it("a consumer leaving mid-fallback: the fallback's slot is given back unused", async () => {
+    const ids = await workerIds();
+    const a = scriptedConnection(ids.a, 1_000n);
+    const b = scriptedConnection(ids.b, 2_000n);
+    registry.register(a);
+    registry.register(b);
+    const run = await market.startCompletion(consumer, request());
+    (a.jobs[0] as Assigned).sink.failed("ENGINE_ERROR: boom", "error");
+    run.cancel("consumer disconnected");
+    const { last } = await consume(run);
+    expect(last).toMatchObject({ type: "error", error: { code: "cancelled" } });
+    await market.whenSettled(run.orderId);
+    await vi.waitFor(() => expect(b.activeJobs).toBe(0));
+    expect(b.jobs).toHaveLength(0);
+    expect((await db.store.getOrder(run.orderId))?.status).toBe("cancelled");
   });
 });

@@ -27,6 +27,7 @@ import {
   type GenerationResult,
 } from "../../worker/engines/engine.js";
 import { OpenAiEngine } from "../../worker/engines/openai-engine.js";
+import { JobOutbox, type OutgoingChunk } from "../../worker/job-outbox.js";
 import {
   AGENT_VERSION,
   PROTOCOL_VERSION,
@@ -546,6 +547,36 @@ describe("WorkerLink flow control", () => {
       code: JobFailureCode.ENGINE_ERROR,
       message: "GPU on fire",
     });
+  });
+});
+
+describe("JobOutbox", () => {
+  function outbox(window: number) {
+    const sent: OutgoingChunk[] = [];
+    const box = new JobOutbox({ window, maxChunkBytes: 0, bufferBytes: 1 << 16, send: (c) => sent.push(c) });
+    return { box, sent };
+  }
+
+  it("does not let an acknowledgement of unsent chunks open the window further", () => {
+    const { box, sent } = outbox(1);
+    box.push({ text: "a", tokenCount: 1 });
+    box.acknowledge(5n);
+    box.push({ text: "b", tokenCount: 1 });
+    box.push({ text: "c", tokenCount: 1 });
+    expect(sent.map((c) => c.text)).toEqual(["a", "b"]);
+    box.acknowledge(2n);
+    expect(sent.map((c) => c.text)).toEqual(["a", "b", "c"]);
+  });
+
+  it("ignores an acknowledgement lower than one already received", () => {
+    const { box, sent } = outbox(1);
+    box.push({ text: "a", tokenCount: 1 });
+    box.acknowledge(1n);
+    box.push({ text: "b", tokenCount: 1 });
+    box.push({ text: "c", tokenCount: 1 });
+    box.acknowledge(1n);
+    box.acknowledge(0n);
+    expect(sent.map((c) => c.sequence)).toEqual([1n, 2n]);
   });
 });
 
