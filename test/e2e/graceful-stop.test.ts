@@ -213,6 +213,8 @@ describe("graceful stop", () => {
     for (const stream of cut) {
       const order = (await server.admin.getOrder({ orderId: stream.orderId })).order;
       expect(statusName(order?.status ?? 0)).not.toBe("running");
+      // Paid at most for what reached the consumer (every token is the same size).
+      expect(order?.completionTokens).toBeLessThanOrEqual(stream.text.length / tokenText(0).length);
       charged += order?.cost ?? 0n;
     }
     expect(before.available - after.available).toBe(charged);
