@@ -53,6 +53,27 @@ export interface WorkerProcess {
   stop(): Promise<void>;
 }
 
+/** Account and balance helpers over an AdminService client, shared by every kind of test market. */
+export function accountHelpers(admin: Client<typeof AdminService>): Pick<TestMarket, "account" | "balance"> {
+  return {
+    async account(name, depositCredits = 0) {
+      const created = await admin.createAccount({
+        name,
+        initialDeposit: BigInt(Math.round(depositCredits * 1_000_000)),
+      });
+      return { accountId: created.account?.id ?? "", apiKey: created.apiKey };
+    },
+    async balance(accountId) {
+      const { balance } = await admin.getBalance({ accountId });
+      return {
+        available: balance?.available ?? 0n,
+        held: balance?.held ?? 0n,
+        pending: balance?.pending ?? 0n,
+      };
+    },
+  };
+}
+
 export async function startTestMarket(overrides: Partial<ServerConfig> = {}): Promise<TestMarket> {
   const database = await createTestDatabase();
   const dataDir = database.dataDir;
@@ -81,21 +102,7 @@ export async function startTestMarket(overrides: Partial<ServerConfig> = {}): Pr
     admin,
     openai: (apiKey) =>
       new OpenAI({ baseURL: `${plane.httpUrl}/v1`, apiKey, maxRetries: 0, timeout: 20_000 }),
-    async account(name, depositCredits = 0) {
-      const created = await admin.createAccount({
-        name,
-        initialDeposit: BigInt(Math.round(depositCredits * 1_000_000)),
-      });
-      return { accountId: created.account?.id ?? "", apiKey: created.apiKey };
-    },
-    async balance(accountId) {
-      const { balance } = await admin.getBalance({ accountId });
-      return {
-        available: balance?.available ?? 0n,
-        held: balance?.held ?? 0n,
-        pending: balance?.pending ?? 0n,
-      };
-    },
+    ...accountHelpers(admin),
     async worker(options) {
       const { workerToken, workerId } = await admin.createWorkerToken({
         accountId: options.accountId,

@@ -13,7 +13,7 @@ import OpenAI from "openai";
 import { AdminService, OrderStatus } from "../../gen/locallmarket/v1/admin_pb.js";
 import { adminTokenHeaderInterceptor } from "../../server/admin/admin-auth.js";
 import type { TestDatabase } from "./database.js";
-import { REPO_ROOT } from "./market.js";
+import { accountHelpers, REPO_ROOT } from "./market.js";
 
 const CLI = join(REPO_ROOT, "bin/locallmarket.js");
 const ADMIN_TOKEN = "test-admin-token";
@@ -152,21 +152,7 @@ export async function startServerProcess(
     printed: captured.printed,
     exited: captured.exited,
     alive: () => child.exitCode === null && child.signalCode === null,
-    async account(name, depositCredits = 0) {
-      const created = await admin.createAccount({
-        name,
-        initialDeposit: BigInt(Math.round(depositCredits * 1_000_000)),
-      });
-      return { accountId: created.account?.id ?? "", apiKey: created.apiKey };
-    },
-    async balance(accountId) {
-      const { balance } = await admin.getBalance({ accountId });
-      return {
-        available: balance?.available ?? 0n,
-        held: balance?.held ?? 0n,
-        pending: balance?.pending ?? 0n,
-      };
-    },
+    ...accountHelpers(admin),
     async worker(options) {
       const { workerToken, workerId } = await admin.createWorkerToken({
         accountId: options.accountId,

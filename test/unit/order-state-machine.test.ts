@@ -19,6 +19,7 @@ import {
   type CompletionRequest,
   type Consumer,
   Marketplace,
+  type MarketplaceOptions,
   type RunEvent,
 } from "../../server/market/marketplace.js";
 import { orderCost, platformFee } from "../../server/market/money.js";
@@ -184,10 +185,9 @@ afterAll(async () => {
   await db?.close();
 });
 
-beforeEach(async () => {
-  for (const session of sessions.splice(0)) session.close("next test");
+/** A new Marketplace on the current registry (the previous one is closed first). */
+async function openMarket(overrides: Partial<MarketplaceOptions> = {}): Promise<void> {
   await market?.close();
-  registry = new WorkerRegistry();
   market = new Marketplace(
     db.store,
     registry,
@@ -199,9 +199,16 @@ beforeEach(async () => {
       queueTimeoutMs: 30_000,
       maxQueue: 2,
       checkpointIntervalMs: 60_000,
+      ...overrides,
     },
     silentLog,
   );
+}
+
+beforeEach(async () => {
+  for (const session of sessions.splice(0)) session.close("next test");
+  registry = new WorkerRegistry();
+  await openMarket();
   const account = await db.store.createAccount({ name: `consumer-${sessions.length}-${Date.now()}` });
   const { key } = await db.store.createApiKey(account.id, "k");
   await db.store.deposit(account.id, 10_000_000n);
@@ -210,20 +217,7 @@ beforeEach(async () => {
 
 describe("the order state machine", () => {
   it("ignores the cancelled worker's late JobDone after a first-token timeout; the next worker serves and is paid", async () => {
-    market = new Marketplace(
-      db.store,
-      registry,
-      {
-        feeBasisPoints: FEE_BPS,
-        defaultMaxTokens: 100,
-        firstTokenTimeoutMs: 200,
-        jobTimeoutMs: 60_000,
-        queueTimeoutMs: 30_000,
-        maxQueue: 10,
-        checkpointIntervalMs: 60_000,
-      },
-      silentLog,
-    );
+    await openMarket({ firstTokenTimeoutMs: 200, maxQueue: 10 });
     const silent = await scriptedWorker("silent", { input: 1_000n, output: 1_000n });
     const backup = await scriptedWorker("backup", { input: 3_000n, output: 5_000n });
     const before = await balances();
@@ -375,20 +369,7 @@ describe("the order state machine", () => {
   });
 
   it("reserves slots synchronously: 8 requests on a worker of 4 slots run 4 at a time, the rest wait", async () => {
-    market = new Marketplace(
-      db.store,
-      registry,
-      {
-        feeBasisPoints: FEE_BPS,
-        defaultMaxTokens: 100,
-        firstTokenTimeoutMs: 60_000,
-        jobTimeoutMs: 60_000,
-        queueTimeoutMs: 30_000,
-        maxQueue: 4,
-        checkpointIntervalMs: 60_000,
-      },
-      silentLog,
-    );
+    await openMarket({ maxQueue: 4 });
     const worker = await scriptedWorker("quad", { input: 1_000n, output: 1_000n }, 4);
     const runs = await Promise.all(
       Array.from({ length: 4 }, () => market.startCompletion(consumer, request({ stream: false }))),
@@ -559,7 +540,12 @@ describe("the order state machine, scripted at the connection", () => {
     expect(last).toMatchObject({ type: "finish", finishReason: "stop" });
     expect(b.jobs).toHaveLength(1);
     const order = (await db.store.getOrder(run.orderId)) as OrderRecord;
-    expect(order).toMatchObject({ status: "completed", workerId: ids.b, completionTokens: 1, promptTokens: 2 });
+    expect(order).toMatchObject({
+      status: "completed",
+      workerId: ids.b,
+      completionTokens: 1,
+      promptTokens: 2,
+    });
     expect(await ledgerKinds(run.orderId)).toEqual(["hold", "reassign", "settle"]);
     await expectPaid(before, order);
   });
