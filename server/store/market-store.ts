@@ -162,8 +162,8 @@ export class SqlMarketStore implements MarketStore {
         };
       },
       async (em, response) => {
-        const account = await em.findOneOrFail(Account, { id: response.accountId as string });
-        const key = await em.findOneOrFail(ApiKey, { id: response.apiKeyId as string });
+        const account = await em.findOneOrFail(Account, { id: response.accountId });
+        const key = await em.findOneOrFail(ApiKey, { id: response.apiKeyId });
         return {
           account: toAccountRecord(account),
           apiKey: toApiKeyRecord(key),
@@ -411,12 +411,12 @@ export class SqlMarketStore implements MarketStore {
   }
 
   /**
-   * Runs `work` in a transaction, under Stripe's idempotency semantics when a key is given: the
-   * key's row is inserted in the same transaction as the money, so it commits with it or not at
-   * all (a refused request, e.g. for insufficient credits, leaves the key free). A key already
-   * used replays the stored response when the request is the same and is refused otherwise. Two
-   * first uses racing each other both get past the lookup; the primary key lets one commit and
-   * the other re-reads the winner's row.
+   * Runs `work` in a transaction, under Stripe's idempotency semantics when a key is given. The
+   * key's row is claimed first, in the same transaction as the money, so it commits with it or
+   * not at all (a refused request, e.g. for insufficient credits, leaves the key free). The
+   * primary key arbitrates between concurrent first uses: a second claim of the same key waits
+   * for the first transaction to end, then finds its row and replays the stored response (same
+   * request) or is refused (another request); if the first rolled back, the second claims the key.
    */
   private async idempotent<T>(
     key: string | undefined,
@@ -424,28 +424,25 @@ export class SqlMarketStore implements MarketStore {
     work: (em: EntityManager) => Promise<{ result: T; response: Record<string, string> }>,
     replay: (em: EntityManager, response: Record<string, string>) => Promise<T>,
   ): Promise<T> {
-    if (key === undefined) return this.transaction(async (em) => (await work(em)).result);
-    try {
-      return await this.transaction(async (em) => {
-        const prior = await em.findOne(IdempotencyKey, { key });
-        if (prior) return replay(em, priorResponse(prior, key, request));
-        const { result, response } = await work(em);
-        em.create(IdempotencyKey, {
-          key,
-          operation: request.operation,
-          requestFingerprint: JSON.stringify(request.parameters),
-          response,
-          createdAt: new Date(),
-        });
-        return result;
-      });
-    } catch (error) {
-      if (!(error instanceof UniqueConstraintViolationException)) throw error;
-      const em = this.em();
-      const prior = await em.findOne(IdempotencyKey, { key });
-      if (!prior) throw error;
-      return replay(em, priorResponse(prior, key, request));
-    }
+    return this.transaction(async (em) => {
+      if (key === undefined) return (await work(em)).result;
+      const claimed = await em.execute<{ key: string }[]>(
+        `insert into idempotency_keys (key, operation, request_fingerprint, response, created_at)
+         values (?, ?, ?, '{}'::jsonb, ?::timestamptz)
+         on conflict (key) do nothing returning key`,
+        [key, request.operation, JSON.stringify(request.parameters), new Date().toISOString()],
+      );
+      if (claimed.length === 0) {
+        const prior = await em.findOneOrFail(IdempotencyKey, { key });
+        return replay(em, priorResponse(prior, key, request));
+      }
+      const { result, response } = await work(em);
+      await em.execute("update idempotency_keys set response = ?::jsonb where key = ?", [
+        JSON.stringify(response),
+        key,
+      ]);
+      return result;
+    });
   }
 
   // Orders.

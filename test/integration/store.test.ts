@@ -260,6 +260,13 @@ describe("SqlMarketStore", () => {
       }
       const won = (applied[0] as PromiseFulfilledResult<Balance>).value.available - CREDIT;
       expect(await store.getBalance(accountId)).toEqual(balance(CREDIT + won));
+
+      // Retries of a withdrawal of the whole balance: the later ones are replays, not refusals.
+      const withdrawals = await Promise.all(
+        Array.from({ length: 3 }, () => store.withdraw(accountId, CREDIT + won, `all-${accountId}`)),
+      );
+      expect(withdrawals).toEqual(Array(3).fill(balance(0n)));
+      expect(await store.getBalance(accountId)).toEqual(balance(0n));
     });
 
     it("leaves the key free when the request is refused", async () => {
