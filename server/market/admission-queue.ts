@@ -29,11 +29,6 @@ export class AdmissionQueue {
 
   constructor(private readonly options: AdmissionQueueOptions) {}
 
-  /** Requests waiting for a model right now. */
-  waiting(model: string): number {
-    return this.queues.get(model)?.length ?? 0;
-  }
-
   /**
    * Takes a slot at once when `tryAcquire` finds one and nobody is waiting before us; otherwise
    * waits in the model's queue. Rejects with MarketError "no_capacity" (Retry-After) when the queue

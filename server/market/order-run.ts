@@ -150,14 +150,6 @@ export class OrderRun implements AsyncIterable<RunEvent> {
     this.jobTimer.unref();
   }
 
-  get currentState(): OrderState {
-    return this.state;
-  }
-
-  get isFinal(): boolean {
-    return this.outcome !== null;
-  }
-
   /** admitted → dispatched(1). */
   start(): void {
     this.dispatch(this.input.first, "admitted");

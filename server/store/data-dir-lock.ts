@@ -9,7 +9,7 @@
  */
 import { randomUUID } from "node:crypto";
 import { unlinkSync } from "node:fs";
-import { link, readFile, rename, unlink, writeFile } from "node:fs/promises";
+import { link, readFile, stat, unlink, writeFile } from "node:fs/promises";
 import { hostname } from "node:os";
 import { join, resolve } from "node:path";
 
@@ -163,24 +163,39 @@ function isAlive(owner: LockOwner): boolean {
   }
 }
 
+/** A takeover mutex older than this was left by a process that died in the middle of one. */
+const TAKEOVER_STALE_MS = 10_000;
+
 /**
- * Removes a stale lock without removing a fresh one that a competitor created in the meantime:
- * the lock is moved aside atomically, compared with what was judged stale, and put back if it is
- * not that one. True when the stale lock was removed. Exported for the test that plays the race.
+ * Removes a stale lock without ever removing a fresh one. Removals are serialised by a second,
+ * short-lived lock (`lock.takeover`): under it, the lock is removed only if it still holds exactly
+ * the text judged stale. Only a takeover removes a lock, so under the mutex that text cannot be
+ * replaced by a fresh lock (whose nonce makes its text unique) between the read and the unlink.
+ * False when the lock was not removed here (someone else is taking over, or it changed): the
+ * caller looks again. Exported for the test that plays the race.
  */
 export async function removeStaleLock(lockPath: string, staleText: string): Promise<boolean> {
-  const aside = `${lockPath}.stale-${process.pid}-${randomUUID()}`;
+  const mutex = `${lockPath}.takeover`;
+  if (!(await createExclusive(mutex, `${JSON.stringify({ pid: process.pid, at: Date.now() })}\n`))) {
+    await removeAbandonedMutex(mutex);
+    // Let the takeover under way finish before looking again.
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    return false;
+  }
   try {
-    await rename(lockPath, aside);
+    if ((await readText(lockPath)) !== staleText) return false;
+    await unlink(lockPath);
+    return true;
+  } finally {
+    await unlink(mutex).catch(() => {});
+  }
+}
+
+async function removeAbandonedMutex(mutex: string): Promise<void> {
+  try {
+    const { mtimeMs } = await stat(mutex);
+    if (Date.now() - mtimeMs > TAKEOVER_STALE_MS) await unlink(mutex);
   } catch (error) {
-    if ((error as NodeJS.ErrnoException).code === "ENOENT") return false;
-    throw error;
+    if ((error as NodeJS.ErrnoException).code !== "ENOENT") throw error;
   }
-  const isTheStaleOne = (await readText(aside)) === staleText;
-  if (!isTheStaleOne) {
-    // link() fails if yet another lock appeared meanwhile; then that one stands and this one goes.
-    await link(aside, lockPath).catch(() => {});
-  }
-  await unlink(aside);
-  return isTheStaleOne;
 }

@@ -121,6 +121,25 @@ describe("data dir lock", () => {
     await winner.release();
   });
 
+  it("leaves a stale lock alone while another start is taking it over", async () => {
+    const stale: LockOwner = {
+      pid: await deadPid(),
+      startedAt: "2025-01-01T00:00:00.000Z",
+      hostname: hostname(),
+    };
+    const staleText = JSON.stringify(stale);
+    await writeFile(lockPath, staleText);
+    // Another start holds the takeover mutex right now.
+    await writeFile(`${lockPath}.takeover`, "{}");
+
+    expect(await removeStaleLock(lockPath, staleText)).toBe(false);
+
+    expect(await readFile(lockPath, "utf8")).toBe(staleText);
+    await rm(`${lockPath}.takeover`);
+    expect(await removeStaleLock(lockPath, staleText)).toBe(true);
+    expect(await readdir(dataDir)).toEqual([]);
+  });
+
   it("lets exactly one of several racing starts take over a stale lock", async () => {
     const stale: LockOwner = {
       pid: await deadPid(),
