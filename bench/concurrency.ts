@@ -48,7 +48,7 @@ export async function concurrencyBenchmark(context: BenchContext, report: Report
   for (let i = 0; i < 8; i++) {
     await chatCompletion(url, warmUp.apiKey, { model: MODEL, messages: [{ role: "user", content: "hi" }] });
   }
-  const providerBefore = (await store.getBalance(providerAccountId)).available;
+  const providerBefore = (await store.getBalance(providerAccountId)).pending;
   const platformBefore = (await store.getBalance(PLATFORM_ACCOUNT_ID)).available;
 
   const memoryBefore = settledMemory();
@@ -183,7 +183,7 @@ export async function concurrencyBenchmark(context: BenchContext, report: Report
     if (balance.held !== 0n) broken.push(`${account.accountId} still holds ${balance.held} µc`);
     debited += credits(DEPOSIT_CREDITS) - balance.available;
   }
-  const providerGot = (await store.getBalance(providerAccountId)).available - providerBefore;
+  const providerGot = (await store.getBalance(providerAccountId)).pending - providerBefore;
   const platformGot = (await store.getBalance(PLATFORM_ACCOUNT_ID)).available - platformBefore;
   if (debited !== paidByConsumers) {
     broken.push(
