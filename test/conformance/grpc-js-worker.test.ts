@@ -263,6 +263,38 @@ describe("a grpc-js worker built from the .proto files alone", () => {
     await hangUp(call);
   });
 
+  it.each([
+    ["a first message that is not Hello", () => Promise.resolve({ heartbeat: { activeJobs: 0 } })],
+    [
+      "a Hello without offers",
+      async () => {
+        const provider = await market.account("offerless-provider");
+        const { workerToken } = await market.admin.createWorkerToken({ accountId: provider.accountId });
+        return { hello: { workerToken, offers: [] } };
+      },
+    ],
+  ])("is rejected with INVALID_HELLO, then INVALID_ARGUMENT, for %s", async (_case, firstMessage) => {
+    const first = await firstMessage();
+    const call = (client as unknown as { connect(): WorkerCall }).connect();
+    const incoming = inbox(call);
+    const status = new Promise<grpc.ServiceError>((resolve) => call.on("error", resolve));
+    call.write(first);
+    const reject = await incoming.next();
+    expect(reject.message).toBe("reject");
+    expect((reject.reject as { code: string }).code).toBe("REJECT_CODE_INVALID_HELLO");
+    expect((await status).code).toBe(grpc.status.INVALID_ARGUMENT);
+  });
+
+  it("ends a stream whose message exceeds 16 MiB with RESOURCE_EXHAUSTED", async () => {
+    const call = (client as unknown as { connect(): WorkerCall }).connect();
+    const status = new Promise<grpc.ServiceError>((resolve) => call.on("error", resolve));
+    call.on("data", () => {});
+    call.write({
+      hello: { workerToken: "wt-llm-x", workerName: "x".repeat(16 * 1024 * 1024 + 1), offers: [] },
+    });
+    expect((await status).code).toBe(grpc.status.RESOURCE_EXHAUSTED);
+  });
+
   it("is rejected with UNAUTHENTICATED and a Reject message for an unknown token", async () => {
     const call = (client as unknown as { connect(): WorkerCall }).connect();
     const incoming = inbox(call);
