@@ -17,9 +17,11 @@ import { adminAuthInterceptor, loadAdminToken } from "./admin/admin-auth.js";
 import { createAdminService } from "./admin/admin-service.js";
 import type { ServerConfig } from "./config.js";
 import { registerChatCompletions } from "./http/chat-completions.js";
+import { registerCompletions } from "./http/completions.js";
 import { registerHealth } from "./http/health.js";
 import { registerModels } from "./http/models.js";
 import { openAiErrorHandler, sendOpenAiError } from "./http/openai-error.js";
+import { registerResponses } from "./http/responses.js";
 import { createWorkerService } from "./link/worker-service.js";
 import { WorkerSession } from "./link/worker-session.js";
 import { MarketError } from "./market/errors.js";
@@ -51,6 +53,8 @@ export interface ControlPlane {
 
 /** Largest message on the worker stream or the admin API (a chunk, a job with its prompt). */
 const MAX_RPC_MESSAGE_BYTES = 16 * 1024 * 1024;
+/** How long a gRPC connection may take to end its streams once the server closes it. */
+const GRPC_CLOSE_GRACE_MS = 2_000;
 /** Flow-control window per job, in chunks (Welcome.job_window_chunks). */
 const JOB_WINDOW_CHUNKS = 64;
 /** The longest pause between two releases of matured provider earnings. */
@@ -100,12 +104,15 @@ export async function startControlPlane(config: ServerConfig): Promise<ControlPl
   );
   registerHealth(app, registry);
   registerModels(app, registry);
-  registerChatCompletions(app, {
+  const runEndpoint = {
     store,
     marketplace,
     keepAliveMs: config.keepAliveMs,
     slowReaderTimeoutMs: config.slowReaderTimeoutMs,
-  });
+  };
+  registerChatCompletions(app, runEndpoint);
+  registerCompletions(app, runEndpoint);
+  registerResponses(app, runEndpoint);
   await app.register(fastifyConnectPlugin, {
     routes: (router) => router.service(AdminService, adminService, { interceptors: adminInterceptors }),
     readMaxBytes: MAX_RPC_MESSAGE_BYTES,
@@ -217,7 +224,11 @@ export async function startControlPlane(config: ServerConfig): Promise<ControlPl
       const httpClosed = app.close();
       shutdown.abort();
       const grpcClosed = new Promise<void>((resolve) => grpcServer.close(() => resolve()));
-      for (const session of grpcSessions) session.close();
+      for (const session of grpcSessions) {
+        session.close();
+        // A stream the peer never finishes (one that broke mid-message) would hold close() forever.
+        setTimeout(() => session.destroy(), GRPC_CLOSE_GRACE_MS).unref();
+      }
       await grpcClosed;
       await httpClosed;
       await database.close();

@@ -12,7 +12,7 @@ import { pathToFileURL } from "node:url";
 import { formatCredits } from "../server/market/money.js";
 import type { Engine } from "./engines/engine.js";
 import { OpenAiEngine } from "./engines/openai-engine.js";
-import { AGENT_VERSION, WorkerLink, WorkerRejectedError } from "./link-client.js";
+import { AGENT_VERSION, type OfferCapabilities, WorkerLink, WorkerRejectedError } from "./link-client.js";
 import { parseWorkerArgs, type WorkerOptions, WorkerOptionsError } from "./options.js";
 
 /** Where the CLI reads its environment and writes its output (tests replace these). */
@@ -62,7 +62,8 @@ export async function runWorkerCli(argv: string[], io: WorkerCliIo = {}): Promis
     `${AGENT_VERSION}: selling model "${options.model}" from ${engineDescription} ` +
       `to ${options.server} as "${options.name}"; price ${formatCredits(options.pricePerMillionInput)} in / ` +
       `${formatCredits(options.pricePerMillionOutput)} out credits per 1M tokens, ` +
-      `concurrency ${options.concurrency}, advertised ${options.tokensPerSecond} tok/s`,
+      `concurrency ${options.concurrency}, advertised ${options.tokensPerSecond} tok/s, ` +
+      `capabilities: ${describeCapabilities(options.capabilities)}`,
   );
 
   let engine: Engine;
@@ -78,14 +79,22 @@ export async function runWorkerCli(argv: string[], io: WorkerCliIo = {}): Promis
       log(`loading ${options.engine.modelPath}`);
       // Imported lazily: node-llama-cpp is only needed (and only loaded) for this engine.
       const { LlamaCppEngine } = await import("./engines/llama-cpp-engine.js");
+      const { engine: llamaOptions } = options;
+      // Without --context-size the engine runs with the context offered, if one was given.
+      const contextSize =
+        llamaOptions.contextSize ?? (options.contextLength > 0 ? options.contextLength : undefined);
       const llamaEngine = await LlamaCppEngine.load({
-        modelPath: options.engine.modelPath,
+        modelPath: llamaOptions.modelPath,
         concurrency: options.concurrency,
-        ...(options.contextLength > 0 ? { contextLength: options.contextLength } : {}),
+        gpu: llamaOptions.gpu === "off" ? false : llamaOptions.gpu,
+        ...(llamaOptions.threads !== undefined ? { threads: llamaOptions.threads } : {}),
+        ...(contextSize !== undefined ? { contextSize } : {}),
       });
-      contextLength = llamaEngine.contextSize;
+      if (contextLength === 0) contextLength = llamaEngine.contextLength;
       log(
-        `model loaded: context ${llamaEngine.contextSize} tokens x ${llamaEngine.concurrency} sequence(s), ` +
+        `model loaded on ${llamaEngine.backend === "cpu" ? "the CPU" : llamaEngine.backend} with ` +
+          `${llamaEngine.threads} thread(s): context ${llamaEngine.contextLength} tokens x ` +
+          `${llamaEngine.concurrency} sequence(s), ` +
           `${llamaEngine.hasChatTemplate ? "chat template from the GGUF" : "no chat template (raw prompt)"}`,
       );
       engine = llamaEngine;
@@ -113,6 +122,7 @@ export async function runWorkerCli(argv: string[], io: WorkerCliIo = {}): Promis
         maxConcurrency: options.concurrency,
         contextLength,
         engine: engine.name,
+        capabilities: options.capabilities,
       },
     ],
   });
@@ -151,6 +161,13 @@ export async function runWorkerCli(argv: string[], io: WorkerCliIo = {}): Promis
     await engine.close().catch(() => undefined);
   }
   return code;
+}
+
+function describeCapabilities(capabilities: OfferCapabilities): string {
+  const names = Object.entries(capabilities)
+    .filter(([, on]) => on)
+    .map(([name]) => name);
+  return names.length > 0 ? names.join(", ") : "none";
 }
 
 function isEntryScript(): boolean {

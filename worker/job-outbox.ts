@@ -8,18 +8,25 @@
  * are merged: when a JobWindow reopens it, the waiting text leaves as one chunk (split at
  * `maxChunkBytes`, never inside a character) whose token_count is the sum of its pieces'.
  *
- * Once `bufferBytes` of text wait, push() returns a promise that settles when the window has taken
+ * Tool-call fragments and log-probabilities travel with their piece's text: merged pieces
+ * concatenate their lists in order, and a piece split at `maxChunkBytes` is split between two of
+ * its tokens (its log-probabilities name them), so every chunk's log-probabilities are those of
+ * its own text. A piece's tool-call fragments leave with its last part, after its text.
+ *
+ * Once `bufferBytes` of output wait, push() returns a promise that settles when the window has taken
  * them: the job's loop awaits it, so the engine is read no faster than the consumer reads (the
  * openai engine's HTTP response stays unread and TCP pushes back on the engine; node-llama-cpp
  * evaluates the next token only when the loop asks for it).
  */
-import type { EnginePiece } from "./engines/engine.js";
+import type { EnginePiece, TokenLogprob, ToolCallDelta } from "./engines/engine.js";
 
 /** One JobChunk, without its job id. */
 export interface OutgoingChunk {
   sequence: bigint;
   text: string;
   tokenCount: number;
+  toolCalls: ToolCallDelta[];
+  logprobs: TokenLogprob[];
 }
 
 /** Options of {@link JobOutbox}. */
@@ -28,7 +35,10 @@ export interface JobOutboxOptions {
   window: number;
   /** The largest chunk text, in UTF-8 bytes; 0 means no limit. */
   maxChunkBytes: number;
-  /** How much text may wait for the window before push() makes the producer wait, in UTF-8 bytes. */
+  /**
+   * How much output may wait for the window before push() makes the producer wait, in UTF-8 bytes
+   * of text and tool-call fragments.
+   */
   bufferBytes: number;
   /** Sends one chunk; called synchronously from push() and acknowledge(). */
   send: (chunk: OutgoingChunk) => void;
@@ -38,6 +48,10 @@ interface PendingPiece {
   text: string;
   bytes: number;
   tokenCount: number;
+  toolCalls: ToolCallDelta[];
+  /** Bytes of the tool-call fragments, counted against `bufferBytes`. */
+  toolCallBytes: number;
+  logprobs: TokenLogprob[];
 }
 
 /** The chunks of one job, sent within its window. */
@@ -71,10 +85,29 @@ export class JobOutbox {
    * outbox is closed. Pieces pushed after close() are dropped.
    */
   push(piece: EnginePiece): Promise<void> | undefined {
-    if (this.closed || (piece.text === "" && piece.tokenCount === 0)) return undefined;
+    const toolCalls = piece.toolCalls ?? [];
+    const logprobs = piece.logprobs ?? [];
+    const empty =
+      piece.text === "" && piece.tokenCount === 0 && toolCalls.length === 0 && logprobs.length === 0;
+    if (this.closed || empty) return undefined;
     const bytes = Buffer.byteLength(piece.text);
-    this.pending.push({ text: piece.text, bytes, tokenCount: piece.tokenCount });
-    this.pendingBytes += bytes;
+    const toolCallBytes = toolCalls.reduce(
+      (sum, call) =>
+        sum +
+        Buffer.byteLength(call.arguments) +
+        Buffer.byteLength(call.id ?? "") +
+        Buffer.byteLength(call.name ?? ""),
+      0,
+    );
+    this.pending.push({
+      text: piece.text,
+      bytes,
+      tokenCount: piece.tokenCount,
+      toolCalls,
+      toolCallBytes,
+      logprobs,
+    });
+    this.pendingBytes += bytes + toolCallBytes;
     this.flush();
     if (this.pendingBytes < this.options.bufferBytes) return undefined;
     return this.until(() => this.pendingBytes < this.options.bufferBytes);
@@ -117,32 +150,39 @@ export class JobOutbox {
     let text = "";
     let bytes = 0;
     let tokenCount = 0;
+    let taken = 0;
+    const toolCalls: ToolCallDelta[] = [];
+    const logprobs: TokenLogprob[] = [];
     for (let head = this.pending[0]; head; head = this.pending[0]) {
       if (bytes + head.bytes <= maxBytes) {
         text += head.text;
         bytes += head.bytes;
         tokenCount += head.tokenCount;
+        toolCalls.push(...head.toolCalls);
+        logprobs.push(...head.logprobs);
+        taken += head.bytes + head.toolCallBytes;
         this.pending.shift();
         continue;
       }
       // The piece does not fit: its first characters fill the chunk (at least one character, so a
       // limit below one character's size cannot stall the job).
-      const part = utf8Prefix(head.text, maxBytes - bytes, bytes === 0);
+      const part = splitPiece(head, maxBytes - bytes, bytes === 0);
       if (part.bytes === 0) break;
-      // Tokens follow the text, each at least one byte, so the part carries at most its size.
-      const partTokens = Math.min(head.tokenCount, part.bytes);
       text += part.text;
       bytes += part.bytes;
-      tokenCount += partTokens;
+      tokenCount += part.tokenCount;
+      logprobs.push(...part.logprobs);
+      taken += part.bytes;
       head.text = head.text.slice(part.text.length);
       head.bytes -= part.bytes;
-      head.tokenCount -= partTokens;
+      head.tokenCount -= part.tokenCount;
+      head.logprobs = head.logprobs.slice(part.logprobs.length);
       break;
     }
-    this.pendingBytes -= bytes;
+    this.pendingBytes -= taken;
     this.sent += 1n;
     this.tokens += tokenCount;
-    this.options.send({ sequence: this.sent, text, tokenCount });
+    this.options.send({ sequence: this.sent, text, tokenCount, toolCalls, logprobs });
   }
 
   private async until(condition: () => boolean): Promise<void> {
@@ -154,6 +194,49 @@ export class JobOutbox {
   private wake(): void {
     for (const resolve of this.wakers.splice(0)) resolve();
   }
+}
+
+/**
+ * The first part of a piece that does not fit a chunk: at most `maxBytes` UTF-8 bytes of its text
+ * (at least one character, or token, if `atLeastOne`), with the tokens that produced it.
+ */
+function splitPiece(
+  piece: PendingPiece,
+  maxBytes: number,
+  atLeastOne: boolean,
+): { text: string; bytes: number; tokenCount: number; logprobs: TokenLogprob[] } {
+  if (piece.logprobs.length > 0 && piece.logprobs.map((entry) => entry.token).join("") === piece.text) {
+    // The piece's tokens are known: cut between two of them, so each part keeps its own tokens'
+    // log-probabilities.
+    let length = 0;
+    let bytes = 0;
+    let count = 0;
+    for (const entry of piece.logprobs) {
+      const entryBytes = Buffer.byteLength(entry.token);
+      if (bytes + entryBytes > maxBytes) break;
+      length += entry.token.length;
+      bytes += entryBytes;
+      count += 1;
+    }
+    if (count > 0 || !atLeastOne) {
+      return {
+        text: piece.text.slice(0, length),
+        bytes,
+        tokenCount: Math.min(piece.tokenCount, count),
+        logprobs: piece.logprobs.slice(0, count),
+      };
+    }
+    // A single token longer than a chunk: the chunk limit wins, and the token's log-probability
+    // goes with its first characters.
+    const part = utf8Prefix(piece.text, maxBytes, true);
+    return { ...part, tokenCount: Math.min(piece.tokenCount, 1), logprobs: piece.logprobs.slice(0, 1) };
+  }
+  // Log-probabilities that do not spell the text cannot be divided: they stay with the piece's
+  // first part, the start of the text they describe.
+  const part = utf8Prefix(piece.text, maxBytes, atLeastOne);
+  // Tokens follow the text, each at least one byte, so the part carries at most its size.
+  const tokenCount = Math.min(piece.tokenCount, part.bytes);
+  return { ...part, tokenCount, logprobs: part.bytes > 0 ? piece.logprobs : [] };
 }
 
 /** The longest prefix of `text` of at most `maxBytes` UTF-8 bytes (at least one character if `atLeastOne`). */

@@ -5,7 +5,8 @@
  * `WorkerService.Connect` stream (gRPC over HTTP/2), sends Hello, waits for Welcome, sends heartbeats
  * at the interval the server asked for, runs assigned jobs on the engine (up to `concurrency` at
  * once) and streams JobAccepted / JobChunk / JobDone / JobFailed, each job's chunks within its
- * flow-control window ({@link JobOutbox}). It answers JobWindow, JobCancel, Drain, Ping and Reject,
+ * flow-control window ({@link JobOutbox}), tool-call fragments and log-probabilities included;
+ * offers declare their {@link OfferCapabilities}. It answers JobWindow, JobCancel, Drain, Ping and Reject,
  * and reconnects with exponential backoff and jitter whenever the stream ends, except after a
  * Reject that tells this worker not to (see {@link FINAL_REJECTS}).
  *
@@ -18,7 +19,14 @@ import { EventEmitter } from "node:events";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
-import { FinishReason, type Offer, OfferSchema, UsageSchema } from "../gen/locallmarket/v1/common_pb.js";
+import {
+  CapabilitiesSchema,
+  FinishReason,
+  type Offer,
+  OfferSchema,
+  ResponseFormat_Type,
+  UsageSchema,
+} from "../gen/locallmarket/v1/common_pb.js";
 import {
   type ConnectRequest,
   ConnectRequestSchema,
@@ -26,6 +34,7 @@ import {
   type Drain,
   type JobAssign,
   type JobCancel,
+  type JobChunkSchema,
   JobFailureCode,
   type Reject,
   RejectCode,
@@ -38,16 +47,34 @@ import {
   type Engine,
   EngineError,
   type EngineFinishReason,
+  type EngineResponseFormat,
   type EngineSampling,
+  type EngineTool,
+  type EngineToolChoice,
+  type GenerateRequest,
   type GenerationResult,
   runGeneration,
 } from "./engines/engine.js";
-import { JobOutbox } from "./job-outbox.js";
+import { JobOutbox, type OutgoingChunk } from "./job-outbox.js";
 
 /** The implementation name and version sent in Hello.agent_version. */
 export const AGENT_VERSION = "locallmarket-worker/0.1.0";
 /** The wire protocol version this worker implements. */
 export const PROTOCOL_VERSION = 1;
+
+/** What an offer supports beyond plain chat (Offer.capabilities); the market routes by it. */
+export interface OfferCapabilities {
+  /** Function calling: tools, tool_choice, tool-call deltas. */
+  tools: boolean;
+  /** response_format json_object / json_schema, enforced. */
+  jsonSchema: boolean;
+  /** Per-token log-probabilities with alternatives. */
+  logprobs: boolean;
+  /** Images in messages. */
+  vision: boolean;
+  /** Raw text completion (the legacy completions API). */
+  completions: boolean;
+}
 
 /** One offer, in application units (prices already in micro-credits per 1M tokens). */
 export interface OfferSpec {
@@ -61,6 +88,8 @@ export interface OfferSpec {
   quantization?: string;
   /** Informational engine name, e.g. "llama.cpp" or "ollama". */
   engine?: string;
+  /** What the offer supports beyond plain chat; absent means none of it. */
+  capabilities?: OfferCapabilities;
 }
 
 /** Options of {@link WorkerLink}. */
@@ -511,6 +540,13 @@ export class WorkerLink extends EventEmitter<WorkerLinkEvents> {
       refuse(JobFailureCode.TIMEOUT, "the deadline has already passed");
       return;
     }
+    let request: Omit<GenerateRequest, "signal">;
+    try {
+      request = toGenerateRequest(assign);
+    } catch (error) {
+      refuse(JobFailureCode.INVALID_INPUT, error instanceof Error ? error.message : String(error));
+      return;
+    }
 
     let markSettled!: () => void;
     const job: RunningJob = {
@@ -521,7 +557,7 @@ export class WorkerLink extends EventEmitter<WorkerLinkEvents> {
         window: session.welcome?.jobWindowChunks ?? 0,
         maxChunkBytes: session.welcome?.maxChunkBytes ?? 0,
         bufferBytes: this.options.jobBufferBytes ?? 64 * 1024,
-        send: (chunk) => this.send(session, { case: "jobChunk", value: { jobId, ...chunk } }),
+        send: (chunk) => this.send(session, { case: "jobChunk", value: toJobChunk(jobId, chunk) }),
       }),
       startedAt: performance.now(),
       settled: new Promise<void>((resolve) => {
@@ -532,8 +568,7 @@ export class WorkerLink extends EventEmitter<WorkerLinkEvents> {
     this.activeJobs += 1;
     this.send(session, { case: "jobAccepted", value: { jobId } });
     this.log(
-      `job ${jobId} started: model ${model}, max_tokens ${assign.maxTokens || "unset"}, ` +
-        `${assign.messages.length} message(s)${assign.audit ? ", audit (greedy)" : ""}`,
+      `job ${jobId} started: model ${model}, ${describeJob(request)}${assign.audit ? ", audit (greedy)" : ""}`,
     );
     this.emit("job-started", { jobId, model });
 
@@ -541,7 +576,7 @@ export class WorkerLink extends EventEmitter<WorkerLinkEvents> {
       deadline > 0
         ? setTimeout(() => this.abortJob(job, "timeout", "deadline passed"), deadline - Date.now())
         : undefined;
-    this.runJob(session, job, assign)
+    this.runJob(session, job, request)
       .catch((error: unknown) => this.log(`internal error in job ${jobId}: ${describeError(error)}`))
       .finally(() => {
         if (deadlineTimer) clearTimeout(deadlineTimer);
@@ -551,21 +586,15 @@ export class WorkerLink extends EventEmitter<WorkerLinkEvents> {
       });
   }
 
-  private async runJob(session: Session, job: RunningJob, assign: JobAssign): Promise<void> {
+  private async runJob(
+    session: Session,
+    job: RunningJob,
+    request: Omit<GenerateRequest, "signal">,
+  ): Promise<void> {
     let result: GenerationResult | undefined;
     let failure: unknown;
     try {
-      const generation = this.options.engine.generate({
-        model: assign.model,
-        messages: assign.messages.map((m) => ({
-          role: m.role,
-          content: m.content,
-          ...(m.name ? { name: m.name } : {}),
-        })),
-        sampling: toEngineSampling(assign),
-        maxTokens: assign.maxTokens,
-        signal: job.controller.signal,
-      });
+      const generation = this.options.engine.generate({ ...request, signal: job.controller.signal });
       result = await runGeneration(generation, (piece) => job.outbox.push(piece));
       // JobDone names the last chunk, so every chunk goes out first; cancel releases this wait.
       await job.outbox.drained();
@@ -723,7 +752,135 @@ function toOffer(spec: OfferSpec): Offer {
     contextLength: spec.contextLength ?? 0,
     quantization: spec.quantization ?? "",
     engine: spec.engine ?? "",
+    ...(spec.capabilities ? { capabilities: create(CapabilitiesSchema, spec.capabilities) } : {}),
   });
+}
+
+/**
+ * Translates a JobAssign into what the engine is asked (without the job's abort signal). Throws
+ * an Error saying what is wrong when the assignment is malformed (a schema that is not JSON).
+ */
+function toGenerateRequest(assign: JobAssign): Omit<GenerateRequest, "signal"> {
+  const request: Omit<GenerateRequest, "signal"> = {
+    model: assign.model,
+    messages: assign.messages.map((m) => ({
+      role: m.role,
+      content: m.content,
+      ...(m.name ? { name: m.name } : {}),
+      ...(m.toolCalls.length > 0
+        ? { toolCalls: m.toolCalls.map(({ id, name, arguments: args }) => ({ id, name, arguments: args })) }
+        : {}),
+      ...(m.toolCallId ? { toolCallId: m.toolCallId } : {}),
+      ...(m.imageUrls.length > 0 ? { imageUrls: [...m.imageUrls] } : {}),
+    })),
+    sampling: toEngineSampling(assign),
+    maxTokens: assign.maxTokens,
+  };
+  if (assign.prompt !== "") request.prompt = assign.prompt;
+  if (assign.tools.length > 0) {
+    request.tools = assign.tools.map(
+      (tool): EngineTool => ({
+        name: tool.name,
+        description: tool.description,
+        ...(tool.parametersJson
+          ? { parameters: parseJsonObject(tool.parametersJson, `the parameters of tool "${tool.name}"`) }
+          : {}),
+        strict: tool.strict,
+      }),
+    );
+    request.parallelToolCalls = assign.parallelToolCalls;
+    if (assign.toolChoice)
+      request.toolChoice = toEngineToolChoice(assign.toolChoice.mode, assign.toolChoice.functionName);
+  }
+  const format = toEngineResponseFormat(assign);
+  if (format) request.responseFormat = format;
+  if (assign.wantLogprobs) request.logprobs = { top: assign.topLogprobs };
+  return request;
+}
+
+function toEngineToolChoice(mode: string, functionName: string): EngineToolChoice {
+  switch (mode) {
+    case "":
+    case "auto":
+      return { mode: "auto" };
+    case "none":
+    case "required":
+      return { mode };
+    case "function":
+      if (!functionName) throw new Error('tool_choice "function" names no function');
+      return { mode: "function", functionName };
+    default:
+      throw new Error(`unknown tool_choice mode "${mode}"`);
+  }
+}
+
+function toEngineResponseFormat(assign: JobAssign): EngineResponseFormat | undefined {
+  const format = assign.responseFormat;
+  if (!format) return undefined;
+  switch (format.type) {
+    case ResponseFormat_Type.UNSPECIFIED:
+      return undefined;
+    case ResponseFormat_Type.TEXT:
+      return { type: "text" };
+    case ResponseFormat_Type.JSON_OBJECT:
+      return { type: "json_object" };
+    case ResponseFormat_Type.JSON_SCHEMA:
+      return {
+        type: "json_schema",
+        name: format.name,
+        schema: parseJsonObject(format.schemaJson, "the response_format schema"),
+        strict: format.strict,
+      };
+    default:
+      throw new Error(`unknown response_format type ${format.type}`);
+  }
+}
+
+function parseJsonObject(text: string, what: string): Record<string, unknown> {
+  let value: unknown;
+  try {
+    value = JSON.parse(text);
+  } catch (error) {
+    throw new Error(`${what} is not valid JSON: ${error instanceof Error ? error.message : String(error)}`);
+  }
+  if (typeof value !== "object" || value === null || Array.isArray(value)) {
+    throw new Error(`${what} is not a JSON object`);
+  }
+  return value as Record<string, unknown>;
+}
+
+/** The JobChunk of an outgoing chunk: tool-call fragments and log-probabilities exactly as the engine gave them. */
+function toJobChunk(jobId: string, chunk: OutgoingChunk): MessageInitShape<typeof JobChunkSchema> {
+  return {
+    jobId,
+    sequence: chunk.sequence,
+    text: chunk.text,
+    tokenCount: chunk.tokenCount,
+    toolCalls: chunk.toolCalls.map((call) => ({
+      index: call.index,
+      id: call.id ?? "",
+      name: call.name ?? "",
+      arguments: call.arguments,
+    })),
+    logprobs: chunk.logprobs.map((entry) => ({
+      token: entry.token,
+      logprob: entry.logprob,
+      topLogprobs: entry.topLogprobs.map(({ token, logprob }) => ({ token, logprob })),
+    })),
+  };
+}
+
+/** One line about what a job asks, for the log. */
+function describeJob(request: Omit<GenerateRequest, "signal">): string {
+  const parts = [
+    `max_tokens ${request.maxTokens || "unset"}`,
+    request.prompt !== undefined ? "raw prompt" : `${request.messages.length} message(s)`,
+  ];
+  if (request.tools) parts.push(`${request.tools.length} tool(s)`);
+  if (request.responseFormat && request.responseFormat.type !== "text")
+    parts.push(request.responseFormat.type);
+  if (request.logprobs) parts.push(`logprobs (top ${request.logprobs.top})`);
+  return parts.join(", ");
 }
 
 function toEngineSampling(assign: JobAssign): EngineSampling {
@@ -753,6 +910,8 @@ function toProtoFinishReason(reason: EngineFinishReason): FinishReason {
       return FinishReason.CONTENT_FILTER;
     case "cancelled":
       return FinishReason.CANCELLED;
+    case "tool_calls":
+      return FinishReason.TOOL_CALLS;
   }
 }
 

@@ -8,6 +8,26 @@
 import { hostname } from "node:os";
 import { parseArgs } from "node:util";
 import { parseCredits } from "../server/market/money.js";
+import type { OfferCapabilities } from "./link-client.js";
+
+/** The GPU backend of the llama-cpp engine; "auto" lets node-llama-cpp pick what the machine has. */
+export type GpuChoice = "auto" | "cuda" | "vulkan" | "metal" | "off";
+const GPU_CHOICES: readonly GpuChoice[] = ["auto", "cuda", "vulkan", "metal", "off"];
+
+/** The names `--capabilities` accepts, as the wire's Capabilities fields. */
+const CAPABILITY_NAMES = {
+  tools: "tools",
+  json_schema: "jsonSchema",
+  logprobs: "logprobs",
+  vision: "vision",
+  completions: "completions",
+} as const satisfies Record<string, keyof OfferCapabilities>;
+
+/**
+ * What both engines honour by default: the openai engine passes these parameters through (vLLM,
+ * llama.cpp's server and Ollama speak them), the llama-cpp engine implements them. Not vision.
+ */
+export const DEFAULT_CAPABILITIES = "tools,json_schema,logprobs,completions";
 
 /** The engine the worker runs jobs on. */
 export type EngineOptions =
@@ -24,6 +44,12 @@ export type EngineOptions =
       kind: "llama-cpp";
       /** Path of the GGUF file run in process by node-llama-cpp. */
       modelPath: string;
+      /** The GPU backend. */
+      gpu: GpuChoice;
+      /** CPU threads; absent means node-llama-cpp's choice for the machine. */
+      threads?: number;
+      /** Context window per sequence, in tokens; absent means the engine's default for the model. */
+      contextSize?: number;
     };
 
 /** Fully validated worker options. */
@@ -44,8 +70,10 @@ export interface WorkerOptions {
   concurrency: number;
   /** Human-readable machine name shown on the dashboard. */
   name: string;
-  /** Context window in tokens; 0 means unknown (the llama.cpp engine then uses the model's). */
+  /** Context window offered, in tokens; 0 means unknown (the llama.cpp engine then offers its own). */
   contextLength: number;
+  /** What the offer supports beyond plain chat. */
+  capabilities: OfferCapabilities;
   engine: EngineOptions;
 }
 
@@ -133,8 +161,21 @@ export const WORKER_OPTION_SPECS: readonly OptionSpec[] = [
     flag: "context-length",
     env: "LOCALLMARKET_CONTEXT_LENGTH",
     arg: "N",
-    description: "Context window in tokens (0 = unknown; llama-cpp: the model's, at most 4096)",
+    description:
+      "Context window offered on the market, in tokens; the market sizes jobs by it (0 = unknown; " +
+      "llama-cpp: the context it runs with)",
     defaultText: "0",
+  },
+  {
+    flag: "capabilities",
+    env: "LOCALLMARKET_CAPABILITIES",
+    arg: "LIST",
+    description:
+      "What the offer supports beyond plain chat, comma-separated: tools, json_schema, logprobs, " +
+      'vision, completions ("none" for nothing). The market sends such requests only to offers ' +
+      "declaring them. With --engine openai, narrow it to what the engine honours: vLLM, llama.cpp's " +
+      "server and Ollama speak the default; vision needs a vision model",
+    defaultText: DEFAULT_CAPABILITIES,
   },
   {
     flag: "engine",
@@ -171,21 +212,49 @@ export const WORKER_OPTION_SPECS: readonly OptionSpec[] = [
     description: "llama-cpp: path of the GGUF model file",
     defaultText: "required with --engine llama-cpp",
   },
+  {
+    flag: "gpu",
+    env: "LOCALLMARKET_GPU",
+    arg: "auto|cuda|vulkan|metal|off",
+    description: "llama-cpp: GPU backend (auto: the best this machine has; off: CPU only)",
+    defaultText: "auto",
+  },
+  {
+    flag: "threads",
+    env: "LOCALLMARKET_THREADS",
+    arg: "N",
+    description: "llama-cpp: CPU threads used for inference",
+    defaultText: "node-llama-cpp's choice for this machine",
+  },
+  {
+    flag: "context-size",
+    env: "LOCALLMARKET_CONTEXT_SIZE",
+    arg: "N",
+    description: "llama-cpp: context window per running job, in tokens",
+    defaultText: "--context-length if given, else the model's training context (at most 4096)",
+  },
 ];
+
+/** Options that only the llama-cpp engine uses. */
+const LLAMA_CPP_ONLY = ["gpu", "threads", "context-size"] as const;
 
 export const DEFAULT_SERVER = "http://127.0.0.1:50051";
 const INT64_MAX = 9_223_372_036_854_775_807n;
 const UINT32_MAX = 4_294_967_295;
 const MAX_CONCURRENCY = 1024;
+const MAX_THREADS = 1024;
+/** The width the usage text's option descriptions are wrapped to. */
+const USAGE_WIDTH = 100;
 
 /** The complete usage text printed by `--help`. */
 export function workerUsage(): string {
   const lines = [
     "Usage: locallmarket worker --server URL --token WORKER_TOKEN --model NAME",
     "         --price-in CREDITS_PER_1M --price-out CREDITS_PER_1M --tps N",
-    "         [--concurrency K] [--name NAME] [--context-length N]",
+    "         [--concurrency K] [--name NAME] [--context-length N] [--capabilities LIST]",
     "         (--engine openai --engine-url URL [--engine-model NAME] [--engine-api-key KEY]",
-    "          | --engine llama-cpp --model-path FILE.gguf)",
+    "          | --engine llama-cpp --model-path FILE.gguf [--gpu auto|cuda|vulkan|metal|off]",
+    "            [--threads N] [--context-size N])",
     "",
     "Connects this machine to a LocalLMarket control plane and sells LLM inference on it.",
     "Every option can also be set with its environment variable; the command line wins.",
@@ -195,7 +264,9 @@ export function workerUsage(): string {
   const left = (spec: OptionSpec) => `  --${spec.flag}${spec.arg ? ` ${spec.arg}` : ""}`;
   const width = Math.max(...WORKER_OPTION_SPECS.map((spec) => left(spec).length), "  -h, --help".length) + 2;
   for (const spec of WORKER_OPTION_SPECS) {
-    lines.push(`${left(spec).padEnd(width)}${spec.description}`);
+    const [first = "", ...rest] = wrap(spec.description, USAGE_WIDTH - width);
+    lines.push(`${left(spec).padEnd(width)}${first}`);
+    for (const line of rest) lines.push(`${"".padEnd(width)}${line}`);
     lines.push(`${"".padEnd(width)}env ${spec.env}; default: ${spec.defaultText}`);
   }
   lines.push(`${"  -h, --help".padEnd(width)}Print this help and exit`);
@@ -206,11 +277,28 @@ export function workerUsage(): string {
     "  locallmarket worker --token wt_... --model llama3.2:1b --price-in 0.5 --price-out 1.5 --tps 40 \\",
     "    --engine openai --engine-url http://127.0.0.1:11434/v1",
     "  locallmarket worker --token wt_... --model stories260k --price-in 0 --price-out 0.1 --tps 2000 \\",
-    "    --engine llama-cpp --model-path ./stories260K.gguf",
+    "    --engine llama-cpp --model-path ./stories260K.gguf --gpu off --threads 1",
+    "  (an engine without tool calling: --capabilities logprobs,completions)",
     "",
     "Exit codes: 0 stopped, 1 fatal error (e.g. token rejected), 2 invalid options.",
   );
   return lines.join("\n");
+}
+
+/** Splits `text` into lines of at most `width` characters, at spaces (a longer word gets its own line). */
+function wrap(text: string, width: number): string[] {
+  const lines: string[] = [];
+  let line = "";
+  for (const word of text.split(" ")) {
+    if (line !== "" && line.length + 1 + word.length > width) {
+      lines.push(line);
+      line = word;
+    } else {
+      line = line === "" ? word : `${line} ${word}`;
+    }
+  }
+  lines.push(line);
+  return lines;
 }
 
 /**
@@ -285,10 +373,15 @@ export function parseWorkerArgs(
   const concurrency = parseInteger(raw("concurrency") ?? "1", label("concurrency"), 1, MAX_CONCURRENCY);
   const contextLength = parseInteger(raw("context-length") ?? "0", label("context-length"), 0, UINT32_MAX);
   const name = raw("name")?.trim() || hostname();
+  const capabilities = parseCapabilities(raw("capabilities") ?? DEFAULT_CAPABILITIES, label("capabilities"));
 
   const engineKind = required("engine", " (openai or llama-cpp)");
   let engine: EngineOptions;
   if (engineKind === "openai") {
+    for (const flag of LLAMA_CPP_ONLY) {
+      if (raw(flag) !== undefined)
+        throw new WorkerOptionsError(`${label(flag)} applies only to --engine llama-cpp`);
+    }
     const url = checkUrl(required("engine-url", " (required with --engine openai)"), label("engine-url"));
     const apiKey = raw("engine-api-key");
     engine = {
@@ -298,7 +391,29 @@ export function parseWorkerArgs(
       ...(apiKey ? { apiKey } : {}),
     };
   } else if (engineKind === "llama-cpp") {
-    engine = { kind: "llama-cpp", modelPath: required("model-path", " (required with --engine llama-cpp)") };
+    const gpu = (raw("gpu")?.trim() || "auto") as GpuChoice;
+    if (!GPU_CHOICES.includes(gpu)) {
+      throw new WorkerOptionsError(`${label("gpu")}: "${gpu}" is not one of: ${GPU_CHOICES.join(", ")}`);
+    }
+    const threads = raw("threads");
+    const contextSizeText = raw("context-size");
+    const contextSize =
+      contextSizeText !== undefined
+        ? parseInteger(contextSizeText, label("context-size"), 1, UINT32_MAX)
+        : undefined;
+    if (contextSize !== undefined && contextLength > contextSize) {
+      // An offer must not promise more context than the engine has.
+      throw new WorkerOptionsError(
+        `${label("context-length")}: ${contextLength} is more than the engine runs with (${label("context-size")} ${contextSize})`,
+      );
+    }
+    engine = {
+      kind: "llama-cpp",
+      modelPath: required("model-path", " (required with --engine llama-cpp)"),
+      gpu,
+      ...(threads !== undefined ? { threads: parseInteger(threads, label("threads"), 1, MAX_THREADS) } : {}),
+      ...(contextSize !== undefined ? { contextSize } : {}),
+    };
   } else {
     throw new WorkerOptionsError(`${label("engine")}: "${engineKind}" is not one of: openai, llama-cpp`);
   }
@@ -315,9 +430,35 @@ export function parseWorkerArgs(
       concurrency,
       name,
       contextLength,
+      capabilities,
       engine,
     },
   };
+}
+
+/** Parses `--capabilities`: a comma list of capability names, or "none". */
+function parseCapabilities(text: string, what: string): OfferCapabilities {
+  const capabilities: OfferCapabilities = {
+    tools: false,
+    jsonSchema: false,
+    logprobs: false,
+    vision: false,
+    completions: false,
+  };
+  const names = text
+    .split(",")
+    .map((name) => name.trim())
+    .filter((name) => name !== "");
+  if (names.length === 1 && names[0] === "none") return capabilities;
+  for (const name of names) {
+    if (!Object.hasOwn(CAPABILITY_NAMES, name)) {
+      throw new WorkerOptionsError(
+        `${what}: "${name}" is not one of: ${Object.keys(CAPABILITY_NAMES).join(", ")} (or "none")`,
+      );
+    }
+    capabilities[CAPABILITY_NAMES[name as keyof typeof CAPABILITY_NAMES]] = true;
+  }
+  return capabilities;
 }
 
 function parseInteger(text: string, what: string, min: number, max: number): number {

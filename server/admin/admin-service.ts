@@ -371,6 +371,7 @@ function orderMessage(order: OrderRecord): MessageInitShape<typeof OrderSchema> 
     feeBasisPoints: order.feeBasisPoints,
     trustSignals: order.trustSignals,
     providerAccountId: order.providerAccountId ?? "",
+    maxTokens: order.maxTokens,
   };
 }
 
@@ -384,6 +385,7 @@ function offerMessage(offer: OfferRecord): MessageInitShape<typeof OfferSchema> 
     contextLength: offer.contextLength,
     quantization: offer.quantization,
     engine: offer.engine,
+    capabilities: offer.capabilities,
   };
 }
 

@@ -9,6 +9,7 @@ import { isMarketError, type MarketErrorCode } from "../market/errors.js";
 
 const CONNECT_CODES: Readonly<Record<MarketErrorCode, Code>> = {
   invalid_request: Code.InvalidArgument,
+  context_length_exceeded: Code.InvalidArgument,
   unauthenticated: Code.Unauthenticated,
   permission_denied: Code.PermissionDenied,
   insufficient_credits: Code.FailedPrecondition,

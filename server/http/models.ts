@@ -1,17 +1,23 @@
 /**
- * GET /v1/models and /v1/models/{id}: the models on offer right now, in OpenAI's list format,
- * with the live price range and capacity under `locallmarket`.
+ * GET /v1/models and /v1/models/{id}: the models on offer right now, in OpenAI's list format, with
+ * OpenRouter's `context_length`, `pricing` (credits per token, as exact decimal strings, at the
+ * cheapest live offer) and `supported_parameters` (what at least one live offer supports), and the
+ * live price range and capacity under `locallmarket`.
  */
 import type { FastifyInstance } from "fastify";
 import { MarketError } from "../market/errors.js";
 import { formatCredits } from "../market/money.js";
-import type { WorkerRegistry } from "../market/registry.js";
+import type { Capability, WorkerRegistry } from "../market/registry.js";
 
 interface ModelSummary {
   id: string;
   object: "model";
   created: number;
   owned_by: string;
+  /** The largest context any live offer declares; null when none says. */
+  context_length: number | null;
+  pricing: { prompt: string; completion: string };
+  supported_parameters: string[];
   locallmarket: {
     workers: number;
     free_slots: number;
@@ -21,14 +27,63 @@ interface ModelSummary {
   };
 }
 
+/** What every offer takes. */
+const BASE_PARAMETERS = [
+  "max_tokens",
+  "max_completion_tokens",
+  "temperature",
+  "top_p",
+  "stop",
+  "seed",
+  "presence_penalty",
+  "frequency_penalty",
+];
+
+const CAPABILITY_PARAMETERS: [Capability, string[]][] = [
+  ["tools", ["tools", "tool_choice", "parallel_tool_calls"]],
+  ["jsonSchema", ["response_format", "structured_outputs"]],
+  ["logprobs", ["logprobs", "top_logprobs"]],
+];
+
+const priceRange = ({ min, max }: { min: string; max: string }) => ({ min, max });
+
+/** µc per 1M tokens → credits per token, exactly: the price × 10⁻¹², as a decimal string. */
+export function creditsPerToken(pricePerMillion: bigint): string {
+  const digits = pricePerMillion.toString().padStart(13, "0");
+  const whole = digits.slice(0, -12);
+  const fraction = digits.slice(-12).replace(/0+$/, "");
+  return fraction ? `${whole}.${fraction}` : whole;
+}
+
 function summarize(registry: WorkerRegistry, startedAt: number): ModelSummary[] {
   const byModel = new Map<
     string,
-    { workers: number; freeSlots: number; inputs: bigint[]; outputs: bigint[]; tps: number }
+    {
+      workers: number;
+      freeSlots: number;
+      inputs: bigint[];
+      outputs: bigint[];
+      tps: number;
+      context: number;
+      parameters: Set<string>;
+    }
   >();
   for (const connection of registry.list()) {
     for (const offer of connection.offers) {
-      const entry = byModel.get(offer.model) ?? { workers: 0, freeSlots: 0, inputs: [], outputs: [], tps: 0 };
+      const entry = byModel.get(offer.model) ?? {
+        workers: 0,
+        freeSlots: 0,
+        inputs: [],
+        outputs: [],
+        tps: 0,
+        context: 0,
+        parameters: new Set(BASE_PARAMETERS),
+      };
+      entry.context = Math.max(entry.context, offer.contextLength);
+      for (const [capability, parameters] of CAPABILITY_PARAMETERS) {
+        if (offer.capabilities[capability])
+          for (const parameter of parameters) entry.parameters.add(parameter);
+      }
       entry.workers += 1;
       if (!connection.draining) entry.freeSlots += Math.max(0, offer.maxConcurrency - connection.activeJobs);
       entry.inputs.push(offer.pricePerMillionInput);
@@ -40,7 +95,11 @@ function summarize(registry: WorkerRegistry, startedAt: number): ModelSummary[] 
   }
   const range = (values: bigint[]) => {
     const sorted = [...values].sort((a, b) => (a < b ? -1 : a > b ? 1 : 0));
-    return { min: formatCredits(sorted[0] ?? 0n), max: formatCredits(sorted[sorted.length - 1] ?? 0n) };
+    return {
+      lowest: sorted[0] ?? 0n,
+      min: formatCredits(sorted[0] ?? 0n),
+      max: formatCredits(sorted[sorted.length - 1] ?? 0n),
+    };
   };
   return [...byModel.entries()]
     .sort(([a], [b]) => a.localeCompare(b))
@@ -49,11 +108,17 @@ function summarize(registry: WorkerRegistry, startedAt: number): ModelSummary[] 
       object: "model",
       created: Math.floor(startedAt / 1000),
       owned_by: "locallmarket",
+      context_length: entry.context > 0 ? entry.context : null,
+      pricing: {
+        prompt: creditsPerToken(range(entry.inputs).lowest),
+        completion: creditsPerToken(range(entry.outputs).lowest),
+      },
+      supported_parameters: [...entry.parameters].sort(),
       locallmarket: {
         workers: entry.workers,
         free_slots: entry.freeSlots,
-        price_per_million_input: range(entry.inputs),
-        price_per_million_output: range(entry.outputs),
+        price_per_million_input: priceRange(range(entry.inputs)),
+        price_per_million_output: priceRange(range(entry.outputs)),
         best_tokens_per_second: Math.round(entry.tps * 10) / 10,
       },
     }));

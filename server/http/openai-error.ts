@@ -7,6 +7,7 @@ import { isMarketError, MarketError, type MarketErrorCode } from "../market/erro
 
 const STATUS: Record<MarketErrorCode, { status: number; type: string }> = {
   invalid_request: { status: 400, type: "invalid_request_error" },
+  context_length_exceeded: { status: 400, type: "invalid_request_error" },
   unauthenticated: { status: 401, type: "authentication_error" },
   permission_denied: { status: 403, type: "permission_error" },
   insufficient_credits: { status: 402, type: "insufficient_credits" },

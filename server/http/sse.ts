@@ -69,8 +69,10 @@ export class SseWriter {
     return this.write(`: ${text}\n\n`);
   }
 
-  data(payload: object | "[DONE]"): Promise<void> {
-    return this.write(`data: ${payload === "[DONE]" ? payload : JSON.stringify(payload)}\n\n`);
+  /** A data event; `event` names it (the Responses API's `event: response.created` lines). */
+  data(payload: object | "[DONE]", event?: string): Promise<void> {
+    const name = event === undefined ? "" : `event: ${event}\n`;
+    return this.write(`${name}data: ${payload === "[DONE]" ? payload : JSON.stringify(payload)}\n\n`);
   }
 
   end(): void {

@@ -36,6 +36,13 @@ export function offersFromWire(offers: readonly Offer[], options: { allowEmpty: 
       contextLength: offer.contextLength,
       quantization: offer.quantization,
       engine: offer.engine,
+      capabilities: {
+        tools: offer.capabilities?.tools ?? false,
+        jsonSchema: offer.capabilities?.jsonSchema ?? false,
+        logprobs: offer.capabilities?.logprobs ?? false,
+        vision: offer.capabilities?.vision ?? false,
+        completions: offer.capabilities?.completions ?? false,
+      },
     };
   });
 }

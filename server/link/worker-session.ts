@@ -3,11 +3,16 @@
  * liveness. Translates between the wire messages and the core's WorkerConnection / JobSink.
  */
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
-import { FinishReason as WireFinishReason } from "../../gen/locallmarket/v1/common_pb.js";
+import {
+  ResponseFormat_Type,
+  FinishReason as WireFinishReason,
+} from "../../gen/locallmarket/v1/common_pb.js";
 import {
   type ConnectRequest,
   type ConnectResponse,
   ConnectResponseSchema,
+  type JobAssignSchema,
+  type JobChunk,
   JobFailureCode,
   RejectCode,
 } from "../../gen/locallmarket/v1/worker_pb.js";
@@ -41,7 +46,55 @@ const FINISH_REASONS: Record<WireFinishReason, FinishReason> = {
   [WireFinishReason.LENGTH]: "length",
   [WireFinishReason.CONTENT_FILTER]: "content_filter",
   [WireFinishReason.CANCELLED]: "cancelled",
+  [WireFinishReason.TOOL_CALLS]: "tool_calls",
 };
+
+const RESPONSE_FORMAT_TYPES = {
+  text: ResponseFormat_Type.TEXT,
+  json_object: ResponseFormat_Type.JSON_OBJECT,
+  json_schema: ResponseFormat_Type.JSON_SCHEMA,
+} as const;
+
+/** The JobAssign for a job, every optional part only when the request uses it. */
+function jobAssign(job: JobSpec): MessageInitShape<typeof JobAssignSchema> {
+  const format = job.responseFormat;
+  return {
+    jobId: job.jobId,
+    model: job.model,
+    messages: job.messages.map((message) => ({
+      role: message.role,
+      content: message.content,
+      name: message.name ?? "",
+      toolCalls: message.toolCalls ?? [],
+      toolCallId: message.toolCallId ?? "",
+      imageUrls: message.imageUrls ?? [],
+    })),
+    prompt: job.prompt ?? "",
+    sampling: job.sampling,
+    maxTokens: job.maxTokens,
+    deadlineUnixMs: BigInt(job.deadlineUnixMs),
+    tools: job.tools ?? [],
+    toolChoice:
+      job.toolChoice === undefined
+        ? undefined
+        : {
+            mode: job.toolChoice.mode,
+            functionName: job.toolChoice.mode === "function" ? job.toolChoice.functionName : "",
+          },
+    parallelToolCalls: job.parallelToolCalls ?? true,
+    responseFormat:
+      format === undefined
+        ? undefined
+        : {
+            type: RESPONSE_FORMAT_TYPES[format.type],
+            name: format.type === "json_schema" ? format.name : "",
+            schemaJson: format.type === "json_schema" ? format.schemaJson : "",
+            strict: format.type === "json_schema" ? format.strict : false,
+          },
+    wantLogprobs: job.logprobs !== undefined,
+    topLogprobs: job.logprobs?.top ?? 0,
+  };
+}
 
 export interface WorkerSessionOptions {
   workerId: string;
@@ -161,21 +214,7 @@ export class WorkerSession implements WorkerConnection {
       announced: 0n,
       cancelTimer: undefined,
     });
-    this.send({
-      case: "jobAssign",
-      value: {
-        jobId: job.jobId,
-        model: job.model,
-        messages: job.messages.map((message) => ({
-          role: message.role,
-          content: message.content,
-          name: message.name ?? "",
-        })),
-        sampling: job.sampling,
-        maxTokens: job.maxTokens,
-        deadlineUnixMs: BigInt(job.deadlineUnixMs),
-      },
-    });
+    this.send({ case: "jobAssign", value: jobAssign(job) });
   }
 
   /** The consumer took chunks up to `sequence`; the worker hears of it in batches. */
@@ -227,11 +266,9 @@ export class WorkerSession implements WorkerConnection {
           this.log("warn", "protocol error: invalid OfferUpdate ignored", { error: String(error) });
         }
         return;
-      case "jobChunk": {
-        const { jobId, sequence, text, tokenCount } = message.value;
-        this.onChunk(jobId, sequence, text, tokenCount);
+      case "jobChunk":
+        this.onChunk(message.value);
         return;
-      }
       case "jobDone": {
         const { jobId, finishReason, usage, lastSequence } = message.value;
         const job = this.job(jobId);
@@ -277,7 +314,8 @@ export class WorkerSession implements WorkerConnection {
     }
   }
 
-  private onChunk(jobId: string, sequence: bigint, text: string, tokenCount: number): void {
+  private onChunk(chunk: JobChunk): void {
+    const { jobId, sequence, text } = chunk;
     const job = this.job(jobId);
     if (!job?.sink) return;
     if (sequence <= job.lastSequence) return; // a replayed chunk: already relayed
@@ -297,7 +335,24 @@ export class WorkerSession implements WorkerConnection {
       return;
     }
     job.lastSequence = sequence;
-    job.sink.chunk(text, tokenCount, sequence);
+    job.sink.chunk(
+      {
+        text,
+        tokenCount: chunk.tokenCount,
+        toolCalls: chunk.toolCalls.map((call) => ({
+          index: call.index,
+          ...(call.id ? { id: call.id } : {}),
+          ...(call.name ? { name: call.name } : {}),
+          arguments: call.arguments,
+        })),
+        logprobs: chunk.logprobs.map((entry) => ({
+          token: entry.token,
+          logprob: entry.logprob,
+          topLogprobs: entry.topLogprobs.map((top) => ({ token: top.token, logprob: top.logprob })),
+        })),
+      },
+      sequence,
+    );
   }
 
   /** Ends the session: running jobs fail (and fall back), the stream closes after `reject`. */

@@ -6,6 +6,7 @@
  */
 export type MarketErrorCode =
   | "invalid_request"
+  | "context_length_exceeded"
   | "unauthenticated"
   | "permission_denied"
   | "insufficient_credits"

@@ -11,10 +11,18 @@
 import { randomBytes } from "node:crypto";
 import { AdmissionQueue } from "./admission-queue.js";
 import { isMarketError, MarketError } from "./errors.js";
-import { pickWorkers, type RoutingConstraints } from "./matcher.js";
-import { promptTokenBound } from "./money.js";
+import { type MatchRequest, pickWorkers, type RoutingConstraints } from "./matcher.js";
+import { promptBound, promptFloor } from "./money.js";
 import { type Acquired, type MarketLogger, OrderRun, type RunEvent } from "./order-run.js";
-import type { JobSpec, WorkerRegistry } from "./registry.js";
+import type {
+  Capability,
+  ChatMessage,
+  JobSpec,
+  ResponseFormat,
+  ToolChoice,
+  ToolDefinition,
+  WorkerRegistry,
+} from "./registry.js";
 import type { AccountRecord, MarketStore } from "./store-port.js";
 
 export type { MarketLogger, RunEvent };
@@ -36,16 +44,30 @@ export interface MarketplaceOptions {
   checkpointIntervalMs: number;
 }
 
-export interface ChatMessage {
-  role: string;
-  content: string;
-  name?: string;
-}
+export type { ChatMessage };
 
 export interface CompletionRequest {
   model: string;
+  /**
+   * Models to try after `model`, in order, when no worker for the previous one can serve the
+   * request at all (OpenRouter's `models`). The run's `model` says which one answered.
+   */
+  fallbackModels?: string[];
+  /** The conversation; empty for a raw text completion (`prompt`). */
   messages: ChatMessage[];
+  /** A raw text completion (legacy completions API): continued as is, no chat template. */
+  prompt?: string;
+  tools?: ToolDefinition[];
+  toolChoice?: ToolChoice;
+  parallelToolCalls?: boolean;
+  responseFormat?: ResponseFormat;
+  /** Per-token log-probabilities with `top` alternatives each. */
+  logprobs?: { top: number };
   sampling: JobSpec["sampling"];
+  /**
+   * The most completion tokens; when unset, the chosen offer's context length minus the prompt's
+   * bound (or --default-max-tokens when the offer does not say its context length).
+   */
   maxTokens?: number;
   stream: boolean;
   /** From the request's `provider` object; fields left out fall back to the account's defaults. */
@@ -63,6 +85,8 @@ export interface CompletionRun extends AsyncIterable<RunEvent> {
   readonly createdAt: Date;
   /** The consumer went away or stopped reading: stop the worker and settle for what it took. */
   cancel(reason: string): void;
+  /** Request parameters dropped because no worker supports them (`require_parameters: false`). */
+  readonly droppedParameters?: readonly string[];
 }
 
 /** Retry-After while the control plane stops. */
@@ -123,24 +147,94 @@ export class Marketplace {
       order: request.routing.order ?? [],
       ignore: request.routing.ignore ?? [],
       allowFallbacks: request.routing.allowFallbacks ?? true,
+      requireParameters: request.routing.requireParameters ?? true,
     };
-    const bound = promptTokenBound(request.messages);
-    const maxTokens = request.maxTokens ?? this.options.defaultMaxTokens;
-    const acquire = (excluded: ReadonlySet<string>) =>
-      this.acquire(
-        request.model,
-        { model: request.model, promptTokenBound: bound, maxTokens, constraints },
-        excluded,
-        signal,
-      );
-
+    const dropped: string[] = [];
     const orderId = newId("chatcmpl-");
+    const models = [request.model, ...(request.fallbackModels ?? [])];
+    for (let index = 0; index < models.length; ) {
+      const model = models[index] as string;
+      try {
+        return await this.openModel(orderId, consumer, request, model, constraints, dropped, signal);
+      } catch (error) {
+        const droppable =
+          isMarketError(error) && error.code === "invalid_request" && !constraints.requireParameters
+            ? dropParameter(request, error.param)
+            : null;
+        if (droppable) {
+          // require_parameters: false — the same model is tried again without the parameter.
+          dropped.push(error instanceof MarketError ? (error.param ?? "") : "");
+          request = droppable;
+          continue;
+        }
+        // OpenRouter's `models`: the next model is tried only when no worker for this one can
+        // serve the request at all.
+        const cannotServe =
+          isMarketError(error) &&
+          (error.code === "model_not_found" ||
+            error.code === "no_capacity" ||
+            error.code === "invalid_request" ||
+            error.code === "context_length_exceeded");
+        if (!cannotServe || index === models.length - 1) throw error;
+        this.log.info(
+          { orderId, model, next: models[index + 1], reason: (error as Error).message },
+          "falling back to the next model",
+        );
+        index++;
+      }
+    }
+    throw new MarketError("internal", "No model to try.");
+  }
+
+  /** Admits the request on one model: bounds, capabilities, then a slot, the hold and the run. */
+  private openModel(
+    orderId: string,
+    consumer: Consumer,
+    request: CompletionRequest,
+    model: string,
+    constraints: RoutingConstraints,
+    dropped: readonly string[],
+    signal: AbortSignal | undefined,
+  ): Promise<CompletionRun> {
+    const parts = {
+      messages: request.messages,
+      prompt: request.prompt,
+      tools: request.tools,
+      schemaJson:
+        request.responseFormat?.type === "json_schema" ? request.responseFormat.schemaJson : undefined,
+    };
+    const bound = promptBound(parts);
+    const floor = promptFloor(parts);
+    const requires = requiredCapabilities(request);
+    const match = (maxTokens: number | undefined): MatchRequest => ({
+      model,
+      promptTokenBound: bound,
+      promptTokenFloor: floor,
+      maxTokens,
+      defaultMaxTokens: this.options.defaultMaxTokens,
+      requires,
+      constraints,
+    });
+    return this.openRun(orderId, consumer, request, model, match, constraints, dropped, signal);
+  }
+
+  /** Reserves a slot for `model`, places the hold and starts the order's run. */
+  private async openRun(
+    orderId: string,
+    consumer: Consumer,
+    request: CompletionRequest,
+    model: string,
+    match: (maxTokens: number | undefined) => MatchRequest,
+    constraints: RoutingConstraints,
+    dropped: readonly string[],
+    signal: AbortSignal | undefined,
+  ): Promise<CompletionRun> {
     const excluded = new Set<string>();
     let shortfall: MarketError | null = null;
     for (;;) {
       let acquired: Acquired;
       try {
-        acquired = await acquire(excluded);
+        acquired = await this.acquire(model, match(request.maxTokens), excluded, signal);
       } catch (error) {
         // Every affordable worker was tried: the consumer's balance is what stands in the way.
         if (shortfall && isMarketError(error) && error.code === "no_capacity" && excluded.size > 0)
@@ -154,14 +248,14 @@ export class Marketplace {
           id: orderId,
           consumerAccountId: consumer.account.id,
           apiKeyId: consumer.apiKeyId,
-          model: request.model,
+          model,
           workerId: candidate.connection.workerId,
           providerAccountId: candidate.connection.providerAccountId,
           pricePerMillionInput: candidate.offer.pricePerMillionInput,
           pricePerMillionOutput: candidate.offer.pricePerMillionOutput,
           hold: candidate.worstCaseCost,
-          maxTokens,
-          promptTokenBound: bound,
+          maxTokens: candidate.maxTokens,
+          promptTokenBound: match(undefined).promptTokenBound,
           feeBasisPoints: this.options.feeBasisPoints,
         });
       } catch (error) {
@@ -178,14 +272,28 @@ export class Marketplace {
           log: this.log,
           firstTokenTimeoutMs: this.options.firstTokenTimeoutMs,
           jobTimeoutMs: this.options.jobTimeoutMs,
-          acquireFallback: acquire,
+          // A fallback keeps the order's max_tokens, so its hold is computed for the same limit.
+          acquireFallback: (skip) => this.acquire(model, match(order.maxTokens), skip, signal),
         },
         {
           order,
           first: acquired,
-          job: { model: request.model, messages: request.messages, sampling: request.sampling },
+          job: {
+            model,
+            messages: request.messages,
+            ...(request.prompt !== undefined ? { prompt: request.prompt } : {}),
+            ...(request.tools?.length ? { tools: request.tools } : {}),
+            ...(request.toolChoice ? { toolChoice: request.toolChoice } : {}),
+            ...(request.parallelToolCalls !== undefined
+              ? { parallelToolCalls: request.parallelToolCalls }
+              : {}),
+            ...(request.responseFormat ? { responseFormat: request.responseFormat } : {}),
+            ...(request.logprobs ? { logprobs: request.logprobs } : {}),
+            sampling: request.sampling,
+          },
           stream: request.stream,
           allowFallbacks: constraints.allowFallbacks,
+          droppedParameters: [...dropped],
         },
       );
       this.running.add(run);
@@ -205,7 +313,7 @@ export class Marketplace {
   /** Reserves a slot on the best worker with one, waiting in the model's queue when all are busy. */
   private acquire(
     model: string,
-    match: Parameters<typeof pickWorkers>[1],
+    match: MatchRequest,
     excluded: ReadonlySet<string>,
     signal: AbortSignal | undefined,
   ): Promise<Acquired> {
@@ -293,6 +401,44 @@ export class Marketplace {
     }
     return abandoned.length;
   }
+}
+
+/** The request without the parameter a 400 named, or null when it cannot go without it. */
+function dropParameter(request: CompletionRequest, param: string | undefined): CompletionRequest | null {
+  switch (param) {
+    case "tools": {
+      const { tools: _tools, toolChoice: _choice, parallelToolCalls: _parallel, ...rest } = request;
+      return rest;
+    }
+    case "response_format": {
+      const { responseFormat: _format, ...rest } = request;
+      return rest;
+    }
+    case "logprobs": {
+      const { logprobs: _logprobs, ...rest } = request;
+      return rest;
+    }
+    case "messages":
+      if (!request.messages.some((message) => message.imageUrls?.length)) return null;
+      return { ...request, messages: request.messages.map(({ imageUrls: _images, ...message }) => message) };
+    default:
+      return null;
+  }
+}
+
+/** The capabilities a request uses, each with the request field that uses it (named in a 400). */
+function requiredCapabilities(request: CompletionRequest): MatchRequest["requires"] {
+  const requires: { capability: Capability; param: string }[] = [];
+  if (request.tools?.length) requires.push({ capability: "tools", param: "tools" });
+  if (request.responseFormat && request.responseFormat.type !== "text") {
+    requires.push({ capability: "jsonSchema", param: "response_format" });
+  }
+  if (request.logprobs) requires.push({ capability: "logprobs", param: "logprobs" });
+  if (request.messages.some((message) => message.imageUrls?.length)) {
+    requires.push({ capability: "vision", param: "messages" });
+  }
+  if (request.prompt !== undefined) requires.push({ capability: "completions", param: "prompt" });
+  return requires;
 }
 
 function shuttingDown(): MarketError {

@@ -4,7 +4,7 @@
  */
 import { MarketError } from "./errors.js";
 import { orderCost, orderCostExact } from "./money.js";
-import type { WorkerConnection, WorkerRegistry } from "./registry.js";
+import type { Capability, WorkerConnection, WorkerRegistry } from "./registry.js";
 import type { OfferRecord } from "./store-port.js";
 
 export type SortKey = "price" | "throughput" | "latency";
@@ -20,6 +20,11 @@ export interface RoutingConstraints {
   /** Worker ids never to use. */
   ignore: string[];
   allowFallbacks: boolean;
+  /**
+   * OpenRouter's `require_parameters`: when true (our default), a parameter no worker supports is
+   * a 400; when false, it is dropped and the request goes on without it.
+   */
+  requireParameters: boolean;
 }
 
 export interface Candidate {
@@ -30,6 +35,8 @@ export interface Candidate {
   timeToFirstTokenMs: number;
   /** Slots in use on the worker when it was picked. */
   load: number;
+  /** The completion limit on this worker: the request's, or what its context leaves. */
+  maxTokens: number;
   /** The most this request can cost on this worker: the hold. */
   worstCaseCost: bigint;
   /** worstCaseCost before rounding up to whole µc (µc × 1e6), so tiny price differences still sort. */
@@ -39,8 +46,28 @@ export interface Candidate {
 export interface MatchRequest {
   model: string;
   promptTokenBound: number;
-  maxTokens: number;
+  /** A lower bound on the prompt's tokens: an offer whose context cannot hold it is skipped. */
+  promptTokenFloor: number;
+  /** The request's max_tokens; undefined to size it from each offer's context. */
+  maxTokens: number | undefined;
+  /** Used when neither the request nor the offer's context says (context length 0 = unknown). */
+  defaultMaxTokens: number;
+  /** Capabilities the request uses, with the request field that uses each (for the 400). */
+  requires: readonly { capability: Capability; param: string }[];
   constraints: RoutingConstraints;
+}
+
+/**
+ * The completion limit on an offer: the request's own max_tokens, else what the offer's context
+ * leaves after the prompt's bound (if the bound alone overflows it, what it leaves after the
+ * prompt's floor), else the default when the context is unknown.
+ */
+export function completionLimit(offer: OfferRecord, request: MatchRequest): number {
+  if (request.maxTokens !== undefined) return request.maxTokens;
+  const context = offer.contextLength;
+  if (context <= 0) return request.defaultMaxTokens;
+  const used = request.promptTokenBound < context ? request.promptTokenBound : request.promptTokenFloor;
+  return Math.max(1, context - used);
 }
 
 const UNMEASURED_TTFT_MS = 1_000;
@@ -93,8 +120,19 @@ export function pickWorkers(registry: WorkerRegistry, request: MatchRequest): Ca
   }
 
   const excluded = { price: 0, throughput: 0, draining: 0 };
+  let lacking: { capability: Capability; param: string } | undefined;
+  let tooShort = 0;
   const candidates: Candidate[] = [];
   for (const { connection, offer } of offering) {
+    const missing = request.requires.find((required) => !offer.capabilities[required.capability]);
+    if (missing) {
+      lacking ??= missing;
+      continue;
+    }
+    if (offer.contextLength > 0 && request.promptTokenFloor >= offer.contextLength) {
+      tooShort++;
+      continue;
+    }
     if (constraints.ignore.includes(connection.workerId)) continue;
     if (connection.draining) {
       excluded.draining++;
@@ -115,27 +153,56 @@ export function pickWorkers(registry: WorkerRegistry, request: MatchRequest): Ca
       excluded.throughput++;
       continue;
     }
+    const maxTokens = completionLimit(offer, request);
     candidates.push({
       connection,
       offer,
+      maxTokens,
       tokensPerSecond,
       timeToFirstTokenMs: registry.measuredTimeToFirstTokenMs(connection.workerId) ?? UNMEASURED_TTFT_MS,
       load: connection.activeJobs,
       worstCaseCostExact: orderCostExact(
         request.promptTokenBound,
-        request.maxTokens,
+        maxTokens,
         offer.pricePerMillionInput,
         offer.pricePerMillionOutput,
       ),
       worstCaseCost: orderCost(
         request.promptTokenBound,
-        request.maxTokens,
+        maxTokens,
         offer.pricePerMillionInput,
         offer.pricePerMillionOutput,
       ),
     });
   }
 
+  if (
+    candidates.length === 0 &&
+    lacking &&
+    tooShort === 0 &&
+    offering.every(({ offer }) => !request.requires.every((r) => offer.capabilities[r.capability]))
+  ) {
+    throw new MarketError(
+      "invalid_request",
+      `No worker offering '${request.model}' supports '${lacking.param}'.`,
+      lacking.param,
+    );
+  }
+  if (
+    candidates.length === 0 &&
+    tooShort > 0 &&
+    offering.every(
+      ({ offer }) =>
+        (offer.contextLength > 0 && request.promptTokenFloor >= offer.contextLength) ||
+        !request.requires.every((r) => offer.capabilities[r.capability]),
+    )
+  ) {
+    throw new MarketError(
+      "context_length_exceeded",
+      `The prompt is longer than the context of every worker offering '${request.model}'.`,
+      "messages",
+    );
+  }
   if (candidates.length === 0) {
     const reasons = [
       excluded.price > 0 ? `${excluded.price} above your max_price` : "",

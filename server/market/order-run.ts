@@ -20,7 +20,16 @@
 import { randomBytes } from "node:crypto";
 import { MarketError } from "./errors.js";
 import type { Candidate } from "./matcher.js";
-import type { FinishReason, JobSink, JobSpec, SlotLease, WorkerRegistry } from "./registry.js";
+import type {
+  FinishReason,
+  JobPiece,
+  JobSink,
+  JobSpec,
+  SlotLease,
+  TokenLogprob,
+  ToolCallDelta,
+  WorkerRegistry,
+} from "./registry.js";
 import type { MarketStore, OrderCheckpoint, OrderRecord } from "./store-port.js";
 
 export interface MarketLogger {
@@ -32,14 +41,18 @@ export interface MarketLogger {
 export type OrderState = "admitted" | "dispatched" | "streaming" | "completed" | "cancelled" | "failed";
 type FinalState = Exclude<OrderState, "admitted" | "dispatched" | "streaming">;
 
-/** What the consumer sees of an order: deltas, then exactly one `finish` or `error`. */
+/**
+ * What the consumer sees of an order: deltas, then exactly one `finish` or `error`. A delta may
+ * carry text, tool-call fragments (OpenAI's streaming shape) and, when asked for, the log-
+ * probabilities of its tokens.
+ */
 export type RunEvent =
-  | { type: "delta"; text: string }
+  | { type: "delta"; text: string; toolCalls: ToolCallDelta[]; logprobs: TokenLogprob[] }
   | { type: "finish"; finishReason: ConsumerFinishReason; order: OrderRecord | null }
   | { type: "error"; error: MarketError; order: OrderRecord | null };
 
 /** OpenAI's finish reasons (the `error` of in-band errors is the front door's). */
-export type ConsumerFinishReason = "stop" | "length" | "content_filter";
+export type ConsumerFinishReason = "stop" | "length" | "content_filter" | "tool_calls";
 
 /** A slot reserved on a worker, with the offer it was matched on. */
 export interface Acquired {
@@ -66,6 +79,8 @@ export interface OrderRunInput {
   job: Omit<JobSpec, "jobId" | "maxTokens" | "deadlineUnixMs">;
   stream: boolean;
   allowFallbacks: boolean;
+  /** Request parameters dropped because no worker supports them (`require_parameters: false`). */
+  droppedParameters: readonly string[];
 }
 
 interface Attempt {
@@ -78,6 +93,8 @@ interface Attempt {
 
 interface Delta {
   text: string;
+  toolCalls: ToolCallDelta[];
+  logprobs: TokenLogprob[];
   tokens: number;
   sequence: bigint;
   attempt: Attempt;
@@ -104,6 +121,7 @@ export class OrderRun implements AsyncIterable<RunEvent> {
   readonly orderId: string;
   readonly model: string;
   readonly createdAt: Date;
+  readonly droppedParameters: readonly string[];
   /** Resolves once the order is settled in the store. */
   readonly settled: Promise<void>;
 
@@ -143,6 +161,7 @@ export class OrderRun implements AsyncIterable<RunEvent> {
     this.orderId = input.order.id;
     this.model = input.order.model;
     this.createdAt = input.order.createdAt;
+    this.droppedParameters = input.droppedParameters;
     this.settled = new Promise((resolve) => {
       this.markSettled = resolve;
     });
@@ -203,7 +222,10 @@ export class OrderRun implements AsyncIterable<RunEvent> {
       const delta = this.outcome?.status === "cancelled" ? undefined : this.buffer.shift();
       if (delta) {
         this.inFlight = delta;
-        return { value: { type: "delta", text: delta.text }, done: false };
+        return {
+          value: { type: "delta", text: delta.text, toolCalls: delta.toolCalls, logprobs: delta.logprobs },
+          done: false,
+        };
       }
       if (this.outcome) {
         await this.settle();
@@ -265,8 +287,8 @@ export class OrderRun implements AsyncIterable<RunEvent> {
   private sinkFor(attempt: Attempt): JobSink {
     const current = () => this.attempt === attempt && this.outcome === null;
     return {
-      chunk: (text, tokenCount, sequence) => {
-        if (current()) this.onChunk(attempt, text, tokenCount, sequence);
+      chunk: (piece, sequence) => {
+        if (current()) this.onChunk(attempt, piece, sequence);
       },
       done: (finishReason, usage) => {
         if (current()) this.onDone(finishReason, usage);
@@ -277,17 +299,27 @@ export class OrderRun implements AsyncIterable<RunEvent> {
     };
   }
 
-  private onChunk(attempt: Attempt, text: string, tokenCount: number, sequence: bigint): void {
+  private onChunk(attempt: Attempt, piece: JobPiece, sequence: bigint): void {
+    const { text, tokenCount, toolCalls, logprobs } = piece;
     if (this.state === "dispatched") {
       clearTimeout(this.firstTokenTimer);
       this.firstTokenAt = new Date();
       this.transition("streaming", "first token", "dispatched");
     }
-    const bytes = Buffer.byteLength(text);
+    // Tool calls are output the model produced too; a token is still at least one byte of it.
+    let bytes = Buffer.byteLength(text);
+    for (const call of toolCalls) {
+      bytes +=
+        Buffer.byteLength(call.arguments) +
+        Buffer.byteLength(call.id ?? "") +
+        Buffer.byteLength(call.name ?? "");
+    }
     const claimed = Number.isFinite(tokenCount) && tokenCount > 0 ? Math.floor(tokenCount) : 0;
     this.claimedTokens += claimed;
     if (claimed > bytes) {
-      this.signal(`chunk ${sequence} claimed ${claimed} tokens for ${bytes} bytes of text; counted ${bytes}`);
+      this.signal(
+        `chunk ${sequence} claimed ${claimed} tokens for ${bytes} bytes of output; counted ${bytes}`,
+      );
     }
     const room = this.order.maxTokens - this.relayedTokens;
     if (room <= 0) {
@@ -299,12 +331,12 @@ export class OrderRun implements AsyncIterable<RunEvent> {
     }
     const counted = Math.min(claimed, bytes, room);
     this.relayedTokens += counted;
-    if (text === "" && counted === 0) {
+    if (text === "" && toolCalls.length === 0 && logprobs.length === 0) {
       // Nothing for the consumer; acknowledge at once so the window keeps moving.
       attempt.lease.acknowledge(sequence);
       return;
     }
-    this.buffer.push({ text, tokens: counted, sequence, attempt });
+    this.buffer.push({ text, toolCalls, logprobs, tokens: counted, sequence, attempt });
     this.notify();
   }
 
@@ -316,7 +348,9 @@ export class OrderRun implements AsyncIterable<RunEvent> {
     // The worker's own reason stands (an engine may end on its stop token exactly at max_tokens);
     // a worker that went past max_tokens was stopped in onChunk, with "length".
     const reason: ConsumerFinishReason =
-      finishReason === "length" ? "length" : finishReason === "content_filter" ? "content_filter" : "stop";
+      finishReason === "length" || finishReason === "content_filter" || finishReason === "tool_calls"
+        ? finishReason
+        : "stop";
     this.finish({ status: "completed", finishReason: reason, error: null }, `worker done (${finishReason})`, {
       drain: true,
     });

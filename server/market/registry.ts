@@ -5,12 +5,98 @@
  */
 import type { OfferRecord } from "./store-port.js";
 
-export type FinishReason = "stop" | "length" | "content_filter" | "cancelled";
+export type FinishReason = "stop" | "length" | "content_filter" | "cancelled" | "tool_calls";
+
+/** One message of a conversation, as the market carries it to a worker. */
+export interface ChatMessage {
+  role: string;
+  content: string;
+  name?: string;
+  /** On an assistant message: the calls it made. */
+  toolCalls?: ToolCall[];
+  /** On a tool message: the call it answers. */
+  toolCallId?: string;
+  /** Images of a multi-part content (https: or data: URLs). */
+  imageUrls?: string[];
+}
+
+export interface ToolCall {
+  id: string;
+  name: string;
+  /** JSON text. */
+  arguments: string;
+}
+
+export interface ToolDefinition {
+  name: string;
+  description: string;
+  /** JSON Schema as JSON text, "" when none. */
+  parametersJson: string;
+  strict: boolean;
+}
+
+export type ToolChoice = { mode: "auto" | "none" | "required" } | { mode: "function"; functionName: string };
+
+export type ResponseFormat =
+  | { type: "text" }
+  | { type: "json_object" }
+  | { type: "json_schema"; name: string; schemaJson: string; strict: boolean };
+
+/** A fragment of a tool call being streamed (OpenAI's delta shape). */
+export interface ToolCallDelta {
+  index: number;
+  id?: string;
+  name?: string;
+  arguments: string;
+}
+
+export interface TokenLogprob {
+  token: string;
+  logprob: number;
+  topLogprobs: { token: string; logprob: number }[];
+}
+
+/** What an offer supports beyond plain chat (Offer.capabilities on the wire). */
+export interface Capabilities {
+  tools: boolean;
+  jsonSchema: boolean;
+  logprobs: boolean;
+  vision: boolean;
+  completions: boolean;
+}
+
+export type Capability = keyof Capabilities;
+
+export const NO_CAPABILITIES: Readonly<Capabilities> = {
+  tools: false,
+  jsonSchema: false,
+  logprobs: false,
+  vision: false,
+  completions: false,
+};
+
+/** One piece of a job's output, as a worker's chunk carries it. */
+export interface JobPiece {
+  text: string;
+  /** As the worker claimed it (the market counts for itself). */
+  tokenCount: number;
+  toolCalls: ToolCallDelta[];
+  logprobs: TokenLogprob[];
+}
 
 export interface JobSpec {
   jobId: string;
   model: string;
-  messages: { role: string; content: string; name?: string }[];
+  /** Empty for a raw text completion. */
+  messages: ChatMessage[];
+  /** A raw text completion (legacy completions API). */
+  prompt?: string;
+  tools?: ToolDefinition[];
+  toolChoice?: ToolChoice;
+  parallelToolCalls?: boolean;
+  responseFormat?: ResponseFormat;
+  /** Per-token log-probabilities with `top` alternatives; undefined when not wanted. */
+  logprobs?: { top: number };
   sampling: {
     temperature?: number;
     topP?: number;
@@ -28,7 +114,7 @@ export interface JobSpec {
  * sent them (the wire's uint32/uint64 ranges): the marketplace decides what they are worth.
  */
 export interface JobSink {
-  chunk(text: string, tokenCount: number, sequence: bigint): void;
+  chunk(piece: JobPiece, sequence: bigint): void;
   done(finishReason: FinishReason, usage: { promptTokens: number; completionTokens: number } | null): void;
   /** `overloaded`: the worker refused the job before starting it (no capacity on its side). */
   failed(message: string, kind: "overloaded" | "error"): void;

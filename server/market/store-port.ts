@@ -24,6 +24,8 @@
  *   floor(cost · feeBasisPoints / 10,000).
  */
 
+import type { Capabilities } from "./registry.js";
+
 export const PLATFORM_ACCOUNT_ID = "acct_platform";
 export const EXTERNAL_ACCOUNT_ID = "acct_external";
 
@@ -66,6 +68,7 @@ export interface OfferRecord {
   contextLength: number;
   quantization: string;
   engine: string;
+  capabilities: Capabilities;
 }
 
 export interface WorkerRecord {

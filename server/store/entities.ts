@@ -8,6 +8,7 @@
  * knows the dependency and inserts rows in foreign-key order within a flush.
  */
 import { defineEntity, type InferEntity, p } from "@mikro-orm/core";
+import type { Capabilities } from "../market/registry.js";
 
 export const Account = defineEntity({
   name: "Account",
@@ -54,6 +55,7 @@ export interface StoredOffer {
   contextLength: number;
   quantization: string;
   engine: string;
+  capabilities?: Capabilities;
 }
 
 /** A worker identity together with the token that authenticates it (one token, one worker). */

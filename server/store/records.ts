@@ -1,4 +1,6 @@
 /** Conversions between stored entities and the record types of the market's store port. */
+
+import { NO_CAPABILITIES } from "../market/registry.js";
 import type {
   AccountRecord,
   ApiKeyRecord,
@@ -80,6 +82,8 @@ function fromStoredOffer(offer: StoredOffer): OfferRecord {
     ...offer,
     pricePerMillionInput: BigInt(offer.pricePerMillionInput),
     pricePerMillionOutput: BigInt(offer.pricePerMillionOutput),
+    // Offers stored before capabilities existed declared none.
+    capabilities: { ...NO_CAPABILITIES, ...offer.capabilities },
   };
 }
 

@@ -44,12 +44,12 @@ async function sendChunks(
   call: WorkerCall,
   incoming: ReturnType<typeof inbox>,
   jobId: string,
-  texts: string[],
+  chunks: (string | Record<string, unknown>)[],
   windowChunks: number,
 ): Promise<bigint[]> {
   const acknowledgements: bigint[] = [];
   let acknowledged = 0n;
-  for (const [index, text] of texts.entries()) {
+  for (const [index, chunk] of chunks.entries()) {
     const sequence = BigInt(index + 1);
     while (sequence > acknowledged + BigInt(windowChunks)) {
       const message = await incoming.next();
@@ -64,13 +64,20 @@ async function sendChunks(
       acknowledgements.push(value);
       if (value > acknowledged) acknowledged = value;
     }
-    call.write({ jobChunk: { jobId, sequence: String(sequence), text, tokenCount: 1 } });
+    // A string is a chunk of text; an object gives the chunk's other fields too (tool_calls, logprobs).
+    const fields = typeof chunk === "string" ? { text: chunk } : chunk;
+    call.write({ jobChunk: { jobId, sequence: String(sequence), tokenCount: 1, ...fields } });
   }
   return acknowledgements;
 }
 
-/** Opens the stream, sends Hello with one offer and returns the Welcome. */
-async function register(client: grpc.Client, workerToken: string, model: string) {
+/** Opens the stream, sends Hello with one offer (declaring `capabilities`) and returns the Welcome. */
+async function register(
+  client: grpc.Client,
+  workerToken: string,
+  model: string,
+  capabilities: Record<string, boolean> = {},
+) {
   const call = (client as unknown as { connect(): WorkerCall }).connect();
   const incoming = inbox(call);
   call.write({
@@ -89,6 +96,7 @@ async function register(client: grpc.Client, workerToken: string, model: string)
           contextLength: 2048,
           quantization: "F32",
           engine: "hand-written",
+          capabilities,
         },
       ],
     },
@@ -175,7 +183,9 @@ describe("a grpc-js worker built from the .proto files alone", () => {
     };
     expect(job.model).toBe("conformance-model");
     expect(job.maxTokens).toBe(10);
-    expect(job.messages).toEqual([{ role: "user", content: "Count to three", name: "" }]);
+    expect(job.messages).toEqual([
+      { role: "user", content: "Count to three", name: "", toolCalls: [], toolCallId: "", imageUrls: [] },
+    ]);
 
     call.write({ jobAccepted: { jobId: job.jobId } });
     const pieces = ["One", ", two", ", three", "."];
@@ -259,6 +269,151 @@ describe("a grpc-js worker built from the .proto files alone", () => {
       expect(value).toBeGreaterThan(index === 0 ? 0n : (acknowledgements[index - 1] as bigint));
       expect(value).toBeLessThanOrEqual(BigInt(pieces.length));
     }
+
+    await hangUp(call);
+  });
+
+  it("streams a tool call in fragments over several chunks; the openai SDK assembles it and it is billed", async () => {
+    const provider = await market.account("tools-provider");
+    const consumer = await market.account("tools-consumer", 50);
+    const { workerToken } = await market.admin.createWorkerToken({ accountId: provider.accountId });
+    const { call, incoming, welcome } = await register(client, workerToken, "tools-model", { tools: true });
+    expect(welcome.message).toBe("welcome");
+    const windowChunks = (welcome.welcome as { jobWindowChunks: number }).jobWindowChunks;
+    const parameters = { type: "object", properties: { city: { type: "string" } }, required: ["city"] };
+
+    const stream = market.openai(consumer.apiKey).chat.completions.stream({
+      model: "tools-model",
+      messages: [{ role: "user", content: "Weather in Oslo?" }],
+      tools: [
+        { type: "function", function: { name: "get_weather", description: "Weather in a city", parameters } },
+      ],
+      tool_choice: "required",
+      stream_options: { include_usage: true },
+    });
+    const toolCallDeltas: unknown[] = [];
+    stream.on("chunk", (chunk) => {
+      const calls = chunk.choices[0]?.delta.tool_calls;
+      if (calls) toolCallDeltas.push(...calls);
+    });
+
+    const assigned = await incoming.next();
+    expect(assigned.message).toBe("jobAssign");
+    const job = assigned.jobAssign as {
+      jobId: string;
+      tools: { name: string; description: string; parametersJson: string; strict: boolean }[];
+      toolChoice: { mode: string; functionName: string } | null;
+    };
+    expect(job.tools).toHaveLength(1);
+    expect(job.tools[0]).toMatchObject({
+      name: "get_weather",
+      description: "Weather in a city",
+      strict: false,
+    });
+    expect(JSON.parse(job.tools[0]?.parametersJson ?? "")).toEqual(parameters);
+    expect(job.toolChoice).toMatchObject({ mode: "required" });
+
+    call.write({ jobAccepted: { jobId: job.jobId } });
+    const chunks = [
+      { toolCalls: [{ index: 0, id: "call_w", name: "get_weather", arguments: "" }] },
+      { toolCalls: [{ index: 0, arguments: '{"city":' }] },
+      { toolCalls: [{ index: 0, arguments: '"Oslo"}' }] },
+    ];
+    await sendChunks(call, incoming, job.jobId, chunks, windowChunks);
+    call.write({
+      jobDone: {
+        jobId: job.jobId,
+        finishReason: "FINISH_REASON_TOOL_CALLS",
+        usage: { promptTokens: 7, completionTokens: chunks.length },
+        lastSequence: String(chunks.length),
+      },
+    });
+
+    const completion = await stream.finalChatCompletion();
+    expect(completion.choices[0]?.finish_reason).toBe("tool_calls");
+    expect(completion.choices[0]?.message.tool_calls).toEqual([
+      { id: "call_w", type: "function", function: { name: "get_weather", arguments: '{"city":"Oslo"}' } },
+    ]);
+    // The fragments arrived as the worker sent them, over several chunks.
+    expect(toolCallDeltas).toMatchObject([
+      { index: 0, id: "call_w", function: { name: "get_weather", arguments: "" } },
+      { index: 0, function: { arguments: '{"city":' } },
+      { index: 0, function: { arguments: '"Oslo"}' } },
+    ]);
+    expect(completion.usage).toMatchObject({ prompt_tokens: 7, completion_tokens: 3 });
+    // 7 × 1 credit/1M + 3 × 2 credits/1M = 13 µc; the 5 % fee rounds down to 0.
+    expect(await market.balance(provider.accountId)).toMatchObject({ available: 0n, pending: 13n });
+
+    await hangUp(call);
+  });
+
+  it("sends logprobs with each chunk's tokens; the openai SDK receives them exactly", async () => {
+    const provider = await market.account("logprobs-provider");
+    const consumer = await market.account("logprobs-consumer", 50);
+    const { workerToken } = await market.admin.createWorkerToken({ accountId: provider.accountId });
+    const { call, incoming, welcome } = await register(client, workerToken, "logprobs-model", {
+      logprobs: true,
+    });
+    expect(welcome.message).toBe("welcome");
+    const windowChunks = (welcome.welcome as { jobWindowChunks: number }).jobWindowChunks;
+
+    const completion = market.openai(consumer.apiKey).chat.completions.create({
+      model: "logprobs-model",
+      messages: [{ role: "user", content: "Yes or no?" }],
+      logprobs: true,
+      top_logprobs: 2,
+      stream: true,
+    });
+
+    const assigned = await incoming.next();
+    expect(assigned.message).toBe("jobAssign");
+    const job = assigned.jobAssign as { jobId: string; wantLogprobs: boolean; topLogprobs: number };
+    expect(job).toMatchObject({ wantLogprobs: true, topLogprobs: 2 });
+
+    call.write({ jobAccepted: { jobId: job.jobId } });
+    const tokens = [
+      {
+        token: "Yes",
+        logprob: -0.25,
+        topLogprobs: [
+          { token: "Yes", logprob: -0.25 },
+          { token: "No", logprob: -1.5 },
+        ],
+      },
+      {
+        token: ".",
+        logprob: -0.125,
+        topLogprobs: [
+          { token: ".", logprob: -0.125 },
+          { token: "!", logprob: -2.5 },
+        ],
+      },
+    ];
+    const chunks = tokens.map((entry) => ({ text: entry.token, logprobs: [entry] }));
+    await sendChunks(call, incoming, job.jobId, chunks, windowChunks);
+    call.write({
+      jobDone: {
+        jobId: job.jobId,
+        finishReason: "FINISH_REASON_STOP",
+        usage: { promptTokens: 5, completionTokens: chunks.length },
+        lastSequence: String(chunks.length),
+      },
+    });
+
+    let text = "";
+    const received: unknown[] = [];
+    for await (const chunk of await completion) {
+      text += chunk.choices[0]?.delta.content ?? "";
+      received.push(...(chunk.choices[0]?.logprobs?.content ?? []));
+    }
+    expect(text).toBe("Yes.");
+    expect(received).toMatchObject(
+      tokens.map((entry) => ({
+        token: entry.token,
+        logprob: entry.logprob,
+        top_logprobs: entry.topLogprobs.map(({ token, logprob }) => ({ token, logprob })),
+      })),
+    );
 
     await hangUp(call);
   });

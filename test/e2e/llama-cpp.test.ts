@@ -34,7 +34,8 @@ describe.skipIf(!present)("chat completions served by node-llama-cpp (stories260
       priceIn: "10",
       priceOut: "20",
       tps: 500,
-      engine: ["--engine", "llama-cpp", "--model-path", MODEL_PATH],
+      // One thread, no GPU: node-llama-cpp's default oversubscribes our 2-core CI machines.
+      engine: ["--engine", "llama-cpp", "--model-path", MODEL_PATH, "--gpu", "off", "--threads", "1"],
     });
   });
 
@@ -89,5 +90,33 @@ describe.skipIf(!present)("chat completions served by node-llama-cpp (stories260
     const audit = await ledgerIsBalanced(market);
     expect(audit.ok).toBe(true);
     expect(audit.sum).toBe(0n);
+  });
+
+  it("answers a json_schema request with JSON that parses and matches the schema", async () => {
+    const schema = {
+      type: "object",
+      properties: {
+        name: { type: "string", maxLength: 20 },
+        age: { type: "integer" },
+        color: { type: "string", enum: ["red", "green", "blue"] },
+      },
+      required: ["name", "age", "color"],
+      additionalProperties: false,
+    };
+    const completion = await market.openai(consumer.apiKey).chat.completions.create({
+      model: "stories260K",
+      messages: [{ role: "user", content: "Once upon a time" }],
+      max_tokens: 200,
+      seed: 1,
+      response_format: { type: "json_schema", json_schema: { name: "person", schema, strict: true } },
+    });
+    const choice = completion.choices[0];
+    expect(choice?.finish_reason).toBe("stop");
+    const value = JSON.parse(choice?.message.content ?? "") as Record<string, unknown>;
+    expect(Object.keys(value).sort()).toEqual(["age", "color", "name"]);
+    expect(typeof value.name === "string" && value.name.length <= 20).toBe(true);
+    expect(Number.isInteger(value.age)).toBe(true);
+    expect(["red", "green", "blue"]).toContain(value.color);
+    expect(completion.usage?.completion_tokens).toBeGreaterThan(0);
   });
 });

@@ -6,6 +6,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { isMarketError, type MarketErrorCode } from "../../server/market/errors.js";
+import { NO_CAPABILITIES } from "../../server/market/registry.js";
 import {
   type Balance,
   EXTERNAL_ACCOUNT_ID,
@@ -180,6 +181,7 @@ describe("SqlMarketStore", () => {
       contextLength: 8192,
       quantization: "Q4_K_M",
       engine: "llama.cpp",
+      capabilities: { ...NO_CAPABILITIES },
     };
     const connected = await store.recordWorkerConnected(workerId, {
       name: "rig-1",

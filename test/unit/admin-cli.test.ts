@@ -11,7 +11,7 @@ import { AdminService } from "../../gen/locallmarket/v1/admin_pb.js";
 import { adminAuthInterceptor } from "../../server/admin/admin-auth.js";
 import { createAdminService } from "../../server/admin/admin-service.js";
 import { runAdminCli } from "../../server/admin/cli.js";
-import { type WorkerConnection, WorkerRegistry } from "../../server/market/registry.js";
+import { NO_CAPABILITIES, type WorkerConnection, WorkerRegistry } from "../../server/market/registry.js";
 import type { OfferRecord, OrderRecord } from "../../server/market/store-port.js";
 import { openTestStore, type TestStore } from "../support/database.js";
 
@@ -45,6 +45,7 @@ const OFFER: OfferRecord = {
   contextLength: 8192,
   quantization: "Q4_K_M",
   engine: "ollama",
+  capabilities: { ...NO_CAPABILITIES },
 };
 
 function liveConnection(workerId: string, providerAccountId: string, activeJobs: number): WorkerConnection {

@@ -138,6 +138,7 @@ describe("toConnectError", () => {
   // A Record, so that a new MarketErrorCode fails to compile here until its mapping is tested.
   const expected: Record<MarketErrorCode, Code> = {
     invalid_request: Code.InvalidArgument,
+    context_length_exceeded: Code.InvalidArgument,
     unauthenticated: Code.Unauthenticated,
     permission_denied: Code.PermissionDenied,
     insufficient_credits: Code.FailedPrecondition,

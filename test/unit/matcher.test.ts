@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { pickWorkers, type RoutingConstraints } from "../../server/market/matcher.js";
-import { type WorkerConnection, WorkerRegistry } from "../../server/market/registry.js";
+import { NO_CAPABILITIES, type WorkerConnection, WorkerRegistry } from "../../server/market/registry.js";
 
 function connection(workerId: string, price: bigint, tps: number, maxConcurrency = 1): WorkerConnection {
   return {
@@ -19,14 +19,29 @@ function connection(workerId: string, price: bigint, tps: number, maxConcurrency
         contextLength: 0,
         quantization: "",
         engine: "",
+        capabilities: { ...NO_CAPABILITIES },
       },
     ],
     reserve: () => null,
   };
 }
 
-const constraints: RoutingConstraints = { sort: "price", order: [], ignore: [], allowFallbacks: true };
-const request = { model: "m", promptTokenBound: 10, maxTokens: 10, constraints };
+const constraints: RoutingConstraints = {
+  sort: "price",
+  order: [],
+  ignore: [],
+  allowFallbacks: true,
+  requireParameters: true,
+};
+const request = {
+  model: "m",
+  promptTokenBound: 10,
+  promptTokenFloor: 1,
+  maxTokens: 10,
+  defaultMaxTokens: 100,
+  requires: [],
+  constraints,
+};
 
 describe("pickWorkers", () => {
   it("orders by price, then by throughput", () => {
@@ -73,5 +88,75 @@ describe("pickWorkers", () => {
     ).toThrow(
       expect.objectContaining({ code: "no_capacity", message: expect.stringContaining("max_price") }),
     );
+  });
+});
+
+describe("pickWorkers and what a request uses", () => {
+  function offering(
+    workerId: string,
+    price: bigint,
+    extra: { capabilities?: Partial<typeof NO_CAPABILITIES>; contextLength?: number },
+  ): WorkerConnection {
+    const base = connection(workerId, price, 10);
+    const offer = base.offers[0] as WorkerConnection["offers"][number];
+    return {
+      ...base,
+      offers: [
+        {
+          ...offer,
+          contextLength: extra.contextLength ?? 0,
+          capabilities: { ...NO_CAPABILITIES, ...extra.capabilities },
+        },
+      ],
+    };
+  }
+  const usesTools = { ...request, requires: [{ capability: "tools" as const, param: "tools" }] };
+
+  it("sends a request using tools only to offers that support them, even past a cheaper one", () => {
+    const registry = new WorkerRegistry();
+    registry.register(offering("cheap-plain", 1n, {}));
+    registry.register(offering("dear-tools", 9n, { capabilities: { tools: true } }));
+    expect(pickWorkers(registry, usesTools).map((c) => c.connection.workerId)).toEqual(["dear-tools"]);
+    expect(pickWorkers(registry, request).map((c) => c.connection.workerId)).toEqual([
+      "cheap-plain",
+      "dear-tools",
+    ]);
+  });
+
+  it("answers 400 naming the parameter when no offer supports it", () => {
+    const registry = new WorkerRegistry();
+    registry.register(offering("plain", 1n, { capabilities: { logprobs: true } }));
+    expect(() => pickWorkers(registry, usesTools)).toThrow(
+      expect.objectContaining({
+        code: "invalid_request",
+        param: "tools",
+        message: expect.stringContaining("'tools'"),
+      }),
+    );
+  });
+
+  it("sizes max_tokens from the offer's context when the request sets none, and the hold follows", () => {
+    const registry = new WorkerRegistry();
+    registry.register(offering("small", 1_000_000n, { contextLength: 256 }));
+    registry.register(offering("unknown", 1_000_000n, {}));
+    const candidates = pickWorkers(registry, { ...request, maxTokens: undefined, promptTokenBound: 40 });
+    const small = candidates.find((c) => c.connection.workerId === "small");
+    const unknown = candidates.find((c) => c.connection.workerId === "unknown");
+    expect(small?.maxTokens).toBe(216);
+    // 1 credit per 1M tokens = 1 µc per token: the hold is exactly the context's worth.
+    expect(small?.worstCaseCost).toBe(256n);
+    expect(unknown?.maxTokens).toBe(100);
+  });
+
+  it("answers 400 context_length_exceeded when the prompt cannot fit any offer", () => {
+    const registry = new WorkerRegistry();
+    registry.register(offering("tiny", 1n, { contextLength: 64 }));
+    expect(() => pickWorkers(registry, { ...request, promptTokenFloor: 64 })).toThrow(
+      expect.objectContaining({ code: "context_length_exceeded" }),
+    );
+    registry.register(offering("roomy", 1n, { contextLength: 4096 }));
+    expect(
+      pickWorkers(registry, { ...request, promptTokenFloor: 64 }).map((c) => c.connection.workerId),
+    ).toEqual(["roomy"]);
   });
 });

@@ -26,6 +26,7 @@ import { orderCost, platformFee } from "../../server/market/money.js";
 import {
   type JobSink,
   type JobSpec,
+  NO_CAPABILITIES,
   type SlotLease,
   type WorkerConnection,
   WorkerRegistry,
@@ -77,6 +78,7 @@ async function scriptedWorker(
         contextLength: 0,
         quantization: "",
         engine: "scripted",
+        capabilities: { ...NO_CAPABILITIES },
       },
     ],
     heartbeatIntervalMs: 60_000,
@@ -458,6 +460,8 @@ describe("the order state machine, scripted at the connection", () => {
     cancelled: string[];
   }
 
+  const piece = (text: string) => ({ text, tokenCount: 1, toolCalls: [], logprobs: [] });
+
   function scriptedConnection(workerId: string, price: bigint): WorkerConnection & { jobs: Assigned[] } {
     const jobs: Assigned[] = [];
     let active = 0;
@@ -480,6 +484,7 @@ describe("the order state machine, scripted at the connection", () => {
           contextLength: 0,
           quantization: "",
           engine: "scripted",
+          capabilities: { ...NO_CAPABILITIES },
         },
       ],
       reserve(): SlotLease {
@@ -522,7 +527,7 @@ describe("the order state machine, scripted at the connection", () => {
     first.sink.failed("ENGINE_ERROR: boom", "error");
     // The same attempt reports again, then finishes and chats: the order must not move twice.
     first.sink.failed("ENGINE_ERROR: boom again", "error");
-    first.sink.chunk("stale", 1, 1n);
+    first.sink.chunk(piece("stale"), 1n);
     first.sink.done("stop", { promptTokens: 1, completionTokens: 1 });
     expect(first.cancelled.length).toBe(1);
     const second = await vi.waitFor(() => {
@@ -530,8 +535,8 @@ describe("the order state machine, scripted at the connection", () => {
       if (!job) throw new Error("no fallback yet");
       return job;
     });
-    first.sink.chunk("still stale", 1, 2n);
-    second.sink.chunk("fresh", 1, 1n);
+    first.sink.chunk(piece("still stale"), 2n);
+    second.sink.chunk(piece("fresh"), 1n);
     first.sink.done("stop", null);
     second.sink.done("stop", { promptTokens: 2, completionTokens: 1 });
     second.sink.done("length", { promptTokens: 2, completionTokens: 99 });

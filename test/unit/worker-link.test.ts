@@ -8,7 +8,7 @@ import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import { afterEach, describe, expect, it } from "vitest";
-import { FinishReason } from "../../gen/locallmarket/v1/common_pb.js";
+import { FinishReason, ResponseFormat_Type } from "../../gen/locallmarket/v1/common_pb.js";
 import {
   type ConnectRequest,
   ConnectResponseSchema,
@@ -25,6 +25,7 @@ import {
   type GenerateRequest,
   type Generation,
   type GenerationResult,
+  type TokenLogprob,
 } from "../../worker/engines/engine.js";
 import { OpenAiEngine } from "../../worker/engines/openai-engine.js";
 import { JobOutbox, type OutgoingChunk } from "../../worker/job-outbox.js";
@@ -35,7 +36,14 @@ import {
   type WorkerLinkOptions,
   WorkerRejectedError,
 } from "../../worker/link-client.js";
-import { type FakeEngine, type FakeEngineOptions, startFakeEngine } from "../support/fake-engine.js";
+import {
+  type FakeEngine,
+  type FakeEngineOptions,
+  fakeArgumentFragments,
+  fakeLogprob,
+  fakeTopLogprobs,
+  startFakeEngine,
+} from "../support/fake-engine.js";
 import { STORIES_260K as STORIES } from "../support/models.js";
 
 // ------------------------------------------------------------------------------------------------
@@ -232,6 +240,7 @@ async function setup(
         maxConcurrency: 1,
         contextLength: 4096,
         engine: "openai-compatible",
+        capabilities: { tools: true, jsonSchema: false, logprobs: true, vision: false, completions: true },
       },
     ],
     ...options.link,
@@ -280,6 +289,7 @@ class ScriptedEngine implements Engine {
   readonly endings: GenerationResult[] = [];
   private readonly steps = new AsyncQueue<EnginePiece | "end" | EngineError>();
   private pullCount = 0;
+  private finishReason: GenerationResult["finishReason"] = "stop";
   private pullWaiters: Array<{ count: number; resolve: () => void }> = [];
 
   /** How many pieces the job's loop has asked for so far (including the one it waits for). */
@@ -292,6 +302,12 @@ class ScriptedEngine implements Engine {
   }
 
   end(): void {
+    this.steps.push("end");
+  }
+
+  /** Ends the generation with this finish reason. */
+  finish(reason: GenerationResult["finishReason"]): void {
+    this.finishReason = reason;
     this.steps.push("end");
   }
 
@@ -321,7 +337,7 @@ class ScriptedEngine implements Engine {
       const step = request.signal.aborted ? "aborted" : await Promise.race([this.steps.shift(), aborted]);
       if (step === "aborted") return this.ended({ finishReason: "cancelled" });
       if (step.done || step.value === "end") {
-        return this.ended({ finishReason: "stop", usage: { promptTokens: 3, completionTokens } });
+        return this.ended({ finishReason: this.finishReason, usage: { promptTokens: 3, completionTokens } });
       }
       if (step.value instanceof EngineError) throw step.value;
       completionTokens += step.value.tokenCount;
@@ -568,6 +584,47 @@ describe("JobOutbox", () => {
     expect(sent.map((c) => c.text)).toEqual(["a", "b", "c"]);
   });
 
+  it("keeps max_chunk_bytes for a token longer than a chunk, its logprob with its first characters", () => {
+    const sent: OutgoingChunk[] = [];
+    const box = new JobOutbox({
+      window: 0,
+      maxChunkBytes: 3,
+      bufferBytes: 1 << 16,
+      send: (c) => sent.push(c),
+    });
+    box.push({
+      text: "abcdefg",
+      tokenCount: 2,
+      logprobs: [
+        { token: "abcde", logprob: -1, topLogprobs: [] },
+        { token: "fg", logprob: -2, topLogprobs: [] },
+      ],
+    });
+    expect(sent.map((c) => c.text)).toEqual(["abc", "def", "g"]);
+    expect(sent.map((c) => c.logprobs.map((entry) => entry.logprob))).toEqual([[-1], [-2], []]);
+    expect(sent.reduce((sum, c) => sum + c.tokenCount, 0)).toBe(2);
+  });
+
+  it("sends a piece with only tool-call fragments, and drops nothing but empty pieces", () => {
+    const { box, sent } = outbox(0);
+    box.push({ text: "", tokenCount: 0 });
+    box.push({ text: "", tokenCount: 0, toolCalls: [{ index: 0, arguments: "{}" }] });
+    expect(sent).toEqual([
+      { sequence: 1n, text: "", tokenCount: 0, toolCalls: [{ index: 0, arguments: "{}" }], logprobs: [] },
+    ]);
+  });
+
+  it("counts tool-call fragments against the buffer, so a long call makes the producer wait", async () => {
+    const sent: OutgoingChunk[] = [];
+    const box = new JobOutbox({ window: 1, maxChunkBytes: 0, bufferBytes: 8, send: (c) => sent.push(c) });
+    expect(box.push({ text: "a", tokenCount: 1 })).toBeUndefined();
+    const waiting = box.push({ text: "", tokenCount: 1, toolCalls: [{ index: 0, arguments: "0123456789" }] });
+    expect(waiting).toBeInstanceOf(Promise);
+    box.acknowledge(1n);
+    await waiting;
+    expect(sent.map((c) => c.toolCalls)).toEqual([[], [{ index: 0, arguments: "0123456789" }]]);
+  });
+
   it("ignores an acknowledgement lower than one already received", () => {
     const { box, sent } = outbox(1);
     box.push({ text: "a", tokenCount: 1 });
@@ -577,6 +634,323 @@ describe("JobOutbox", () => {
     box.acknowledge(1n);
     box.acknowledge(0n);
     expect(sent.map((c) => c.sequence)).toEqual([1n, 2n]);
+  });
+});
+
+/** A token's log-probability as the engine gives it, with `alternatives` made-up alternatives. */
+function logprobOf(token: string, logprob: number, alternatives = 0): TokenLogprob {
+  return {
+    token,
+    logprob,
+    topLogprobs: Array.from({ length: alternatives }, (_, k) => ({
+      token: `${token}${k}`,
+      logprob: logprob - k,
+    })),
+  };
+}
+
+describe("WorkerLink tools, response formats and logprobs", () => {
+  it("gives the engine every field of the JobAssign: tools, tool_choice, response_format, logprobs, tool messages", async () => {
+    const { stream, engine } = await setupScripted({ jobWindowChunks: 8 });
+    const parameters = { type: "object", properties: { city: { type: "string" } }, required: ["city"] };
+    const schema = { type: "object", properties: { answer: { type: "string" } } };
+    // A message's fields reach the engine as they are on the wire (unset ones left out).
+    const messages = [
+      { role: "user", content: "Weather?", imageUrls: ["https://example.com/sky.png"] },
+      {
+        role: "assistant",
+        content: "",
+        toolCalls: [{ id: "call_1", name: "get_weather", arguments: '{"city":"Oslo"}' }],
+      },
+      { role: "tool", content: "-3 °C", toolCallId: "call_1" },
+    ];
+    assign(stream, "job-fields", {
+      messages,
+      tools: [
+        {
+          name: "get_weather",
+          description: "Weather in a city",
+          parametersJson: JSON.stringify(parameters),
+          strict: true,
+        },
+        { name: "now", description: "", parametersJson: "", strict: false },
+      ],
+      toolChoice: { mode: "function", functionName: "get_weather" },
+      parallelToolCalls: true,
+      responseFormat: {
+        type: ResponseFormat_Type.JSON_SCHEMA,
+        name: "reply",
+        schemaJson: JSON.stringify(schema),
+        strict: true,
+      },
+      wantLogprobs: true,
+      topLogprobs: 5,
+      sampling: { temperature: 0.2 },
+    });
+    await stream.next("jobAccepted");
+    await engine.pulled(1);
+    expect(engine.requests[0]).toEqual({
+      model: "test-model",
+      messages,
+      tools: [
+        { name: "get_weather", description: "Weather in a city", parameters, strict: true },
+        { name: "now", description: "", strict: false },
+      ],
+      toolChoice: { mode: "function", functionName: "get_weather" },
+      parallelToolCalls: true,
+      responseFormat: { type: "json_schema", name: "reply", schema, strict: true },
+      logprobs: { top: 5 },
+      sampling: { temperature: 0.2 },
+      maxTokens: 100,
+      signal: expect.any(AbortSignal),
+    });
+    engine.end();
+    await stream.next("jobDone");
+  });
+
+  it("gives the engine a raw prompt, json_object, and tool_choice modes as they are", async () => {
+    const { stream, engine } = await setupScripted({ jobWindowChunks: 8 });
+    assign(stream, "job-raw", {
+      messages: [],
+      prompt: "Once upon a time",
+      responseFormat: { type: ResponseFormat_Type.JSON_OBJECT },
+    });
+    await stream.next("jobAccepted");
+    await engine.pulled(1);
+    expect(engine.requests[0]).toMatchObject({
+      messages: [],
+      prompt: "Once upon a time",
+      responseFormat: { type: "json_object" },
+    });
+    expect(engine.requests[0]).not.toHaveProperty("logprobs");
+    expect(engine.requests[0]).not.toHaveProperty("tools");
+    engine.end();
+    await stream.next("jobDone");
+    for (const [index, mode] of ["", "none", "required"].entries()) {
+      assign(stream, `job-mode-${index}`, {
+        tools: [{ name: "f", parametersJson: "{}" }],
+        toolChoice: { mode },
+      });
+      await stream.next("jobAccepted");
+      await engine.pulled(index + 2);
+      expect(engine.requests[index + 1]?.toolChoice).toEqual({ mode: mode || "auto" });
+      expect(engine.requests[index + 1]?.tools).toEqual([
+        { name: "f", description: "", parameters: {}, strict: false },
+      ]);
+      engine.end();
+      await stream.next("jobDone");
+    }
+  });
+
+  it.each([
+    [{ tools: [{ name: "f", parametersJson: "{not json" }] }, /the parameters of tool "f" is not valid JSON/],
+    [{ tools: [{ name: "f", parametersJson: "[1]" }] }, /the parameters of tool "f" is not a JSON object/],
+    [
+      { responseFormat: { type: ResponseFormat_Type.JSON_SCHEMA, name: "x", schemaJson: "" } },
+      /the response_format schema is not valid JSON/,
+    ],
+    [
+      { tools: [{ name: "f" }], toolChoice: { mode: "function" } },
+      /tool_choice "function" names no function/,
+    ],
+    [{ tools: [{ name: "f" }], toolChoice: { mode: "any" } }, /unknown tool_choice mode "any"/],
+  ])(
+    "refuses a malformed assignment with INVALID_INPUT before accepting it (%#)",
+    async (fields, pattern) => {
+      const { stream, engine } = await setupScripted({ jobWindowChunks: 8 });
+      assign(stream, "job-bad", fields);
+      const failed = await stream.next("jobFailed");
+      expect(failed).toMatchObject({ jobId: "job-bad", code: JobFailureCode.INVALID_INPUT });
+      expect(failed.message).toMatch(pattern);
+      expect(engine.requests).toHaveLength(0);
+    },
+  );
+
+  it("sends a piece's tool-call fragments and logprobs in its JobChunk exactly, and FINISH_REASON_TOOL_CALLS", async () => {
+    const { stream, engine } = await setupScripted({ jobWindowChunks: 8 });
+    assign(stream, "job-tc");
+    await stream.next("jobAccepted");
+    engine.feed({
+      text: "Let me check.",
+      tokenCount: 2,
+      logprobs: [logprobOf("Let me", -0.25, 2), logprobOf(" check.", -1.5, 2)],
+    });
+    expect(await stream.next("jobChunk")).toMatchObject({
+      sequence: 1n,
+      text: "Let me check.",
+      tokenCount: 2,
+      toolCalls: [],
+      logprobs: [
+        {
+          token: "Let me",
+          logprob: -0.25,
+          topLogprobs: [
+            { token: "Let me0", logprob: -0.25 },
+            { token: "Let me1", logprob: -1.25 },
+          ],
+        },
+        { token: " check.", logprob: -1.5, topLogprobs: [{ token: " check.0" }, { token: " check.1" }] },
+      ],
+    });
+    engine.feed({
+      text: "",
+      tokenCount: 1,
+      toolCalls: [{ index: 0, id: "call_a", name: "get_weather", arguments: "" }],
+    });
+    expect(await stream.next("jobChunk")).toMatchObject({
+      sequence: 2n,
+      text: "",
+      tokenCount: 1,
+      toolCalls: [{ index: 0, id: "call_a", name: "get_weather", arguments: "" }],
+      logprobs: [],
+    });
+    engine.feed({
+      text: "",
+      tokenCount: 1,
+      toolCalls: [
+        { index: 0, arguments: '{"city":' },
+        { index: 1, id: "call_b", name: "now", arguments: "{}" },
+      ],
+    });
+    expect(await stream.next("jobChunk")).toMatchObject({
+      sequence: 3n,
+      toolCalls: [
+        { index: 0, id: "", name: "", arguments: '{"city":' },
+        { index: 1, id: "call_b", name: "now", arguments: "{}" },
+      ],
+    });
+    engine.finish("tool_calls");
+    expect(await stream.next("jobDone")).toMatchObject({
+      finishReason: FinishReason.TOOL_CALLS,
+      lastSequence: 3n,
+    });
+  });
+
+  it("coalesces tool-call fragments and logprobs in order with their text while the window is closed", async () => {
+    const { stream, engine } = await setupScripted({ jobWindowChunks: 1 });
+    assign(stream, "job-tcc");
+    await stream.next("jobAccepted");
+    engine.feed({ text: "A", tokenCount: 1, logprobs: [logprobOf("A", -0.1, 1)] });
+    expect(await stream.next("jobChunk")).toMatchObject({ sequence: 1n, text: "A" });
+    engine.feed(
+      { text: "B", tokenCount: 1, logprobs: [logprobOf("B", -0.2, 1)] },
+      { text: "", tokenCount: 1, toolCalls: [{ index: 0, id: "call_0", name: "f", arguments: "" }] },
+      { text: "", tokenCount: 1, toolCalls: [{ index: 0, arguments: '{"x"' }] },
+      {
+        text: "C",
+        tokenCount: 1,
+        logprobs: [logprobOf("C", -0.3, 1)],
+        toolCalls: [{ index: 0, arguments: ":1}" }],
+      },
+    );
+    await engine.pulled(6);
+    acknowledge(stream, "job-tcc", 1n);
+    expect(await stream.next("jobChunk")).toMatchObject({
+      sequence: 2n,
+      text: "BC",
+      tokenCount: 4,
+      toolCalls: [
+        { index: 0, id: "call_0", name: "f", arguments: "" },
+        { index: 0, id: "", name: "", arguments: '{"x"' },
+        { index: 0, id: "", name: "", arguments: ":1}" },
+      ],
+      logprobs: [
+        { token: "B", logprob: -0.2, topLogprobs: [{ token: "B0", logprob: -0.2 }] },
+        { token: "C", logprob: -0.3, topLogprobs: [{ token: "C0", logprob: -0.3 }] },
+      ],
+    });
+    engine.finish("tool_calls");
+    expect(await stream.next("jobDone")).toMatchObject({
+      finishReason: FinishReason.TOOL_CALLS,
+      lastSequence: 2n,
+    });
+  });
+
+  it("splits coalesced text at max_chunk_bytes between tokens, each chunk with its own tokens' logprobs", async () => {
+    const { stream, engine } = await setupScripted({ jobWindowChunks: 1, maxChunkBytes: 5 });
+    assign(stream, "job-lps");
+    await stream.next("jobAccepted");
+    engine.feed({ text: "x", tokenCount: 1, logprobs: [logprobOf("x", -0.5)] });
+    expect(await stream.next("jobChunk")).toMatchObject({ sequence: 1n, text: "x" });
+    const tokens = ["ab", "cd", "é", "fgh", "ijklm"];
+    engine.feed(
+      {
+        text: tokens.join(""),
+        tokenCount: tokens.length,
+        logprobs: tokens.map((token, i) => logprobOf(token, -i)),
+        toolCalls: [{ index: 0, id: "call_0", name: "f", arguments: "{}" }],
+      },
+      { text: "z", tokenCount: 1, logprobs: [logprobOf("z", -9)] },
+    );
+    engine.end();
+    const chunks: RequestOf<"jobChunk">[] = [];
+    let acknowledged = 1n;
+    for (;;) {
+      acknowledge(stream, "job-lps", acknowledged);
+      const message = await stream.nextAny();
+      if (message.case === "jobDone") break;
+      if (message.case !== "jobChunk") continue;
+      chunks.push(message.value);
+      acknowledged = message.value.sequence;
+    }
+    expect(chunks.map((c) => c.text)).toEqual(["abcd", "éfgh", "ijklm", "z"]);
+    for (const chunk of chunks) {
+      // A chunk's logprobs spell its text: none is parted from the text it belongs to.
+      expect(chunk.logprobs.map((entry) => entry.token).join("")).toBe(chunk.text);
+      expect(chunk.tokenCount).toBe(chunk.logprobs.length);
+    }
+    expect(chunks.flatMap((c) => c.logprobs.map((entry) => entry.logprob))).toEqual([-0, -1, -2, -3, -4, -9]);
+    // The piece's tool call leaves with its last part, after its text.
+    expect(chunks.map((c) => c.toolCalls.length)).toEqual([0, 0, 1, 0]);
+  });
+
+  it("relays an OpenAI-compatible engine's streamed tool call, fragment by fragment, with FINISH_REASON_TOOL_CALLS", async () => {
+    const argumentsText = '{"city":"Lisbon"}';
+    const { stub, link, fake } = await setup({
+      engine: { toolCall: { arguments: argumentsText }, toolCallFragments: 3 },
+    });
+    const stream = await connected(stub, link);
+    assign(stream, "job-oa-tc", {
+      tools: [{ name: "get_weather", parametersJson: "{}" }],
+      wantLogprobs: true,
+      topLogprobs: 1,
+    });
+    await stream.next("jobAccepted");
+    const fragments = fakeArgumentFragments(argumentsText, 3);
+    const expected = [
+      { index: 0, id: "call_0", name: "get_weather", arguments: "" },
+      ...fragments.map((fragment) => ({ index: 0, id: "", name: "", arguments: fragment })),
+    ];
+    for (const [i, call] of expected.entries()) {
+      expect(await stream.next("jobChunk")).toMatchObject({
+        sequence: BigInt(i + 1),
+        text: "",
+        tokenCount: 1,
+        toolCalls: [call],
+      });
+    }
+    const done = await stream.next("jobDone");
+    expect(done).toMatchObject({ finishReason: FinishReason.TOOL_CALLS, lastSequence: 4n });
+    expect(done.usage).toMatchObject({ completionTokens: 4 });
+    expect(fake.requests[0]).toMatchObject({
+      tools: [{ type: "function", function: { name: "get_weather" } }],
+      logprobs: true,
+      top_logprobs: 1,
+    });
+  });
+
+  it("relays an OpenAI-compatible engine's logprobs with each token", async () => {
+    const { stub, link } = await setup({ engine: { tokens: ["Hi", " there"] } });
+    const stream = await connected(stub, link);
+    assign(stream, "job-oa-lp", { wantLogprobs: true, topLogprobs: 2 });
+    await stream.next("jobAccepted");
+    for (const [i, token] of ["Hi", " there"].entries()) {
+      expect(await stream.next("jobChunk")).toMatchObject({
+        text: token,
+        logprobs: [{ token, logprob: fakeLogprob(i), topLogprobs: fakeTopLogprobs(token, i, 2) }],
+      });
+    }
+    expect(await stream.next("jobDone")).toMatchObject({ finishReason: FinishReason.STOP });
   });
 });
 
@@ -599,6 +973,7 @@ describe("WorkerLink", () => {
       maxConcurrency: 1,
       contextLength: 4096,
       engine: "openai-compatible",
+      capabilities: { tools: true, jsonSchema: false, logprobs: true, vision: false, completions: true },
     });
     expect(link.state).toBe("connecting");
 
@@ -1105,6 +1480,8 @@ describe("runWorkerCli", () => {
       pricePerMillionOutput: 1n,
       advertisedTokensPerSecond: 12,
       maxConcurrency: 1,
+      contextLength: 0,
+      capabilities: { tools: true, jsonSchema: true, logprobs: true, vision: false, completions: true },
     });
     stream.welcome({ workerId: "w-cli", sessionId: "s-cli" });
     if (!link) throw new Error("onLink was not called");
@@ -1130,6 +1507,12 @@ describe("runWorkerCli", () => {
         "llama-cpp",
         "--model-path",
         STORIES,
+        "--gpu",
+        "off",
+        "--threads",
+        "1",
+        "--capabilities",
+        "json_schema,logprobs",
       ];
       const exit = runWorkerCli(argv, {
         stderr: (t) => (err += t),
@@ -1141,7 +1524,12 @@ describe("runWorkerCli", () => {
       });
       const stream = await nextStream(stub);
       const hello = await stream.next("hello");
-      expect(hello.offers[0]).toMatchObject({ model: "cli-model", contextLength: 2048, engine: "llama.cpp" });
+      expect(hello.offers[0]).toMatchObject({
+        model: "cli-model",
+        contextLength: 2048,
+        engine: "llama.cpp",
+        capabilities: { tools: false, jsonSchema: true, logprobs: true, vision: false, completions: false },
+      });
       stream.welcome();
       stream.send({
         case: "jobAssign",
@@ -1173,6 +1561,7 @@ describe("runWorkerCli", () => {
       await stream.expectEnd();
       expect(await exit).toBe(0);
       expect(err).toContain("no chat template (raw prompt)");
+      expect(err).toContain("model loaded on the CPU with 1 thread(s): context 2048 tokens x 1 sequence(s)");
     },
     60_000,
   );

@@ -26,6 +26,33 @@ const base = [
   "http://127.0.0.1:11434/v1",
 ];
 
+const llamaBase = [
+  "--token",
+  "t",
+  "--model",
+  "m",
+  "--price-in",
+  "0",
+  "--price-out",
+  "0.1",
+  "--tps",
+  "10",
+  "--engine",
+  "llama-cpp",
+  "--model-path",
+  "/m.gguf",
+];
+
+const NO_CAPABILITIES = {
+  tools: false,
+  jsonSchema: false,
+  logprobs: false,
+  vision: false,
+  completions: false,
+};
+const ALL_CAPABILITIES = { tools: true, jsonSchema: true, logprobs: true, vision: true, completions: true };
+const DEFAULT_OFFER_CAPABILITIES = { ...ALL_CAPABILITIES, vision: false };
+
 function parse(argv: string[], env: NodeJS.ProcessEnv = {}): WorkerOptions {
   const parsed = parseWorkerArgs(argv, env);
   if (parsed.kind !== "run") throw new Error("expected options, got help");
@@ -148,9 +175,83 @@ describe("parseWorkerArgs", () => {
       "--model-path",
       "/models/stories260K.gguf",
     ]);
-    expect(options.engine).toEqual({ kind: "llama-cpp", modelPath: "/models/stories260K.gguf" });
+    expect(options.engine).toEqual({ kind: "llama-cpp", modelPath: "/models/stories260K.gguf", gpu: "auto" });
     expect(options.pricePerMillionInput).toBe(0n);
     expect(options.pricePerMillionOutput).toBe(100_000n);
+    expect(options.capabilities).toEqual(DEFAULT_OFFER_CAPABILITIES);
+  });
+
+  it("parses the llama-cpp engine's backend, threads and context size", () => {
+    const options = parse([
+      ...llamaBase,
+      "--gpu",
+      "off",
+      "--threads",
+      "1",
+      "--context-size",
+      "512",
+      "--context-length",
+      "256",
+    ]);
+    expect(options.engine).toEqual({
+      kind: "llama-cpp",
+      modelPath: "/m.gguf",
+      gpu: "off",
+      threads: 1,
+      contextSize: 512,
+    });
+    expect(options.contextLength).toBe(256);
+    for (const gpu of ["auto", "cuda", "vulkan", "metal"]) {
+      expect(parse([...llamaBase, "--gpu", gpu]).engine).toMatchObject({ gpu });
+    }
+    expect(
+      parse(llamaBase, {
+        LOCALLMARKET_GPU: "vulkan",
+        LOCALLMARKET_THREADS: "3",
+        LOCALLMARKET_CONTEXT_SIZE: "1024",
+      }).engine,
+    ).toEqual({ kind: "llama-cpp", modelPath: "/m.gguf", gpu: "vulkan", threads: 3, contextSize: 1024 });
+  });
+
+  it.each([
+    [["--gpu", "rocm"], /--gpu \(LOCALLMARKET_GPU\): "rocm" is not one of: auto, cuda, vulkan, metal, off/],
+    [["--threads", "0"], /--threads .*whole number from 1/],
+    [["--context-size", "0"], /--context-size .*whole number from 1/],
+    [
+      ["--context-size", "256", "--context-length", "512"],
+      /--context-length .*512 is more than the engine runs with .*--context-size .*256/,
+    ],
+  ])("rejects llama-cpp options %j", (extra, pattern) => {
+    expect(parseError([...llamaBase, ...extra])).toMatch(pattern);
+  });
+
+  it.each(["--gpu", "--threads", "--context-size"])("rejects %s with --engine openai", (flag) => {
+    expect(parseError([...base, flag, flag === "--gpu" ? "off" : "2"])).toMatch(
+      new RegExp(`${flag} \\(LOCALLMARKET_[A-Z_]+\\) applies only to --engine llama-cpp`),
+    );
+  });
+
+  it("declares tools, json_schema, logprobs and completions by default, for both engines", () => {
+    expect(parse(base).capabilities).toEqual(DEFAULT_OFFER_CAPABILITIES);
+    expect(parse(llamaBase).capabilities).toEqual(DEFAULT_OFFER_CAPABILITIES);
+  });
+
+  it.each([
+    ["tools", { tools: true }],
+    ["json_schema, logprobs", { jsonSchema: true, logprobs: true }],
+    ["vision,completions,tools,json_schema,logprobs", ALL_CAPABILITIES],
+    ["none", {}],
+    ["", {}],
+  ])("parses --capabilities %j", (list, declared) => {
+    const expected = { ...NO_CAPABILITIES, ...declared };
+    expect(parse([...base, "--capabilities", list]).capabilities).toEqual(expected);
+    if (list !== "") expect(parse(base, { LOCALLMARKET_CAPABILITIES: list }).capabilities).toEqual(expected);
+  });
+
+  it("rejects an unknown capability, naming the ones there are", () => {
+    expect(parseError([...base, "--capabilities", "tools,functions"])).toMatch(
+      /--capabilities \(LOCALLMARKET_CAPABILITIES\): "functions" is not one of: tools, json_schema, logprobs, vision, completions/,
+    );
   });
 
   it("reads every option from its environment variable; the command line wins", () => {
@@ -168,6 +269,7 @@ describe("parseWorkerArgs", () => {
       LOCALLMARKET_ENGINE_URL: "http://engine:8000/v1",
       LOCALLMARKET_ENGINE_MODEL: "env-engine-model",
       LOCALLMARKET_ENGINE_API_KEY: "env-key",
+      LOCALLMARKET_CAPABILITIES: "tools,logprobs",
     };
     const options = parse([], env);
     expect(options).toEqual({
@@ -180,6 +282,7 @@ describe("parseWorkerArgs", () => {
       concurrency: 3,
       name: "env-name",
       contextLength: 4096,
+      capabilities: { ...NO_CAPABILITIES, tools: true, logprobs: true },
       engine: { kind: "openai", url: "http://engine:8000/v1", model: "env-engine-model", apiKey: "env-key" },
     });
     expect(parse(["--token", "cli-token", "--price-in", "0.25"], env)).toMatchObject({
@@ -188,7 +291,7 @@ describe("parseWorkerArgs", () => {
     });
     expect(
       parse([], { ...env, LOCALLMARKET_ENGINE: "llama-cpp", LOCALLMARKET_MODEL_PATH: "/m.gguf" }).engine,
-    ).toEqual({ kind: "llama-cpp", modelPath: "/m.gguf" });
+    ).toEqual({ kind: "llama-cpp", modelPath: "/m.gguf", gpu: "auto" });
   });
 
   it("returns the usage text for --help and -h, even with other options missing", () => {
@@ -213,9 +316,18 @@ describe("parseWorkerArgs", () => {
       "--engine-url",
       "--model-path",
       "--context-length",
+      "--capabilities",
+      "--gpu",
+      "--threads",
+      "--context-size",
     ]) {
       expect(usage).toContain(flag);
     }
+    // The operator is told to narrow the capabilities to what their engine honours.
+    expect(usage.replace(/\s+/g, " ")).toContain(
+      "With --engine openai, narrow it to what the engine honours",
+    );
+    expect(usage).toContain("default: tools,json_schema,logprobs,completions");
   });
 
   const without = (flag: string) => {

@@ -17,7 +17,7 @@
  */
 
 /** Why a generation ended. */
-export type EngineFinishReason = "stop" | "length" | "content_filter" | "cancelled";
+export type EngineFinishReason = "stop" | "length" | "content_filter" | "cancelled" | "tool_calls";
 
 /** Token counts as the engine reports them. */
 export interface EngineUsage {
@@ -27,12 +27,35 @@ export interface EngineUsage {
   completionTokens: number;
 }
 
-/** A piece of generated text. */
+/** A fragment of a tool call, in OpenAI's streaming shape (JobChunk.tool_calls). */
+export interface ToolCallDelta {
+  /** Which call of this turn, from 0. */
+  index: number;
+  /** Set on a call's first fragment only. */
+  id?: string;
+  /** Set on a call's first fragment only. */
+  name?: string;
+  /** The next piece of the arguments' JSON text. */
+  arguments: string;
+}
+
+/** The log-probability of one generated token, with its most likely alternatives. */
+export interface TokenLogprob {
+  token: string;
+  logprob: number;
+  topLogprobs: { token: string; logprob: number }[];
+}
+
+/** A piece of generated output. */
 export interface EnginePiece {
-  /** Text generated since the previous piece; never a partial UTF-8 character. */
+  /** Text generated since the previous piece; never a partial UTF-8 character. May be "". */
   text: string;
-  /** How many tokens produced this text (usually 1; more when a character spans tokens). */
+  /** How many tokens produced this piece (usually 1; more when a character spans tokens). */
   tokenCount: number;
+  /** Tool-call fragments produced with this piece. */
+  toolCalls?: ToolCallDelta[];
+  /** With GenerateRequest.logprobs: one entry per token of this piece, in order. */
+  logprobs?: TokenLogprob[];
 }
 
 /** The outcome of a generation, the return value of {@link Engine.generate}'s generator. */
@@ -47,7 +70,33 @@ export interface EngineMessage {
   role: string;
   content: string;
   name?: string;
+  /** On an assistant message: the calls it made. */
+  toolCalls?: { id: string; name: string; arguments: string }[];
+  /** On a tool message: the call it answers. */
+  toolCallId?: string;
+  /** Images (https: or data: URLs), for engines with vision. */
+  imageUrls?: string[];
 }
+
+/** A function the model may call. */
+export interface EngineTool {
+  name: string;
+  description: string;
+  /** JSON Schema of the parameters; undefined when none. */
+  parameters?: Record<string, unknown>;
+  strict: boolean;
+}
+
+/** OpenAI's tool_choice. */
+export type EngineToolChoice =
+  | { mode: "auto" | "none" | "required" }
+  | { mode: "function"; functionName: string };
+
+/** OpenAI's response_format. */
+export type EngineResponseFormat =
+  | { type: "text" }
+  | { type: "json_object" }
+  | { type: "json_schema"; name: string; schema: Record<string, unknown>; strict: boolean };
 
 /** Sampling parameters; an unset field means "the engine's default". */
 export interface EngineSampling {
@@ -65,7 +114,16 @@ export interface EngineSampling {
 export interface GenerateRequest {
   /** The model name (as offered; engines may map it to their own name). */
   model: string;
+  /** Empty for a raw text completion (see `prompt`). */
   messages: EngineMessage[];
+  /** A raw text completion: continue this text as is, with no chat template. */
+  prompt?: string;
+  tools?: EngineTool[];
+  toolChoice?: EngineToolChoice;
+  parallelToolCalls?: boolean;
+  responseFormat?: EngineResponseFormat;
+  /** Per-token log-probabilities with `top` alternatives (0–20) each; undefined when not wanted. */
+  logprobs?: { top: number };
   sampling: EngineSampling;
   /** The most completion tokens to generate; 0 means no explicit limit (engine / context bound). */
   maxTokens: number;

@@ -1,24 +1,42 @@
 /**
- * An engine backed by any OpenAI-compatible chat completions server (Ollama, llama.cpp's
- * llama-server, vLLM, LM Studio, ...), spoken to with the official `openai` SDK.
+ * An engine backed by any OpenAI-compatible server (Ollama, llama.cpp's llama-server, vLLM,
+ * LM Studio, ...), spoken to with the official `openai` SDK.
  *
- * These servers stream one token per chunk, so every chunk with non-empty `delta.content` becomes
- * one piece with `tokenCount: 1`. The finish reason comes from the chunk's `finish_reason`, and the
- * usage from the final usage chunk (requested with `stream_options.include_usage`).
+ * - Chat jobs go to `POST /v1/chat/completions`, raw text completions (`prompt`) to the legacy
+ *   `POST /v1/completions`, both streamed. Tools, tool_choice, parallel_tool_calls,
+ *   response_format and logprobs are passed as the OpenAI API defines them; whether the engine
+ *   honours them is what the worker's `--capabilities` promise.
+ * - These servers stream about one token per chunk, so every chunk with content, tool-call
+ *   fragments or log-probabilities becomes one piece with `tokenCount: 1` — or, when the chunk
+ *   carries log-probabilities, one token per log-probability entry. Tool-call fragments
+ *   (`delta.tool_calls`) and log-probabilities are passed on exactly as the engine sent them.
+ * - The finish reason comes from the chunk's `finish_reason`, and the usage from the final usage
+ *   chunk (requested with `stream_options.include_usage`).
  */
 import OpenAI, { APIConnectionError, APIError, APIUserAbortError } from "openai";
 import type {
+  ChatCompletionChunk,
+  ChatCompletionContentPart,
   ChatCompletionCreateParamsStreaming,
   ChatCompletionMessageParam,
+  ChatCompletionTool,
+  ChatCompletionToolChoiceOption,
 } from "openai/resources/chat/completions";
+import type { Completion, CompletionCreateParamsStreaming } from "openai/resources/completions";
+import type { ResponseFormatJSONSchema } from "openai/resources/shared";
 import {
   type Engine,
   EngineError,
   type EngineFinishReason,
   type EngineMessage,
+  type EnginePiece,
+  type EngineResponseFormat,
+  type EngineTool,
+  type EngineToolChoice,
   type EngineUsage,
   type GenerateRequest,
   type Generation,
+  type TokenLogprob,
 } from "./engine.js";
 
 /** Options of {@link OpenAiEngine}. */
@@ -31,6 +49,24 @@ export interface OpenAiEngineOptions {
   apiKey?: string;
   /** Per-request timeout in milliseconds. Default 10 minutes. */
   timeoutMs?: number;
+}
+
+/** What one streamed chunk of either API contributes. */
+interface StreamStep {
+  piece?: EnginePiece;
+  finishReason?: string | null;
+  usage?: { prompt_tokens: number; completion_tokens: number } | null;
+}
+
+/** Sampling and length parameters, common to both APIs. */
+interface CommonParams {
+  max_tokens?: number;
+  temperature?: number;
+  top_p?: number;
+  stop?: string[];
+  seed?: number;
+  presence_penalty?: number;
+  frequency_penalty?: number;
 }
 
 /** An {@link Engine} that forwards jobs to an OpenAI-compatible HTTP server. */
@@ -55,7 +91,7 @@ export class OpenAiEngine implements Engine {
   }
 
   async *generate(request: GenerateRequest): Generation {
-    const { signal, maxTokens, sampling } = request;
+    const { signal, maxTokens } = request;
     if (signal.aborted) return { finishReason: "cancelled" };
 
     // Our own controller so that close() can cancel everything; it follows the job's signal.
@@ -64,47 +100,32 @@ export class OpenAiEngine implements Engine {
     signal.addEventListener("abort", onAbort, { once: true });
     this.active.add(controller);
 
-    const params: ChatCompletionCreateParamsStreaming = {
-      model: this.model ?? request.model,
-      messages: request.messages.map(toOpenAiMessage),
-      stream: true,
-      stream_options: { include_usage: true },
-    };
-    if (maxTokens > 0) params.max_tokens = maxTokens;
-    if (sampling.temperature !== undefined) params.temperature = sampling.temperature;
-    if (sampling.topP !== undefined) params.top_p = sampling.topP;
-    if (sampling.stop && sampling.stop.length > 0) params.stop = sampling.stop;
-    if (sampling.seed !== undefined) params.seed = sampling.seed;
-    if (sampling.presencePenalty !== undefined) params.presence_penalty = sampling.presencePenalty;
-    if (sampling.frequencyPenalty !== undefined) params.frequency_penalty = sampling.frequencyPenalty;
-
     let completionTokens = 0;
     let finishReason: EngineFinishReason | undefined;
     let usage: EngineUsage | undefined;
     try {
-      const stream = await this.client.chat.completions.create(params, { signal: controller.signal });
-      chunks: for await (const chunk of stream) {
-        if (chunk.usage) {
+      const steps =
+        request.prompt !== undefined
+          ? this.streamCompletion(request, controller.signal)
+          : this.streamChat(request, controller.signal);
+      for await (const step of steps) {
+        if (step.usage) {
           usage = {
-            promptTokens: chunk.usage.prompt_tokens,
-            completionTokens: chunk.usage.completion_tokens,
+            promptTokens: step.usage.prompt_tokens,
+            completionTokens: step.usage.completion_tokens,
           };
         }
-        for (const choice of chunk.choices) {
-          if (choice.index !== 0) continue;
-          const content = choice.delta?.content;
-          if (content) {
-            if (maxTokens > 0 && completionTokens >= maxTokens) {
-              // The engine ignored max_tokens: stop it ourselves (leaving the loop aborts the request).
-              finishReason = "length";
-              break chunks;
-            }
-            completionTokens += 1;
-            yield { text: content, tokenCount: 1 };
-            if (signal.aborted) return { finishReason: "cancelled" };
+        if (step.piece) {
+          if (maxTokens > 0 && completionTokens >= maxTokens) {
+            // The engine ignored max_tokens: stop it ourselves (leaving the loop aborts the request).
+            finishReason = "length";
+            break;
           }
-          if (choice.finish_reason) finishReason = mapFinishReason(choice.finish_reason);
+          completionTokens += step.piece.tokenCount;
+          yield step.piece;
+          if (signal.aborted) return { finishReason: "cancelled" };
         }
+        if (step.finishReason) finishReason = mapFinishReason(step.finishReason);
       }
     } catch (error) {
       if (signal.aborted || error instanceof APIUserAbortError) return { finishReason: "cancelled" };
@@ -124,6 +145,112 @@ export class OpenAiEngine implements Engine {
     for (const controller of this.active) controller.abort(new Error("engine closed"));
     this.active.clear();
   }
+
+  /** A chat job on `POST /chat/completions`, as steps. */
+  private async *streamChat(request: GenerateRequest, signal: AbortSignal): AsyncGenerator<StreamStep> {
+    const params: ChatCompletionCreateParamsStreaming = {
+      model: this.model ?? request.model,
+      messages: request.messages.map(toOpenAiMessage),
+      stream: true,
+      stream_options: { include_usage: true },
+      ...commonParams(request),
+    };
+    if (request.tools) {
+      params.tools = request.tools.map(toOpenAiTool);
+      if (request.toolChoice) params.tool_choice = toOpenAiToolChoice(request.toolChoice);
+      if (request.parallelToolCalls !== undefined) params.parallel_tool_calls = request.parallelToolCalls;
+    }
+    if (request.responseFormat) params.response_format = toOpenAiResponseFormat(request.responseFormat);
+    if (request.logprobs) {
+      params.logprobs = true;
+      if (request.logprobs.top > 0) params.top_logprobs = request.logprobs.top;
+    }
+    const stream = await this.client.chat.completions.create(params, { signal });
+    for await (const chunk of stream) {
+      const choice = chunk.choices.find((c) => c.index === 0);
+      yield {
+        ...(choice ? { piece: chatPiece(choice), finishReason: choice.finish_reason } : {}),
+        usage: chunk.usage,
+      };
+    }
+  }
+
+  /** A raw text completion on the legacy `POST /completions`, as steps. */
+  private async *streamCompletion(request: GenerateRequest, signal: AbortSignal): AsyncGenerator<StreamStep> {
+    const params: CompletionCreateParamsStreaming = {
+      model: this.model ?? request.model,
+      prompt: request.prompt ?? "",
+      stream: true,
+      stream_options: { include_usage: true },
+      ...commonParams(request),
+    };
+    if (request.logprobs) params.logprobs = request.logprobs.top;
+    const stream = await this.client.completions.create(params, { signal });
+    for await (const chunk of stream) {
+      const choice = chunk.choices.find((c) => c.index === 0);
+      yield {
+        ...(choice ? { piece: completionPiece(choice), finishReason: choice.finish_reason } : {}),
+        usage: chunk.usage,
+      };
+    }
+  }
+}
+
+function commonParams({ maxTokens, sampling }: GenerateRequest): CommonParams {
+  const params: CommonParams = {};
+  if (maxTokens > 0) params.max_tokens = maxTokens;
+  if (sampling.temperature !== undefined) params.temperature = sampling.temperature;
+  if (sampling.topP !== undefined) params.top_p = sampling.topP;
+  if (sampling.stop && sampling.stop.length > 0) params.stop = sampling.stop;
+  if (sampling.seed !== undefined) params.seed = sampling.seed;
+  if (sampling.presencePenalty !== undefined) params.presence_penalty = sampling.presencePenalty;
+  if (sampling.frequencyPenalty !== undefined) params.frequency_penalty = sampling.frequencyPenalty;
+  return params;
+}
+
+/** The piece of a chat chunk's choice, or undefined when it carries no output (a role, a finish). */
+function chatPiece(choice: ChatCompletionChunk.Choice): EnginePiece | undefined {
+  const text = choice.delta?.content ?? "";
+  const toolCalls = (choice.delta?.tool_calls ?? []).map((call) => ({
+    index: call.index,
+    ...(call.id ? { id: call.id } : {}),
+    ...(call.function?.name ? { name: call.function.name } : {}),
+    arguments: call.function?.arguments ?? "",
+  }));
+  const logprobs: TokenLogprob[] = (choice.logprobs?.content ?? []).map((entry) => ({
+    token: entry.token,
+    logprob: entry.logprob,
+    topLogprobs: (entry.top_logprobs ?? []).map(({ token, logprob }) => ({ token, logprob })),
+  }));
+  return toPiece(text, toolCalls, logprobs);
+}
+
+/** The piece of a legacy completion chunk's choice (its logprobs in the legacy shape). */
+function completionPiece(choice: Completion["choices"][number]): EnginePiece | undefined {
+  const tokens = choice.logprobs?.tokens ?? [];
+  const logprobs: TokenLogprob[] = tokens.map((token, i) => ({
+    token,
+    logprob: choice.logprobs?.token_logprobs?.[i] ?? 0,
+    // The legacy shape is an object per position; most likely first, as in the chat shape.
+    topLogprobs: Object.entries(choice.logprobs?.top_logprobs?.[i] ?? {})
+      .map(([alternative, logprob]) => ({ token: alternative, logprob }))
+      .sort((a, b) => b.logprob - a.logprob),
+  }));
+  return toPiece(choice.text ?? "", [], logprobs);
+}
+
+function toPiece(
+  text: string,
+  toolCalls: NonNullable<EnginePiece["toolCalls"]>,
+  logprobs: TokenLogprob[],
+): EnginePiece | undefined {
+  if (text === "" && toolCalls.length === 0 && logprobs.length === 0) return undefined;
+  return {
+    text,
+    tokenCount: Math.max(1, logprobs.length),
+    ...(toolCalls.length > 0 ? { toolCalls } : {}),
+    ...(logprobs.length > 0 ? { logprobs } : {}),
+  };
 }
 
 function toOpenAiMessage(message: EngineMessage): ChatCompletionMessageParam {
@@ -134,11 +261,60 @@ function toOpenAiMessage(message: EngineMessage): ChatCompletionMessageParam {
     case "developer":
       return { role: "developer", content: message.content, ...name };
     case "assistant":
+      if (message.toolCalls && message.toolCalls.length > 0) {
+        return {
+          role: "assistant",
+          // OpenAI's own shape: an assistant turn that only called tools has no content.
+          content: message.content === "" ? null : message.content,
+          tool_calls: message.toolCalls.map((call) => ({
+            id: call.id,
+            type: "function",
+            function: { name: call.name, arguments: call.arguments },
+          })),
+          ...name,
+        };
+      }
       return { role: "assistant", content: message.content, ...name };
+    case "tool":
+      return { role: "tool", content: message.content, tool_call_id: message.toolCallId ?? "" };
     default:
-      // "user", and "tool" (already flattened to text by the control plane; no tool_call_id here).
-      return { role: "user", content: message.content, ...name };
+      return { role: "user", content: userContent(message), ...name };
   }
+}
+
+function userContent(message: EngineMessage): string | ChatCompletionContentPart[] {
+  if (!message.imageUrls || message.imageUrls.length === 0) return message.content;
+  return [
+    ...(message.content === "" ? [] : [{ type: "text" as const, text: message.content }]),
+    ...message.imageUrls.map((url) => ({ type: "image_url" as const, image_url: { url } })),
+  ];
+}
+
+function toOpenAiTool(tool: EngineTool): ChatCompletionTool {
+  return {
+    type: "function",
+    function: {
+      name: tool.name,
+      ...(tool.description ? { description: tool.description } : {}),
+      ...(tool.parameters ? { parameters: tool.parameters } : {}),
+      // Sent only when set: some engines reject fields they do not know.
+      ...(tool.strict ? { strict: true } : {}),
+    },
+  };
+}
+
+function toOpenAiToolChoice(choice: EngineToolChoice): ChatCompletionToolChoiceOption {
+  if (choice.mode === "function") return { type: "function", function: { name: choice.functionName } };
+  return choice.mode;
+}
+
+function toOpenAiResponseFormat(
+  format: EngineResponseFormat,
+): NonNullable<ChatCompletionCreateParamsStreaming["response_format"]> {
+  if (format.type !== "json_schema") return { type: format.type };
+  const jsonSchema: ResponseFormatJSONSchema.JSONSchema = { name: format.name, schema: format.schema };
+  if (format.strict) jsonSchema.strict = true;
+  return { type: "json_schema", json_schema: jsonSchema };
 }
 
 function mapFinishReason(reason: string): EngineFinishReason {
@@ -147,8 +323,10 @@ function mapFinishReason(reason: string): EngineFinishReason {
       return "length";
     case "content_filter":
       return "content_filter";
+    case "tool_calls":
+      return "tool_calls";
     default:
-      // "stop", "tool_calls", "function_call", engine-specific values.
+      // "stop", "function_call", engine-specific values.
       return "stop";
   }
 }

@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file locallmarket/v1/common.proto.
  */
 export const file_locallmarket_v1_common: GenFile = /*@__PURE__*/
-  fileDesc("Chxsb2NhbGxtYXJrZXQvdjEvY29tbW9uLnByb3RvEg9sb2NhbGxtYXJrZXQudjEiOgoLQ2hhdE1lc3NhZ2USDAoEcm9sZRgBIAEoCRIPCgdjb250ZW50GAIgASgJEgwKBG5hbWUYAyABKAki7AEKDlNhbXBsaW5nUGFyYW1zEhgKC3RlbXBlcmF0dXJlGAEgASgBSACIAQESEgoFdG9wX3AYAiABKAFIAYgBARIMCgRzdG9wGAMgAygJEhEKBHNlZWQYBCABKANIAogBARIdChBwcmVzZW5jZV9wZW5hbHR5GAUgASgBSAOIAQESHgoRZnJlcXVlbmN5X3BlbmFsdHkYBiABKAFIBIgBAUIOCgxfdGVtcGVyYXR1cmVCCAoGX3RvcF9wQgcKBV9zZWVkQhMKEV9wcmVzZW5jZV9wZW5hbHR5QhQKEl9mcmVxdWVuY3lfcGVuYWx0eSI5CgVVc2FnZRIVCg1wcm9tcHRfdG9rZW5zGAEgASgNEhkKEWNvbXBsZXRpb25fdG9rZW5zGAIgASgNItYBCgVPZmZlchINCgVtb2RlbBgBIAEoCRIfChdwcmljZV9wZXJfbWlsbGlvbl9pbnB1dBgCIAEoAxIgChhwcmljZV9wZXJfbWlsbGlvbl9vdXRwdXQYAyABKAMSJAocYWR2ZXJ0aXNlZF90b2tlbnNfcGVyX3NlY29uZBgEIAEoARIXCg9tYXhfY29uY3VycmVuY3kYBSABKA0SFgoOY29udGV4dF9sZW5ndGgYBiABKA0SFAoMcXVhbnRpemF0aW9uGAcgASgJEg4KBmVuZ2luZRgIIAEoCSqeAQoMRmluaXNoUmVhc29uEh0KGUZJTklTSF9SRUFTT05fVU5TUEVDSUZJRUQQABIWChJGSU5JU0hfUkVBU09OX1NUT1AQARIYChRGSU5JU0hfUkVBU09OX0xFTkdUSBACEiAKHEZJTklTSF9SRUFTT05fQ09OVEVOVF9GSUxURVIQAxIbChdGSU5JU0hfUkVBU09OX0NBTkNFTExFRBAEYgZwcm90bzM");
+  fileDesc("Chxsb2NhbGxtYXJrZXQvdjEvY29tbW9uLnByb3RvEg9sb2NhbGxtYXJrZXQudjEikwEKC0NoYXRNZXNzYWdlEgwKBHJvbGUYASABKAkSDwoHY29udGVudBgCIAEoCRIMCgRuYW1lGAMgASgJEi0KCnRvb2xfY2FsbHMYBCADKAsyGS5sb2NhbGxtYXJrZXQudjEuVG9vbENhbGwSFAoMdG9vbF9jYWxsX2lkGAUgASgJEhIKCmltYWdlX3VybHMYBiADKAkiNwoIVG9vbENhbGwSCgoCaWQYASABKAkSDAoEbmFtZRgCIAEoCRIRCglhcmd1bWVudHMYAyABKAkiXAoOVG9vbERlZmluaXRpb24SDAoEbmFtZRgBIAEoCRITCgtkZXNjcmlwdGlvbhgCIAEoCRIXCg9wYXJhbWV0ZXJzX2pzb24YAyABKAkSDgoGc3RyaWN0GAQgASgIIjEKClRvb2xDaG9pY2USDAoEbW9kZRgBIAEoCRIVCg1mdW5jdGlvbl9uYW1lGAIgASgJItABCg5SZXNwb25zZUZvcm1hdBIyCgR0eXBlGAEgASgOMiQubG9jYWxsbWFya2V0LnYxLlJlc3BvbnNlRm9ybWF0LlR5cGUSDAoEbmFtZRgCIAEoCRITCgtzY2hlbWFfanNvbhgDIAEoCRIOCgZzdHJpY3QYBCABKAgiVwoEVHlwZRIUChBUWVBFX1VOU1BFQ0lGSUVEEAASDQoJVFlQRV9URVhUEAESFAoQVFlQRV9KU09OX09CSkVDVBACEhQKEFRZUEVfSlNPTl9TQ0hFTUEQAyLsAQoOU2FtcGxpbmdQYXJhbXMSGAoLdGVtcGVyYXR1cmUYASABKAFIAIgBARISCgV0b3BfcBgCIAEoAUgBiAEBEgwKBHN0b3AYAyADKAkSEQoEc2VlZBgEIAEoA0gCiAEBEh0KEHByZXNlbmNlX3BlbmFsdHkYBSABKAFIA4gBARIeChFmcmVxdWVuY3lfcGVuYWx0eRgGIAEoAUgEiAEBQg4KDF90ZW1wZXJhdHVyZUIICgZfdG9wX3BCBwoFX3NlZWRCEwoRX3ByZXNlbmNlX3BlbmFsdHlCFAoSX2ZyZXF1ZW5jeV9wZW5hbHR5ImkKDENhcGFiaWxpdGllcxINCgV0b29scxgBIAEoCBITCgtqc29uX3NjaGVtYRgCIAEoCBIQCghsb2dwcm9icxgDIAEoCBIOCgZ2aXNpb24YBCABKAgSEwoLY29tcGxldGlvbnMYBSABKAgiOQoFVXNhZ2USFQoNcHJvbXB0X3Rva2VucxgBIAEoDRIZChFjb21wbGV0aW9uX3Rva2VucxgCIAEoDSKLAgoFT2ZmZXISDQoFbW9kZWwYASABKAkSHwoXcHJpY2VfcGVyX21pbGxpb25faW5wdXQYAiABKAMSIAoYcHJpY2VfcGVyX21pbGxpb25fb3V0cHV0GAMgASgDEiQKHGFkdmVydGlzZWRfdG9rZW5zX3Blcl9zZWNvbmQYBCABKAESFwoPbWF4X2NvbmN1cnJlbmN5GAUgASgNEhYKDmNvbnRleHRfbGVuZ3RoGAYgASgNEhQKDHF1YW50aXphdGlvbhgHIAEoCRIOCgZlbmdpbmUYCCABKAkSMwoMY2FwYWJpbGl0aWVzGAkgASgLMh0ubG9jYWxsbWFya2V0LnYxLkNhcGFiaWxpdGllcyq8AQoMRmluaXNoUmVhc29uEh0KGUZJTklTSF9SRUFTT05fVU5TUEVDSUZJRUQQABIWChJGSU5JU0hfUkVBU09OX1NUT1AQARIYChRGSU5JU0hfUkVBU09OX0xFTkdUSBACEiAKHEZJTklTSF9SRUFTT05fQ09OVEVOVF9GSUxURVIQAxIbChdGSU5JU0hfUkVBU09OX0NBTkNFTExFRBAEEhwKGEZJTklTSF9SRUFTT05fVE9PTF9DQUxMUxAFYgZwcm90bzM");
 
 /**
  * One message of a chat conversation, as in the OpenAI chat completions API.
@@ -25,14 +25,15 @@ export const file_locallmarket_v1_common: GenFile = /*@__PURE__*/
  */
 export type ChatMessage = Message<"locallmarket.v1.ChatMessage"> & {
   /**
-   * The author of the message: "system", "user", "assistant" or "tool".
+   * The author of the message: "system", "user", "assistant" or "tool". ("developer" messages are
+   * sent as "system".)
    *
    * @generated from field: string role = 1;
    */
   role: string;
 
   /**
-   * The text of the message. Multi-part content is flattened to text by the control plane.
+   * The text of the message. Text parts of a multi-part content are joined into this field.
    *
    * @generated from field: string content = 2;
    */
@@ -44,6 +45,28 @@ export type ChatMessage = Message<"locallmarket.v1.ChatMessage"> & {
    * @generated from field: string name = 3;
    */
   name: string;
+
+  /**
+   * On an assistant message: the tool calls the model made in that turn, in order.
+   *
+   * @generated from field: repeated locallmarket.v1.ToolCall tool_calls = 4;
+   */
+  toolCalls: ToolCall[];
+
+  /**
+   * On a tool message: the id of the tool call this message answers.
+   *
+   * @generated from field: string tool_call_id = 5;
+   */
+  toolCallId: string;
+
+  /**
+   * Images of a multi-part content, as URLs (https: or data:), in order. Only sent to workers whose
+   * offer declares Capabilities.vision.
+   *
+   * @generated from field: repeated string image_urls = 6;
+   */
+  imageUrls: string[];
 };
 
 /**
@@ -52,6 +75,195 @@ export type ChatMessage = Message<"locallmarket.v1.ChatMessage"> & {
  */
 export const ChatMessageSchema: GenMessage<ChatMessage> = /*@__PURE__*/
   messageDesc(file_locallmarket_v1_common, 0);
+
+/**
+ * A complete tool call, as an assistant message carries it in a conversation's history.
+ *
+ * @generated from message locallmarket.v1.ToolCall
+ */
+export type ToolCall = Message<"locallmarket.v1.ToolCall"> & {
+  /**
+   * The call's id, which the tool message answering it repeats in tool_call_id.
+   *
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * The function's name.
+   *
+   * @generated from field: string name = 2;
+   */
+  name: string;
+
+  /**
+   * The function's arguments: a JSON object as text, exactly as the model produced it.
+   *
+   * @generated from field: string arguments = 3;
+   */
+  arguments: string;
+};
+
+/**
+ * Describes the message locallmarket.v1.ToolCall.
+ * Use `create(ToolCallSchema)` to create a new message.
+ */
+export const ToolCallSchema: GenMessage<ToolCall> = /*@__PURE__*/
+  messageDesc(file_locallmarket_v1_common, 1);
+
+/**
+ * A function the model may call (OpenAI's `tools` entry of type "function").
+ *
+ * @generated from message locallmarket.v1.ToolDefinition
+ */
+export type ToolDefinition = Message<"locallmarket.v1.ToolDefinition"> & {
+  /**
+   * The function's name.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * What the function does, for the model.
+   *
+   * @generated from field: string description = 2;
+   */
+  description: string;
+
+  /**
+   * The function's parameters as a JSON Schema object, serialised as JSON text ("" means none).
+   *
+   * @generated from field: string parameters_json = 3;
+   */
+  parametersJson: string;
+
+  /**
+   * OpenAI's `strict`: the arguments must match the schema exactly.
+   *
+   * @generated from field: bool strict = 4;
+   */
+  strict: boolean;
+};
+
+/**
+ * Describes the message locallmarket.v1.ToolDefinition.
+ * Use `create(ToolDefinitionSchema)` to create a new message.
+ */
+export const ToolDefinitionSchema: GenMessage<ToolDefinition> = /*@__PURE__*/
+  messageDesc(file_locallmarket_v1_common, 2);
+
+/**
+ * Which tool the model may or must call (OpenAI's `tool_choice`).
+ *
+ * @generated from message locallmarket.v1.ToolChoice
+ */
+export type ToolChoice = Message<"locallmarket.v1.ToolChoice"> & {
+  /**
+   * "auto" (the model decides), "none" (no tool), "required" (some tool), or "function" (the one
+   * named in function_name). "" means "auto".
+   *
+   * @generated from field: string mode = 1;
+   */
+  mode: string;
+
+  /**
+   * With mode "function": the function the model must call.
+   *
+   * @generated from field: string function_name = 2;
+   */
+  functionName: string;
+};
+
+/**
+ * Describes the message locallmarket.v1.ToolChoice.
+ * Use `create(ToolChoiceSchema)` to create a new message.
+ */
+export const ToolChoiceSchema: GenMessage<ToolChoice> = /*@__PURE__*/
+  messageDesc(file_locallmarket_v1_common, 3);
+
+/**
+ * The shape the output must take (OpenAI's `response_format`).
+ *
+ * @generated from message locallmarket.v1.ResponseFormat
+ */
+export type ResponseFormat = Message<"locallmarket.v1.ResponseFormat"> & {
+  /**
+   * What kind of output.
+   *
+   * @generated from field: locallmarket.v1.ResponseFormat.Type type = 1;
+   */
+  type: ResponseFormat_Type;
+
+  /**
+   * With TYPE_JSON_SCHEMA: the schema's name.
+   *
+   * @generated from field: string name = 2;
+   */
+  name: string;
+
+  /**
+   * With TYPE_JSON_SCHEMA: the JSON Schema, serialised as JSON text.
+   *
+   * @generated from field: string schema_json = 3;
+   */
+  schemaJson: string;
+
+  /**
+   * With TYPE_JSON_SCHEMA: OpenAI's `strict`.
+   *
+   * @generated from field: bool strict = 4;
+   */
+  strict: boolean;
+};
+
+/**
+ * Describes the message locallmarket.v1.ResponseFormat.
+ * Use `create(ResponseFormatSchema)` to create a new message.
+ */
+export const ResponseFormatSchema: GenMessage<ResponseFormat> = /*@__PURE__*/
+  messageDesc(file_locallmarket_v1_common, 4);
+
+/**
+ * What kind of output.
+ *
+ * @generated from enum locallmarket.v1.ResponseFormat.Type
+ */
+export enum ResponseFormat_Type {
+  /**
+   * Not set: plain text.
+   *
+   * @generated from enum value: TYPE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Plain text.
+   *
+   * @generated from enum value: TYPE_TEXT = 1;
+   */
+  TEXT = 1,
+
+  /**
+   * Any valid JSON object.
+   *
+   * @generated from enum value: TYPE_JSON_OBJECT = 2;
+   */
+  JSON_OBJECT = 2,
+
+  /**
+   * JSON matching schema_json.
+   *
+   * @generated from enum value: TYPE_JSON_SCHEMA = 3;
+   */
+  JSON_SCHEMA = 3,
+}
+
+/**
+ * Describes the enum locallmarket.v1.ResponseFormat.Type.
+ */
+export const ResponseFormat_TypeSchema: GenEnum<ResponseFormat_Type> = /*@__PURE__*/
+  enumDesc(file_locallmarket_v1_common, 4, 0);
 
 /**
  * Sampling parameters for a job. Unset fields mean "use the engine's default".
@@ -107,7 +319,57 @@ export type SamplingParams = Message<"locallmarket.v1.SamplingParams"> & {
  * Use `create(SamplingParamsSchema)` to create a new message.
  */
 export const SamplingParamsSchema: GenMessage<SamplingParams> = /*@__PURE__*/
-  messageDesc(file_locallmarket_v1_common, 1);
+  messageDesc(file_locallmarket_v1_common, 5);
+
+/**
+ * What an offer supports beyond plain text chat. The control plane only routes a request that
+ * uses one of these to workers whose offer declares it.
+ *
+ * @generated from message locallmarket.v1.Capabilities
+ */
+export type Capabilities = Message<"locallmarket.v1.Capabilities"> & {
+  /**
+   * Function calling: JobAssign.tools and tool_choice are honoured and JobChunk.tool_calls used.
+   *
+   * @generated from field: bool tools = 1;
+   */
+  tools: boolean;
+
+  /**
+   * JobAssign.response_format with TYPE_JSON_OBJECT and TYPE_JSON_SCHEMA is enforced.
+   *
+   * @generated from field: bool json_schema = 2;
+   */
+  jsonSchema: boolean;
+
+  /**
+   * Per-token log-probabilities (JobChunk.logprobs), with up to top_logprobs alternatives.
+   *
+   * @generated from field: bool logprobs = 3;
+   */
+  logprobs: boolean;
+
+  /**
+   * Images in ChatMessage.image_urls are understood.
+   *
+   * @generated from field: bool vision = 4;
+   */
+  vision: boolean;
+
+  /**
+   * Raw text completion (JobAssign.prompt, the legacy completions API).
+   *
+   * @generated from field: bool completions = 5;
+   */
+  completions: boolean;
+};
+
+/**
+ * Describes the message locallmarket.v1.Capabilities.
+ * Use `create(CapabilitiesSchema)` to create a new message.
+ */
+export const CapabilitiesSchema: GenMessage<Capabilities> = /*@__PURE__*/
+  messageDesc(file_locallmarket_v1_common, 6);
 
 /**
  * Token counts for one job.
@@ -135,7 +397,7 @@ export type Usage = Message<"locallmarket.v1.Usage"> & {
  * Use `create(UsageSchema)` to create a new message.
  */
 export const UsageSchema: GenMessage<Usage> = /*@__PURE__*/
-  messageDesc(file_locallmarket_v1_common, 2);
+  messageDesc(file_locallmarket_v1_common, 7);
 
 /**
  * What a worker sells: one model at one price and capacity.
@@ -199,6 +461,13 @@ export type Offer = Message<"locallmarket.v1.Offer"> & {
    * @generated from field: string engine = 8;
    */
   engine: string;
+
+  /**
+   * What the offer supports beyond plain chat. Unset means none of it.
+   *
+   * @generated from field: locallmarket.v1.Capabilities capabilities = 9;
+   */
+  capabilities?: Capabilities | undefined;
 };
 
 /**
@@ -206,7 +475,7 @@ export type Offer = Message<"locallmarket.v1.Offer"> & {
  * Use `create(OfferSchema)` to create a new message.
  */
 export const OfferSchema: GenMessage<Offer> = /*@__PURE__*/
-  messageDesc(file_locallmarket_v1_common, 3);
+  messageDesc(file_locallmarket_v1_common, 8);
 
 /**
  * Why generation stopped.
@@ -248,6 +517,13 @@ export enum FinishReason {
    * @generated from enum value: FINISH_REASON_CANCELLED = 4;
    */
   CANCELLED = 4,
+
+  /**
+   * The model called one or more tools (JobChunk.tool_calls) and stopped to wait for their results.
+   *
+   * @generated from enum value: FINISH_REASON_TOOL_CALLS = 5;
+   */
+  TOOL_CALLS = 5,
 }
 
 /**

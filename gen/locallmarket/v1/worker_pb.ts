@@ -60,7 +60,7 @@
 
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
-import type { ChatMessage, FinishReason, Offer, SamplingParams, Usage } from "./common_pb.js";
+import type { ChatMessage, FinishReason, Offer, ResponseFormat, SamplingParams, ToolChoice, ToolDefinition, Usage } from "./common_pb.js";
 import { file_locallmarket_v1_common } from "./common_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -68,7 +68,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file locallmarket/v1/worker.proto.
  */
 export const file_locallmarket_v1_worker: GenFile = /*@__PURE__*/
-  fileDesc("Chxsb2NhbGxtYXJrZXQvdjEvd29ya2VyLnByb3RvEg9sb2NhbGxtYXJrZXQudjEingMKDkNvbm5lY3RSZXF1ZXN0EicKBWhlbGxvGAEgASgLMhYubG9jYWxsbWFya2V0LnYxLkhlbGxvSAASLwoJaGVhcnRiZWF0GAIgASgLMhoubG9jYWxsbWFya2V0LnYxLkhlYXJ0YmVhdEgAEjQKDG9mZmVyX3VwZGF0ZRgDIAEoCzIcLmxvY2FsbG1hcmtldC52MS5PZmZlclVwZGF0ZUgAEjQKDGpvYl9hY2NlcHRlZBgEIAEoCzIcLmxvY2FsbG1hcmtldC52MS5Kb2JBY2NlcHRlZEgAEi4KCWpvYl9jaHVuaxgFIAEoCzIZLmxvY2FsbG1hcmtldC52MS5Kb2JDaHVua0gAEiwKCGpvYl9kb25lGAYgASgLMhgubG9jYWxsbWFya2V0LnYxLkpvYkRvbmVIABIwCgpqb2JfZmFpbGVkGAcgASgLMhoubG9jYWxsbWFya2V0LnYxLkpvYkZhaWxlZEgAEisKB2dvb2RieWUYCCABKAsyGC5sb2NhbGxtYXJrZXQudjEuR29vZGJ5ZUgAQgkKB21lc3NhZ2Ui2gIKD0Nvbm5lY3RSZXNwb25zZRIrCgd3ZWxjb21lGAEgASgLMhgubG9jYWxsbWFya2V0LnYxLldlbGNvbWVIABIwCgpqb2JfYXNzaWduGAIgASgLMhoubG9jYWxsbWFya2V0LnYxLkpvYkFzc2lnbkgAEjAKCmpvYl9jYW5jZWwYAyABKAsyGi5sb2NhbGxtYXJrZXQudjEuSm9iQ2FuY2VsSAASJwoFZHJhaW4YBCABKAsyFi5sb2NhbGxtYXJrZXQudjEuRHJhaW5IABIlCgRwaW5nGAUgASgLMhUubG9jYWxsbWFya2V0LnYxLlBpbmdIABIpCgZyZWplY3QYBiABKAsyFy5sb2NhbGxtYXJrZXQudjEuUmVqZWN0SAASMAoKam9iX3dpbmRvdxgHIAEoCzIaLmxvY2FsbG1hcmtldC52MS5Kb2JXaW5kb3dIAEIJCgdtZXNzYWdlIosBCgVIZWxsbxIUCgx3b3JrZXJfdG9rZW4YASABKAkSFQoNYWdlbnRfdmVyc2lvbhgCIAEoCRITCgt3b3JrZXJfbmFtZRgDIAEoCRImCgZvZmZlcnMYBCADKAsyFi5sb2NhbGxtYXJrZXQudjEuT2ZmZXISGAoQcHJvdG9jb2xfdmVyc2lvbhgFIAEoDSK0AQoHV2VsY29tZRIRCgl3b3JrZXJfaWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIdChVoZWFydGJlYXRfaW50ZXJ2YWxfbXMYAyABKA0SFwoPbWF4X2NodW5rX2J5dGVzGAQgASgNEi8KD2FjY2VwdGVkX29mZmVycxgFIAMoCzIWLmxvY2FsbG1hcmtldC52MS5PZmZlchIZChFqb2Jfd2luZG93X2NodW5rcxgGIAEoDSJyCglIZWFydGJlYXQSEwoLYWN0aXZlX2pvYnMYASABKA0SEwoLcXVldWVkX2pvYnMYAiABKA0SEgoKcGluZ19ub25jZRgDIAEoBBInCgRncHVzGAQgAygLMhkubG9jYWxsbWFya2V0LnYxLkdwdVN0YXRzImwKCEdwdVN0YXRzEgwKBG5hbWUYASABKAkSGwoTdXRpbGl6YXRpb25fcGVyY2VudBgCIAEoARIZChFtZW1vcnlfdXNlZF9ieXRlcxgDIAEoBBIaChJtZW1vcnlfdG90YWxfYnl0ZXMYBCABKAQiNQoLT2ZmZXJVcGRhdGUSJgoGb2ZmZXJzGAEgAygLMhYubG9jYWxsbWFya2V0LnYxLk9mZmVyIuEBCglKb2JBc3NpZ24SDgoGam9iX2lkGAEgASgJEg0KBW1vZGVsGAIgASgJEi4KCG1lc3NhZ2VzGAMgAygLMhwubG9jYWxsbWFya2V0LnYxLkNoYXRNZXNzYWdlEjEKCHNhbXBsaW5nGAQgASgLMh8ubG9jYWxsbWFya2V0LnYxLlNhbXBsaW5nUGFyYW1zEhIKCm1heF90b2tlbnMYBSABKA0SGAoQZGVhZGxpbmVfdW5peF9tcxgGIAEoAxIVCg13YW50X2xvZ3Byb2JzGAcgASgIEg0KBWF1ZGl0GAggASgIIh0KC0pvYkFjY2VwdGVkEg4KBmpvYl9pZBgBIAEoCSKAAQoISm9iQ2h1bmsSDgoGam9iX2lkGAEgASgJEhAKCHNlcXVlbmNlGAIgASgEEgwKBHRleHQYAyABKAkSEwoLdG9rZW5fY291bnQYBCABKA0SLwoIbG9ncHJvYnMYBSADKAsyHS5sb2NhbGxtYXJrZXQudjEuVG9rZW5Mb2dwcm9iIi4KDFRva2VuTG9ncHJvYhINCgV0b2tlbhgBIAEoCRIPCgdsb2dwcm9iGAIgASgBIo0BCgdKb2JEb25lEg4KBmpvYl9pZBgBIAEoCRI0Cg1maW5pc2hfcmVhc29uGAIgASgOMh0ubG9jYWxsbWFya2V0LnYxLkZpbmlzaFJlYXNvbhIlCgV1c2FnZRgDIAEoCzIWLmxvY2FsbG1hcmtldC52MS5Vc2FnZRIVCg1sYXN0X3NlcXVlbmNlGAQgASgEIlsKCUpvYkZhaWxlZBIOCgZqb2JfaWQYASABKAkSLQoEY29kZRgCIAEoDjIfLmxvY2FsbG1hcmtldC52MS5Kb2JGYWlsdXJlQ29kZRIPCgdtZXNzYWdlGAMgASgJIhkKB0dvb2RieWUSDgoGcmVhc29uGAEgASgJIisKCUpvYkNhbmNlbBIOCgZqb2JfaWQYASABKAkSDgoGcmVhc29uGAIgASgJIhcKBURyYWluEg4KBnJlYXNvbhgBIAEoCSIVCgRQaW5nEg0KBW5vbmNlGAEgASgEIkQKBlJlamVjdBIpCgRjb2RlGAEgASgOMhsubG9jYWxsbWFya2V0LnYxLlJlamVjdENvZGUSDwoHbWVzc2FnZRgCIAEoCSI6CglKb2JXaW5kb3cSDgoGam9iX2lkGAEgASgJEh0KFWFja25vd2xlZGdlZF9zZXF1ZW5jZRgCIAEoBCrgAQoOSm9iRmFpbHVyZUNvZGUSIAocSk9CX0ZBSUxVUkVfQ09ERV9VTlNQRUNJRklFRBAAEiEKHUpPQl9GQUlMVVJFX0NPREVfRU5HSU5FX0VSUk9SEAESJgoiSk9CX0ZBSUxVUkVfQ09ERV9NT0RFTF9VTkFWQUlMQUJMRRACEh8KG0pPQl9GQUlMVVJFX0NPREVfT1ZFUkxPQURFRBADEiIKHkpPQl9GQUlMVVJFX0NPREVfSU5WQUxJRF9JTlBVVBAEEhwKGEpPQl9GQUlMVVJFX0NPREVfVElNRU9VVBAFKtoBCgpSZWplY3RDb2RlEhsKF1JFSkVDVF9DT0RFX1VOU1BFQ0lGSUVEEAASHwobUkVKRUNUX0NPREVfVU5BVVRIRU5USUNBVEVEEAESHQoZUkVKRUNUX0NPREVfSU5WQUxJRF9IRUxMTxACEhgKFFJFSkVDVF9DT0RFX1JFUExBQ0VEEAMSFgoSUkVKRUNUX0NPREVfQkFOTkVEEAQSHQoZUkVKRUNUX0NPREVfU0hVVFRJTkdfRE9XThAFEh4KGlJFSkVDVF9DT0RFX1BST1RPQ09MX0VSUk9SEAYyYQoNV29ya2VyU2VydmljZRJQCgdDb25uZWN0Eh8ubG9jYWxsbWFya2V0LnYxLkNvbm5lY3RSZXF1ZXN0GiAubG9jYWxsbWFya2V0LnYxLkNvbm5lY3RSZXNwb25zZSgBMAFiBnByb3RvMw", [file_locallmarket_v1_common]);
+  fileDesc("Chxsb2NhbGxtYXJrZXQvdjEvd29ya2VyLnByb3RvEg9sb2NhbGxtYXJrZXQudjEingMKDkNvbm5lY3RSZXF1ZXN0EicKBWhlbGxvGAEgASgLMhYubG9jYWxsbWFya2V0LnYxLkhlbGxvSAASLwoJaGVhcnRiZWF0GAIgASgLMhoubG9jYWxsbWFya2V0LnYxLkhlYXJ0YmVhdEgAEjQKDG9mZmVyX3VwZGF0ZRgDIAEoCzIcLmxvY2FsbG1hcmtldC52MS5PZmZlclVwZGF0ZUgAEjQKDGpvYl9hY2NlcHRlZBgEIAEoCzIcLmxvY2FsbG1hcmtldC52MS5Kb2JBY2NlcHRlZEgAEi4KCWpvYl9jaHVuaxgFIAEoCzIZLmxvY2FsbG1hcmtldC52MS5Kb2JDaHVua0gAEiwKCGpvYl9kb25lGAYgASgLMhgubG9jYWxsbWFya2V0LnYxLkpvYkRvbmVIABIwCgpqb2JfZmFpbGVkGAcgASgLMhoubG9jYWxsbWFya2V0LnYxLkpvYkZhaWxlZEgAEisKB2dvb2RieWUYCCABKAsyGC5sb2NhbGxtYXJrZXQudjEuR29vZGJ5ZUgAQgkKB21lc3NhZ2Ui2gIKD0Nvbm5lY3RSZXNwb25zZRIrCgd3ZWxjb21lGAEgASgLMhgubG9jYWxsbWFya2V0LnYxLldlbGNvbWVIABIwCgpqb2JfYXNzaWduGAIgASgLMhoubG9jYWxsbWFya2V0LnYxLkpvYkFzc2lnbkgAEjAKCmpvYl9jYW5jZWwYAyABKAsyGi5sb2NhbGxtYXJrZXQudjEuSm9iQ2FuY2VsSAASJwoFZHJhaW4YBCABKAsyFi5sb2NhbGxtYXJrZXQudjEuRHJhaW5IABIlCgRwaW5nGAUgASgLMhUubG9jYWxsbWFya2V0LnYxLlBpbmdIABIpCgZyZWplY3QYBiABKAsyFy5sb2NhbGxtYXJrZXQudjEuUmVqZWN0SAASMAoKam9iX3dpbmRvdxgHIAEoCzIaLmxvY2FsbG1hcmtldC52MS5Kb2JXaW5kb3dIAEIJCgdtZXNzYWdlIosBCgVIZWxsbxIUCgx3b3JrZXJfdG9rZW4YASABKAkSFQoNYWdlbnRfdmVyc2lvbhgCIAEoCRITCgt3b3JrZXJfbmFtZRgDIAEoCRImCgZvZmZlcnMYBCADKAsyFi5sb2NhbGxtYXJrZXQudjEuT2ZmZXISGAoQcHJvdG9jb2xfdmVyc2lvbhgFIAEoDSK0AQoHV2VsY29tZRIRCgl3b3JrZXJfaWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIdChVoZWFydGJlYXRfaW50ZXJ2YWxfbXMYAyABKA0SFwoPbWF4X2NodW5rX2J5dGVzGAQgASgNEi8KD2FjY2VwdGVkX29mZmVycxgFIAMoCzIWLmxvY2FsbG1hcmtldC52MS5PZmZlchIZChFqb2Jfd2luZG93X2NodW5rcxgGIAEoDSJyCglIZWFydGJlYXQSEwoLYWN0aXZlX2pvYnMYASABKA0SEwoLcXVldWVkX2pvYnMYAiABKA0SEgoKcGluZ19ub25jZRgDIAEoBBInCgRncHVzGAQgAygLMhkubG9jYWxsbWFya2V0LnYxLkdwdVN0YXRzImwKCEdwdVN0YXRzEgwKBG5hbWUYASABKAkSGwoTdXRpbGl6YXRpb25fcGVyY2VudBgCIAEoARIZChFtZW1vcnlfdXNlZF9ieXRlcxgDIAEoBBIaChJtZW1vcnlfdG90YWxfYnl0ZXMYBCABKAQiNQoLT2ZmZXJVcGRhdGUSJgoGb2ZmZXJzGAEgAygLMhYubG9jYWxsbWFya2V0LnYxLk9mZmVyIsADCglKb2JBc3NpZ24SDgoGam9iX2lkGAEgASgJEg0KBW1vZGVsGAIgASgJEi4KCG1lc3NhZ2VzGAMgAygLMhwubG9jYWxsbWFya2V0LnYxLkNoYXRNZXNzYWdlEjEKCHNhbXBsaW5nGAQgASgLMh8ubG9jYWxsbWFya2V0LnYxLlNhbXBsaW5nUGFyYW1zEhIKCm1heF90b2tlbnMYBSABKA0SGAoQZGVhZGxpbmVfdW5peF9tcxgGIAEoAxIVCg13YW50X2xvZ3Byb2JzGAcgASgIEg0KBWF1ZGl0GAggASgIEi4KBXRvb2xzGAkgAygLMh8ubG9jYWxsbWFya2V0LnYxLlRvb2xEZWZpbml0aW9uEjAKC3Rvb2xfY2hvaWNlGAogASgLMhsubG9jYWxsbWFya2V0LnYxLlRvb2xDaG9pY2USGwoTcGFyYWxsZWxfdG9vbF9jYWxscxgLIAEoCBI4Cg9yZXNwb25zZV9mb3JtYXQYDCABKAsyHy5sb2NhbGxtYXJrZXQudjEuUmVzcG9uc2VGb3JtYXQSFAoMdG9wX2xvZ3Byb2JzGA0gASgNEg4KBnByb21wdBgOIAEoCSIdCgtKb2JBY2NlcHRlZBIOCgZqb2JfaWQYASABKAkitAEKCEpvYkNodW5rEg4KBmpvYl9pZBgBIAEoCRIQCghzZXF1ZW5jZRgCIAEoBBIMCgR0ZXh0GAMgASgJEhMKC3Rva2VuX2NvdW50GAQgASgNEi8KCGxvZ3Byb2JzGAUgAygLMh0ubG9jYWxsbWFya2V0LnYxLlRva2VuTG9ncHJvYhIyCgp0b29sX2NhbGxzGAYgAygLMh4ubG9jYWxsbWFya2V0LnYxLlRvb2xDYWxsRGVsdGEiSwoNVG9vbENhbGxEZWx0YRINCgVpbmRleBgBIAEoDRIKCgJpZBgCIAEoCRIMCgRuYW1lGAMgASgJEhEKCWFyZ3VtZW50cxgEIAEoCSJhCgxUb2tlbkxvZ3Byb2ISDQoFdG9rZW4YASABKAkSDwoHbG9ncHJvYhgCIAEoARIxCgx0b3BfbG9ncHJvYnMYAyADKAsyGy5sb2NhbGxtYXJrZXQudjEuVG9wTG9ncHJvYiIsCgpUb3BMb2dwcm9iEg0KBXRva2VuGAEgASgJEg8KB2xvZ3Byb2IYAiABKAEijQEKB0pvYkRvbmUSDgoGam9iX2lkGAEgASgJEjQKDWZpbmlzaF9yZWFzb24YAiABKA4yHS5sb2NhbGxtYXJrZXQudjEuRmluaXNoUmVhc29uEiUKBXVzYWdlGAMgASgLMhYubG9jYWxsbWFya2V0LnYxLlVzYWdlEhUKDWxhc3Rfc2VxdWVuY2UYBCABKAQiWwoJSm9iRmFpbGVkEg4KBmpvYl9pZBgBIAEoCRItCgRjb2RlGAIgASgOMh8ubG9jYWxsbWFya2V0LnYxLkpvYkZhaWx1cmVDb2RlEg8KB21lc3NhZ2UYAyABKAkiGQoHR29vZGJ5ZRIOCgZyZWFzb24YASABKAkiKwoJSm9iQ2FuY2VsEg4KBmpvYl9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiFwoFRHJhaW4SDgoGcmVhc29uGAEgASgJIhUKBFBpbmcSDQoFbm9uY2UYASABKAQiRAoGUmVqZWN0EikKBGNvZGUYASABKA4yGy5sb2NhbGxtYXJrZXQudjEuUmVqZWN0Q29kZRIPCgdtZXNzYWdlGAIgASgJIjoKCUpvYldpbmRvdxIOCgZqb2JfaWQYASABKAkSHQoVYWNrbm93bGVkZ2VkX3NlcXVlbmNlGAIgASgEKuABCg5Kb2JGYWlsdXJlQ29kZRIgChxKT0JfRkFJTFVSRV9DT0RFX1VOU1BFQ0lGSUVEEAASIQodSk9CX0ZBSUxVUkVfQ09ERV9FTkdJTkVfRVJST1IQARImCiJKT0JfRkFJTFVSRV9DT0RFX01PREVMX1VOQVZBSUxBQkxFEAISHwobSk9CX0ZBSUxVUkVfQ09ERV9PVkVSTE9BREVEEAMSIgoeSk9CX0ZBSUxVUkVfQ09ERV9JTlZBTElEX0lOUFVUEAQSHAoYSk9CX0ZBSUxVUkVfQ09ERV9USU1FT1VUEAUq2gEKClJlamVjdENvZGUSGwoXUkVKRUNUX0NPREVfVU5TUEVDSUZJRUQQABIfChtSRUpFQ1RfQ09ERV9VTkFVVEhFTlRJQ0FURUQQARIdChlSRUpFQ1RfQ09ERV9JTlZBTElEX0hFTExPEAISGAoUUkVKRUNUX0NPREVfUkVQTEFDRUQQAxIWChJSRUpFQ1RfQ09ERV9CQU5ORUQQBBIdChlSRUpFQ1RfQ09ERV9TSFVUVElOR19ET1dOEAUSHgoaUkVKRUNUX0NPREVfUFJPVE9DT0xfRVJST1IQBjJhCg1Xb3JrZXJTZXJ2aWNlElAKB0Nvbm5lY3QSHy5sb2NhbGxtYXJrZXQudjEuQ29ubmVjdFJlcXVlc3QaIC5sb2NhbGxtYXJrZXQudjEuQ29ubmVjdFJlc3BvbnNlKAEwAWIGcHJvdG8z", [file_locallmarket_v1_common]);
 
 /**
  * A message from the worker to the control plane. Exactly one field is set.
@@ -504,6 +504,51 @@ export type JobAssign = Message<"locallmarket.v1.JobAssign"> & {
    * @generated from field: bool audit = 8;
    */
   audit: boolean;
+
+  /**
+   * Functions the model may call. Only sent to offers with Capabilities.tools.
+   *
+   * @generated from field: repeated locallmarket.v1.ToolDefinition tools = 9;
+   */
+  tools: ToolDefinition[];
+
+  /**
+   * Which tool the model may or must call; unset means "auto" when tools are given.
+   *
+   * @generated from field: locallmarket.v1.ToolChoice tool_choice = 10;
+   */
+  toolChoice?: ToolChoice | undefined;
+
+  /**
+   * Whether the model may call several tools in one turn (OpenAI's `parallel_tool_calls`, default
+   * true).
+   *
+   * @generated from field: bool parallel_tool_calls = 11;
+   */
+  parallelToolCalls: boolean;
+
+  /**
+   * The shape the output must take; unset means plain text. TYPE_JSON_OBJECT and TYPE_JSON_SCHEMA
+   * are only sent to offers with Capabilities.json_schema, and the worker must enforce them.
+   *
+   * @generated from field: locallmarket.v1.ResponseFormat response_format = 12;
+   */
+  responseFormat?: ResponseFormat | undefined;
+
+  /**
+   * With want_logprobs: how many most likely alternatives (0 to 20) to report per token.
+   *
+   * @generated from field: uint32 top_logprobs = 13;
+   */
+  topLogprobs: number;
+
+  /**
+   * Legacy text completion: when set, `messages` is empty and the engine continues this text as it
+   * is, with no chat template. Only sent to offers with Capabilities.completions.
+   *
+   * @generated from field: string prompt = 14;
+   */
+  prompt: string;
 };
 
 /**
@@ -573,11 +618,21 @@ export type JobChunk = Message<"locallmarket.v1.JobChunk"> & {
   tokenCount: number;
 
   /**
-   * Per-token log-probabilities, when JobAssign.want_logprobs was set.
+   * Per-token log-probabilities, when JobAssign.want_logprobs was set: one entry per token of
+   * this chunk's text, in order (their tokens, concatenated, are the text).
    *
    * @generated from field: repeated locallmarket.v1.TokenLogprob logprobs = 5;
    */
   logprobs: TokenLogprob[];
+
+  /**
+   * Tool calls the model is making, as fragments in OpenAI's streaming shape: the first fragment
+   * of a call carries its index, id and name; later ones the same index and more of the arguments.
+   * A chunk may carry text, tool-call fragments or both.
+   *
+   * @generated from field: repeated locallmarket.v1.ToolCallDelta tool_calls = 6;
+   */
+  toolCalls: ToolCallDelta[];
 };
 
 /**
@@ -586,6 +641,48 @@ export type JobChunk = Message<"locallmarket.v1.JobChunk"> & {
  */
 export const JobChunkSchema: GenMessage<JobChunk> = /*@__PURE__*/
   messageDesc(file_locallmarket_v1_worker, 9);
+
+/**
+ * A fragment of a tool call being streamed.
+ *
+ * @generated from message locallmarket.v1.ToolCallDelta
+ */
+export type ToolCallDelta = Message<"locallmarket.v1.ToolCallDelta"> & {
+  /**
+   * Which call of this turn the fragment belongs to, from 0.
+   *
+   * @generated from field: uint32 index = 1;
+   */
+  index: number;
+
+  /**
+   * The call's id; set on the call's first fragment only.
+   *
+   * @generated from field: string id = 2;
+   */
+  id: string;
+
+  /**
+   * The function's name; set on the call's first fragment only.
+   *
+   * @generated from field: string name = 3;
+   */
+  name: string;
+
+  /**
+   * The next piece of the arguments' JSON text.
+   *
+   * @generated from field: string arguments = 4;
+   */
+  arguments: string;
+};
+
+/**
+ * Describes the message locallmarket.v1.ToolCallDelta.
+ * Use `create(ToolCallDeltaSchema)` to create a new message.
+ */
+export const ToolCallDeltaSchema: GenMessage<ToolCallDelta> = /*@__PURE__*/
+  messageDesc(file_locallmarket_v1_worker, 10);
 
 /**
  * The log-probability of one generated token.
@@ -601,11 +698,19 @@ export type TokenLogprob = Message<"locallmarket.v1.TokenLogprob"> & {
   token: string;
 
   /**
-   * Natural-log probability of the token under the model.
+   * Natural-log probability of the token under the model (≤ 0).
    *
    * @generated from field: double logprob = 2;
    */
   logprob: number;
+
+  /**
+   * The most likely tokens at this position with their log-probabilities, most likely first
+   * (JobAssign.top_logprobs of them).
+   *
+   * @generated from field: repeated locallmarket.v1.TopLogprob top_logprobs = 3;
+   */
+  topLogprobs: TopLogprob[];
 };
 
 /**
@@ -613,7 +718,35 @@ export type TokenLogprob = Message<"locallmarket.v1.TokenLogprob"> & {
  * Use `create(TokenLogprobSchema)` to create a new message.
  */
 export const TokenLogprobSchema: GenMessage<TokenLogprob> = /*@__PURE__*/
-  messageDesc(file_locallmarket_v1_worker, 10);
+  messageDesc(file_locallmarket_v1_worker, 11);
+
+/**
+ * One alternative at a token position.
+ *
+ * @generated from message locallmarket.v1.TopLogprob
+ */
+export type TopLogprob = Message<"locallmarket.v1.TopLogprob"> & {
+  /**
+   * The token's text.
+   *
+   * @generated from field: string token = 1;
+   */
+  token: string;
+
+  /**
+   * Natural-log probability of the token under the model (≤ 0).
+   *
+   * @generated from field: double logprob = 2;
+   */
+  logprob: number;
+};
+
+/**
+ * Describes the message locallmarket.v1.TopLogprob.
+ * Use `create(TopLogprobSchema)` to create a new message.
+ */
+export const TopLogprobSchema: GenMessage<TopLogprob> = /*@__PURE__*/
+  messageDesc(file_locallmarket_v1_worker, 12);
 
 /**
  * The job finished. The last message about a job.
@@ -658,7 +791,7 @@ export type JobDone = Message<"locallmarket.v1.JobDone"> & {
  * Use `create(JobDoneSchema)` to create a new message.
  */
 export const JobDoneSchema: GenMessage<JobDone> = /*@__PURE__*/
-  messageDesc(file_locallmarket_v1_worker, 11);
+  messageDesc(file_locallmarket_v1_worker, 13);
 
 /**
  * The job could not be completed. The last message about a job. OVERLOADED means the worker could
@@ -695,7 +828,7 @@ export type JobFailed = Message<"locallmarket.v1.JobFailed"> & {
  * Use `create(JobFailedSchema)` to create a new message.
  */
 export const JobFailedSchema: GenMessage<JobFailed> = /*@__PURE__*/
-  messageDesc(file_locallmarket_v1_worker, 12);
+  messageDesc(file_locallmarket_v1_worker, 14);
 
 /**
  * The worker is disconnecting on purpose.
@@ -716,7 +849,7 @@ export type Goodbye = Message<"locallmarket.v1.Goodbye"> & {
  * Use `create(GoodbyeSchema)` to create a new message.
  */
 export const GoodbyeSchema: GenMessage<Goodbye> = /*@__PURE__*/
-  messageDesc(file_locallmarket_v1_worker, 13);
+  messageDesc(file_locallmarket_v1_worker, 15);
 
 /**
  * Asks the worker to stop a job. The worker answers with JobDone (FINISH_REASON_CANCELLED) or
@@ -747,7 +880,7 @@ export type JobCancel = Message<"locallmarket.v1.JobCancel"> & {
  * Use `create(JobCancelSchema)` to create a new message.
  */
 export const JobCancelSchema: GenMessage<JobCancel> = /*@__PURE__*/
-  messageDesc(file_locallmarket_v1_worker, 14);
+  messageDesc(file_locallmarket_v1_worker, 16);
 
 /**
  * Asks the worker to finish its running jobs and accept no new ones, typically because the control
@@ -772,7 +905,7 @@ export type Drain = Message<"locallmarket.v1.Drain"> & {
  * Use `create(DrainSchema)` to create a new message.
  */
 export const DrainSchema: GenMessage<Drain> = /*@__PURE__*/
-  messageDesc(file_locallmarket_v1_worker, 15);
+  messageDesc(file_locallmarket_v1_worker, 17);
 
 /**
  * A liveness probe. The worker answers with a Heartbeat whose ping_nonce is this nonce.
@@ -793,7 +926,7 @@ export type Ping = Message<"locallmarket.v1.Ping"> & {
  * Use `create(PingSchema)` to create a new message.
  */
 export const PingSchema: GenMessage<Ping> = /*@__PURE__*/
-  messageDesc(file_locallmarket_v1_worker, 16);
+  messageDesc(file_locallmarket_v1_worker, 18);
 
 /**
  * Sent just before the control plane closes the stream. See the header of this file for what the
@@ -822,7 +955,7 @@ export type Reject = Message<"locallmarket.v1.Reject"> & {
  * Use `create(RejectSchema)` to create a new message.
  */
 export const RejectSchema: GenMessage<Reject> = /*@__PURE__*/
-  messageDesc(file_locallmarket_v1_worker, 17);
+  messageDesc(file_locallmarket_v1_worker, 19);
 
 /**
  * Acknowledges a job's chunks (flow control, see the header of this file): the consumer has taken
@@ -853,7 +986,7 @@ export type JobWindow = Message<"locallmarket.v1.JobWindow"> & {
  * Use `create(JobWindowSchema)` to create a new message.
  */
 export const JobWindowSchema: GenMessage<JobWindow> = /*@__PURE__*/
-  messageDesc(file_locallmarket_v1_worker, 18);
+  messageDesc(file_locallmarket_v1_worker, 20);
 
 /**
  * Why a job failed.
