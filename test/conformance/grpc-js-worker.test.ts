@@ -347,6 +347,79 @@ describe("a grpc-js worker built from the .proto files alone", () => {
     await hangUp(call);
   });
 
+  it("receives a JSON schema, a tool-call history and a raw prompt exactly as the consumer sent them", async () => {
+    const provider = await market.account("formats-provider");
+    const consumer = await market.account("formats-consumer", 50);
+    const { workerToken } = await market.admin.createWorkerToken({ accountId: provider.accountId });
+    const { call, incoming, welcome } = await register(client, workerToken, "formats-model", {
+      tools: true,
+      jsonSchema: true,
+      completions: true,
+    });
+    expect(welcome.message).toBe("welcome");
+    const windowChunks = (welcome.welcome as { jobWindowChunks: number }).jobWindowChunks;
+    const openai = market.openai(consumer.apiKey);
+    const schema = { type: "object", properties: { answer: { type: "string" } }, required: ["answer"] };
+    const serve = async (text: string) => {
+      let assigned = await incoming.next();
+      // The previous job's last acknowledgement may come first.
+      while (assigned.message === "jobWindow") assigned = await incoming.next();
+      expect(assigned.message).toBe("jobAssign");
+      const job = assigned.jobAssign as Record<string, unknown> & { jobId: string };
+      call.write({ jobAccepted: { jobId: job.jobId } });
+      await sendChunks(call, incoming, job.jobId, [text], windowChunks);
+      call.write({
+        jobDone: {
+          jobId: job.jobId,
+          finishReason: "FINISH_REASON_STOP",
+          usage: { promptTokens: 3, completionTokens: 1 },
+          lastSequence: "1",
+        },
+      });
+      return job;
+    };
+
+    const structured = openai.chat.completions.create({
+      model: "formats-model",
+      messages: [
+        { role: "user", content: "Weather in Oslo?" },
+        {
+          role: "assistant",
+          content: null,
+          tool_calls: [
+            {
+              id: "call_1",
+              type: "function",
+              function: { name: "get_weather", arguments: '{"city":"Oslo"}' },
+            },
+          ],
+        },
+        { role: "tool", tool_call_id: "call_1", content: "sunny" },
+      ],
+      response_format: { type: "json_schema", json_schema: { name: "reply", schema, strict: true } },
+    });
+    const job = await serve('{"answer":"sunny"}');
+    expect(job.responseFormat).toMatchObject({ type: "TYPE_JSON_SCHEMA", name: "reply", strict: true });
+    expect(JSON.parse((job.responseFormat as { schemaJson: string }).schemaJson)).toEqual(schema);
+    expect(job.messages).toMatchObject([
+      { role: "user", content: "Weather in Oslo?" },
+      { role: "assistant", toolCalls: [{ id: "call_1", name: "get_weather", arguments: '{"city":"Oslo"}' }] },
+      { role: "tool", toolCallId: "call_1", content: "sunny" },
+    ]);
+    expect((await structured).choices[0]?.message.content).toBe('{"answer":"sunny"}');
+
+    const legacy = openai.completions.create({
+      model: "formats-model",
+      prompt: "Once upon a",
+      max_tokens: 5,
+    });
+    const rawJob = await serve(" time");
+    expect(rawJob).toMatchObject({ prompt: "Once upon a", messages: [], maxTokens: 5 });
+    expect((await legacy).choices[0]?.text).toBe(" time");
+
+    await hangUp(call);
+  });
+
   it("sends logprobs with each chunk's tokens; the openai SDK receives them exactly", async () => {
     const provider = await market.account("logprobs-provider");
     const consumer = await market.account("logprobs-consumer", 50);
