@@ -14,15 +14,7 @@ import { isMarketError, MarketError } from "./errors.js";
 import { type MatchRequest, pickWorkers, type RoutingConstraints } from "./matcher.js";
 import { promptBound, promptFloor } from "./money.js";
 import { type Acquired, type MarketLogger, OrderRun, type RunEvent } from "./order-run.js";
-import type {
-  Capability,
-  ChatMessage,
-  JobSpec,
-  ResponseFormat,
-  ToolChoice,
-  ToolDefinition,
-  WorkerRegistry,
-} from "./registry.js";
+import type { Capability, ChatMessage, GenerationSpec, WorkerRegistry } from "./registry.js";
 import type { AccountRecord, MarketStore } from "./store-port.js";
 
 export type { MarketLogger, RunEvent };
@@ -46,24 +38,13 @@ export interface MarketplaceOptions {
 
 export type { ChatMessage };
 
-export interface CompletionRequest {
+export interface CompletionRequest extends GenerationSpec {
   model: string;
   /**
    * Models to try after `model`, in order, when no worker for the previous one can serve the
    * request at all (OpenRouter's `models`). The run's `model` says which one answered.
    */
   fallbackModels?: string[];
-  /** The conversation; empty for a raw text completion (`prompt`). */
-  messages: ChatMessage[];
-  /** A raw text completion (legacy completions API): continued as is, no chat template. */
-  prompt?: string;
-  tools?: ToolDefinition[];
-  toolChoice?: ToolChoice;
-  parallelToolCalls?: boolean;
-  responseFormat?: ResponseFormat;
-  /** Per-token log-probabilities with `top` alternatives each. */
-  logprobs?: { top: number };
-  sampling: JobSpec["sampling"];
   /**
    * The most completion tokens; when unset, the chosen offer's context length minus the prompt's
    * bound (or --default-max-tokens when the offer does not say its context length).
@@ -278,19 +259,7 @@ export class Marketplace {
         {
           order,
           first: acquired,
-          job: {
-            model,
-            messages: request.messages,
-            ...(request.prompt !== undefined ? { prompt: request.prompt } : {}),
-            ...(request.tools?.length ? { tools: request.tools } : {}),
-            ...(request.toolChoice ? { toolChoice: request.toolChoice } : {}),
-            ...(request.parallelToolCalls !== undefined
-              ? { parallelToolCalls: request.parallelToolCalls }
-              : {}),
-            ...(request.responseFormat ? { responseFormat: request.responseFormat } : {}),
-            ...(request.logprobs ? { logprobs: request.logprobs } : {}),
-            sampling: request.sampling,
-          },
+          job: { ...generationOf(request), model },
           stream: request.stream,
           allowFallbacks: constraints.allowFallbacks,
           droppedParameters: [...dropped],
@@ -401,6 +370,19 @@ export class Marketplace {
     }
     return abandoned.length;
   }
+}
+
+/** The part of a request a worker sees. */
+function generationOf(request: CompletionRequest): GenerationSpec {
+  const {
+    model: _model,
+    fallbackModels: _fallbacks,
+    maxTokens: _max,
+    stream: _stream,
+    routing: _routing,
+    ...generation
+  } = request;
+  return generation;
 }
 
 /** The request without the parameter a 400 named, or null when it cannot go without it. */

@@ -84,12 +84,11 @@ export interface JobPiece {
   logprobs: TokenLogprob[];
 }
 
-export interface JobSpec {
-  jobId: string;
-  model: string;
+/** What a job asks the model for: the conversation (or a raw prompt) and how to answer it. */
+export interface GenerationSpec {
   /** Empty for a raw text completion. */
   messages: ChatMessage[];
-  /** A raw text completion (legacy completions API). */
+  /** A raw text completion (legacy completions API): continued as is, no chat template. */
   prompt?: string;
   tools?: ToolDefinition[];
   toolChoice?: ToolChoice;
@@ -105,6 +104,11 @@ export interface JobSpec {
     presencePenalty?: number;
     frequencyPenalty?: number;
   };
+}
+
+export interface JobSpec extends GenerationSpec {
+  jobId: string;
+  model: string;
   maxTokens: number;
   deadlineUnixMs: number;
 }
