@@ -16,6 +16,7 @@ import { WorkerService } from "../gen/locallmarket/v1/worker_pb.js";
 import { adminAuthInterceptor, loadAdminToken } from "./admin/admin-auth.js";
 import { createAdminService } from "./admin/admin-service.js";
 import type { ServerConfig } from "./config.js";
+import { ApiKeyCache } from "./http/api-key-cache.js";
 import { registerChatCompletions } from "./http/chat-completions.js";
 import { registerCompletions } from "./http/completions.js";
 import { registerHealth } from "./http/health.js";
@@ -105,7 +106,7 @@ export async function startControlPlane(config: ServerConfig): Promise<ControlPl
   registerHealth(app, registry);
   registerModels(app, registry);
   const runEndpoint = {
-    store,
+    apiKeys: new ApiKeyCache({ store }),
     marketplace,
     keepAliveMs: config.keepAliveMs,
     slowReaderTimeoutMs: config.slowReaderTimeoutMs,

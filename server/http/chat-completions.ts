@@ -81,12 +81,20 @@ function streamCompletion(
     ...(flags.includeUsage ? { usage: null } : {}),
     ...extra,
   });
+  // A plain text delta is most of a stream: its JSON is built from two precomputed pieces around
+  // the text, byte for byte what JSON.stringify(chunk(...)) gives.
+  const textPrefix = `{"id":${JSON.stringify(run.orderId)},"object":"chat.completion.chunk","created":${unixSeconds(run.createdAt)},"model":${JSON.stringify(run.model)},"choices":[{"index":0,"delta":{"content":`;
+  const textSuffix = `},"logprobs":null,"finish_reason":null}]${flags.includeUsage ? ',"usage":null' : ""}}`;
   return streamRun(run, reply, options, async (sse, events) => {
     await sse.data(
       chunk([{ index: 0, delta: { role: "assistant", content: "" }, logprobs: null, finish_reason: null }]),
     );
     const toolCalls = new ToolCallAssembler();
     for await (const event of events) {
+      if (event.type === "delta" && event.toolCalls.length === 0 && !flags.withLogprobs) {
+        await sse.dataJson(`${textPrefix}${JSON.stringify(event.text)}${textSuffix}`);
+        continue;
+      }
       if (event.type === "delta") {
         const delta: { content?: string; tool_calls?: object[] } = {};
         if (event.text !== "" || event.toolCalls.length === 0) delta.content = event.text;

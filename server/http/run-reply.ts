@@ -11,13 +11,14 @@ import { MarketError } from "../market/errors.js";
 import type { CompletionRequest, CompletionRun, Marketplace, RunEvent } from "../market/marketplace.js";
 import { formatCredits } from "../market/money.js";
 import type { TokenLogprob, ToolCall, ToolCallDelta } from "../market/registry.js";
-import type { MarketStore, OrderRecord } from "../market/store-port.js";
+import type { OrderRecord } from "../market/store-port.js";
+import type { ApiKeyCache } from "./api-key-cache.js";
 import { authenticateConsumer } from "./auth.js";
 import { httpStatusOf, openAiErrorBody } from "./openai-error.js";
 import { SlowReaderError, SseWriter } from "./sse.js";
 
 export interface RunEndpointOptions {
-  store: MarketStore;
+  apiKeys: ApiKeyCache;
   marketplace: Marketplace;
   /** Commit the SSE headers if no token arrived within this time, then send keep-alive comments. */
   keepAliveMs: number;
@@ -39,7 +40,7 @@ export async function startRun<Parsed extends { completion: CompletionRequest }>
   reply: FastifyReply,
   parse: (body: unknown) => Parsed,
 ): Promise<{ run: CompletionRun; parsed: Parsed }> {
-  const consumer = await authenticateConsumer(options.store, request);
+  const consumer = await authenticateConsumer(options.apiKeys, request);
   const parsed = parse(request.body);
   const consumerGone = new AbortController();
   reply.raw.on("close", () => {

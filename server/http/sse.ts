@@ -71,8 +71,13 @@ export class SseWriter {
 
   /** A data event; `event` names it (the Responses API's `event: response.created` lines). */
   data(payload: object | "[DONE]", event?: string): Promise<void> {
+    return this.dataJson(payload === "[DONE]" ? payload : JSON.stringify(payload), event);
+  }
+
+  /** A data event whose JSON the caller has already serialised (the hot path of token deltas). */
+  dataJson(json: string, event?: string): Promise<void> {
     const name = event === undefined ? "" : `event: ${event}\n`;
-    return this.write(`${name}data: ${payload === "[DONE]" ? payload : JSON.stringify(payload)}\n\n`);
+    return this.write(`${name}data: ${json}\n\n`);
   }
 
   end(): void {

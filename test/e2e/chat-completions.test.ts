@@ -6,7 +6,12 @@
 import OpenAI from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { orderCost, platformFee } from "../../server/market/money.js";
-import { DEFAULT_FAKE_PROMPT_TOKENS, type FakeEngine, startFakeEngine } from "../support/fake-engine.js";
+import {
+  DEFAULT_FAKE_PROMPT_TOKENS,
+  DEFAULT_FAKE_TOKENS,
+  type FakeEngine,
+  startFakeEngine,
+} from "../support/fake-engine.js";
 import { ledgerIsBalanced, platformBalance, startTestMarket, type TestMarket } from "../support/market.js";
 
 const MODEL = "fake-llama";
@@ -116,6 +121,24 @@ describe("chat completions through a real worker", () => {
     expect(events[events.length - 1]).toBe("data: [DONE]");
     const payloads = events.slice(0, -1).map((event) => JSON.parse(event.slice("data: ".length)));
     expect(payloads.every((payload) => payload.id === orderId)).toBe(true);
+    // Token deltas take a hand-built fast path: they must be exactly OpenAI's chunk, field order too.
+    for (const event of events.slice(0, -1)) {
+      const json = event.slice("data: ".length);
+      expect(json).toBe(JSON.stringify(JSON.parse(json)));
+    }
+    const deltas = payloads.filter((payload) => payload.choices[0]?.delta?.content);
+    expect(deltas.map((payload) => payload.choices[0].delta.content).join("")).toBe(
+      DEFAULT_FAKE_TOKENS.join(""),
+    );
+    expect(deltas[0]).toStrictEqual({
+      id: orderId,
+      object: "chat.completion.chunk",
+      created: expect.any(Number),
+      model: MODEL,
+      choices: [
+        { index: 0, delta: { content: DEFAULT_FAKE_TOKENS[0] }, logprobs: null, finish_reason: null },
+      ],
+    });
     const order = await market.admin.getOrder({ orderId: orderId ?? "" });
     expect(order.order?.workerId).toBe(workerId);
     expect(order.order?.completionTokens).toBe(4);

@@ -1,0 +1,215 @@
+/**
+ * ApiKeyCache in front of the real store (embedded PGlite, or PostgreSQL with DATABASE_URL). The
+ * store's authenticateApiKey is wrapped only to count the calls that reach the database; the
+ * cache's clock is a plain number the tests move.
+ */
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
+import { ApiKeyCache, type AuthenticatedKey } from "../../server/http/api-key-cache.js";
+import type { SqlMarketStore } from "../../server/store/market-store.js";
+import { openTestStore, type TestStore } from "../support/database.js";
+
+let testStore: TestStore;
+let store: SqlMarketStore;
+
+beforeAll(async () => {
+  testStore = await openTestStore();
+  store = testStore.store;
+}, 60_000);
+
+afterAll(async () => {
+  await testStore?.close();
+}, 60_000);
+
+let clock: number;
+let lookups: string[];
+/** Holds the store's answers back while set, to interleave a lookup with other events. */
+let gate: Promise<void> | undefined;
+
+beforeEach(() => {
+  clock = 10_000;
+  lookups = [];
+  gate = undefined;
+});
+
+function cache(options: { maxKeys?: number; maxRefusedKeys?: number } = {}): ApiKeyCache {
+  return new ApiKeyCache({
+    store: {
+      async authenticateApiKey(secret: string) {
+        lookups.push(secret);
+        const found = await store.authenticateApiKey(secret);
+        await gate;
+        return found;
+      },
+    },
+    now: () => clock,
+    ...options,
+  });
+}
+
+async function newKey(name = "consumer") {
+  const account = await store.createAccount({ name });
+  const { key, secret } = await store.createApiKey(account.id, "default");
+  return { account, keyId: key.id, secret };
+}
+
+function openGate(): () => void {
+  let release = () => {};
+  gate = new Promise<void>((resolve) => {
+    release = resolve;
+  });
+  return release;
+}
+
+describe("ApiKeyCache", () => {
+  it("authenticates a key from the store once, then from memory until it is a second old", async () => {
+    const keys = cache();
+    const { account, keyId, secret } = await newKey();
+
+    const first = await keys.authenticate(secret);
+    expect(first).toEqual<AuthenticatedKey>({ account, keyId });
+    expect(lookups).toHaveLength(1);
+
+    clock += 999;
+    expect(await keys.authenticate(secret)).toEqual(first);
+    expect(lookups).toHaveLength(1);
+
+    clock += 1;
+    expect(await keys.authenticate(secret)).toEqual(first);
+    expect(lookups).toHaveLength(2);
+  });
+
+  it("refuses a revoked key once its answer is a second old", async () => {
+    const keys = cache();
+    const { keyId, secret } = await newKey();
+    expect((await keys.authenticate(secret))?.keyId).toBe(keyId);
+
+    await store.revokeApiKey(keyId);
+    clock += 999;
+    // The documented staleness: for up to a second, the revocation is not seen.
+    expect((await keys.authenticate(secret))?.keyId).toBe(keyId);
+    clock += 1;
+    expect(await keys.authenticate(secret)).toBeNull();
+    expect(lookups).toHaveLength(2);
+  });
+
+  it("sees an account's new routing defaults once its answer is a second old", async () => {
+    const keys = cache();
+    const { account, secret } = await newKey();
+    expect((await keys.authenticate(secret))?.account.defaults).toEqual({});
+
+    await store.updateAccountDefaults(account.id, { minTokensPerSecond: 20 });
+    clock += 500;
+    expect((await keys.authenticate(secret))?.account.defaults).toEqual({});
+    clock += 500;
+    expect((await keys.authenticate(secret))?.account.defaults).toEqual({ minTokensPerSecond: 20 });
+  });
+
+  it("refuses an unknown key, asking the store again only after a second", async () => {
+    const keys = cache();
+    const { secret } = await newKey();
+    const unknown = `${secret.slice(0, -4)}AAAA`;
+
+    expect(await keys.authenticate(unknown)).toBeNull();
+    clock += 999;
+    expect(await keys.authenticate(unknown)).toBeNull();
+    expect(lookups).toEqual([unknown]);
+    clock += 1;
+    expect(await keys.authenticate(unknown)).toBeNull();
+    expect(lookups).toEqual([unknown, unknown]);
+  });
+
+  it("authenticates a key created a moment after refusals, at once", async () => {
+    const keys = cache();
+    const { secret: existing } = await newKey();
+    expect(await keys.authenticate(`${existing}x`)).toBeNull();
+
+    const { keyId, secret } = await newKey();
+    expect((await keys.authenticate(secret))?.keyId).toBe(keyId);
+  });
+
+  it("shares one lookup between concurrent requests with the same key", async () => {
+    const keys = cache();
+    const { keyId, secret } = await newKey();
+    const release = openGate();
+
+    const first = keys.authenticate(secret);
+    const second = keys.authenticate(secret);
+    release();
+    expect((await first)?.keyId).toBe(keyId);
+    expect((await second)?.keyId).toBe(keyId);
+    expect(lookups).toHaveLength(1);
+  });
+
+  it("dates an answer from the start of its lookup, so a slow lookup does not stretch the second", async () => {
+    const keys = cache();
+    const { keyId, secret } = await newKey();
+    const release = openGate();
+
+    const found = keys.authenticate(secret);
+    // The lookup takes 900 ms: its answer is then only good for 100 ms more.
+    clock += 900;
+    release();
+    expect((await found)?.keyId).toBe(keyId);
+
+    gate = undefined;
+    clock += 100;
+    await keys.authenticate(secret);
+    expect(lookups).toHaveLength(2);
+  });
+
+  it("remembers nothing from a failed lookup", async () => {
+    let failing = true;
+    const keys = new ApiKeyCache({
+      store: {
+        authenticateApiKey(secret: string) {
+          lookups.push(secret);
+          if (failing) return Promise.reject(new Error("database unavailable"));
+          return store.authenticateApiKey(secret);
+        },
+      },
+      now: () => clock,
+    });
+    const { keyId, secret } = await newKey();
+
+    await expect(keys.authenticate(secret)).rejects.toThrow("database unavailable");
+    failing = false;
+    expect((await keys.authenticate(secret))?.keyId).toBe(keyId);
+    expect(lookups).toHaveLength(2);
+  });
+
+  it("drops the least recently used key past its bound", async () => {
+    const keys = cache({ maxKeys: 2 });
+    const a = await newKey("a");
+    const b = await newKey("b");
+    const c = await newKey("c");
+
+    await keys.authenticate(a.secret);
+    await keys.authenticate(b.secret);
+    await keys.authenticate(a.secret);
+    await keys.authenticate(c.secret);
+    expect(lookups).toEqual([a.secret, b.secret, c.secret]);
+
+    // b was used least recently, so it went when c came in; a and c are still held.
+    expect((await keys.authenticate(a.secret))?.keyId).toBe(a.keyId);
+    expect((await keys.authenticate(c.secret))?.keyId).toBe(c.keyId);
+    expect(lookups).toHaveLength(3);
+    expect((await keys.authenticate(b.secret))?.keyId).toBe(b.keyId);
+    expect(lookups).toEqual([a.secret, b.secret, c.secret, b.secret]);
+  });
+
+  it("keeps refusals apart, so a flood of bad keys does not push a good one out", async () => {
+    const keys = cache({ maxKeys: 1, maxRefusedKeys: 2 });
+    const good = await newKey();
+    await keys.authenticate(good.secret);
+
+    const bad = ["sk-llm-bad-1", "sk-llm-bad-2", "sk-llm-bad-3"];
+    for (const secret of bad) expect(await keys.authenticate(secret)).toBeNull();
+    expect((await keys.authenticate(good.secret))?.keyId).toBe(good.keyId);
+    expect(lookups).toEqual([good.secret, ...bad]);
+
+    // Only the two most recent refusals are remembered.
+    const [first, second, third] = bad;
+    for (const secret of [second, third, first]) expect(await keys.authenticate(String(secret))).toBeNull();
+    expect(lookups).toEqual([good.secret, ...bad, first]);
+  });
+});
