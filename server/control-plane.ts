@@ -93,7 +93,13 @@ export async function startControlPlane(config: ServerConfig): Promise<ControlPl
   await marketplace.settleAbandonedOrders();
 
   const admin = await loadAdminToken(config.dataDir, config.adminToken);
-  const adminService = createAdminService({ store, registry });
+  const apiKeys = new ApiKeyCache({ store });
+  const adminService = createAdminService({
+    store,
+    registry,
+    onApiKeyRevoked: (keyId) => apiKeys.forgetKey(keyId),
+    onAccountChanged: (accountId) => apiKeys.forgetAccount(accountId),
+  });
   const adminInterceptors = [adminAuthInterceptor(admin.token)];
   const shutdown = new AbortController();
   // connect-node listens on this signal once per call in flight; every worker stream is one.
@@ -106,7 +112,7 @@ export async function startControlPlane(config: ServerConfig): Promise<ControlPl
   registerHealth(app, registry);
   registerModels(app, registry);
   const runEndpoint = {
-    apiKeys: new ApiKeyCache({ store }),
+    apiKeys,
     marketplace,
     keepAliveMs: config.keepAliveMs,
     slowReaderTimeoutMs: config.slowReaderTimeoutMs,

@@ -37,6 +37,9 @@ import { toConnectError } from "./connect-error.js";
 export interface AdminServiceDeps {
   store: MarketStore;
   registry: WorkerRegistry;
+  /** Told when a key is revoked or an account's defaults change, so caches forget them at once. */
+  onApiKeyRevoked?(keyId: string): void;
+  onAccountChanged?(accountId: string): void;
 }
 
 /** The page size of ListOrders and GetStatement when the request says 0, and the most they return. */
@@ -105,6 +108,7 @@ export function createAdminService(deps: AdminServiceDeps): ServiceImpl<typeof A
       const accountId = requireText(req.accountId, "account_id");
       const defaults = routingDefaultsFromMessage(req.defaults);
       const account = await store.updateAccountDefaults(accountId, defaults);
+      deps.onAccountChanged?.(account.id);
       return { account: accountMessage(account) };
     },
 
@@ -124,6 +128,7 @@ export function createAdminService(deps: AdminServiceDeps): ServiceImpl<typeof A
     async revokeApiKey(req) {
       const keyId = requireText(req.keyId, "key_id");
       const key = await store.revokeApiKey(keyId);
+      deps.onApiKeyRevoked?.(key.id);
       return { key: apiKeyMessage(key) };
     },
 

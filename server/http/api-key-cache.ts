@@ -78,6 +78,21 @@ export class ApiKeyCache {
     return this.lookup(hash, secret, now);
   }
 
+  /**
+   * Forgets a key at once (it was just revoked here): its next request asks the store. A lookup
+   * already under way may still answer with the old row, for at most maxAgeMs after it started.
+   */
+  forgetKey(keyId: string): void {
+    for (const [hash, entry] of this.accepted) if (entry.found.keyId === keyId) this.accepted.delete(hash);
+  }
+
+  /** Forgets an account's keys at once (its routing defaults just changed here). */
+  forgetAccount(accountId: string): void {
+    for (const [hash, entry] of this.accepted) {
+      if (entry.found.account.id === accountId) this.accepted.delete(hash);
+    }
+  }
+
   private lookup(hash: string, secret: string, startedAt: number): Promise<AuthenticatedKey | null> {
     const inFlight = this.lookups.get(hash);
     if (inFlight) return inFlight;

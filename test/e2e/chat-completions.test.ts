@@ -257,6 +257,15 @@ describe("errors in the OpenAI shape", () => {
     expect(error).toBeInstanceOf(OpenAI.AuthenticationError);
   });
 
+  it("401 at once for a key revoked through the admin API, though it was just used", async () => {
+    const holder = await market.account("revoked", 10);
+    const client = market.openai(holder.apiKey);
+    await ask(client);
+    const { keys } = await market.admin.listApiKeys({ accountId: holder.accountId });
+    await market.admin.revokeApiKey({ keyId: keys[0]?.id ?? "" });
+    await expectApiError(ask(client), 401, "unauthenticated");
+  });
+
   it("402 when the consumer cannot cover the hold, and nothing moves", async () => {
     const poor = await market.account("poor", 0.001);
     const before = await market.balance(poor.accountId);

@@ -92,6 +92,20 @@ describe("ApiKeyCache", () => {
     expect(lookups).toHaveLength(2);
   });
 
+  it("refuses a key revoked through this server at once, and sees new defaults at once", async () => {
+    const keys = cache();
+    const { account, keyId, secret } = await newKey();
+    expect((await keys.authenticate(secret))?.account.defaults).toEqual({});
+    await store.updateAccountDefaults(account.id, { minTokensPerSecond: 5 });
+    keys.forgetAccount(account.id);
+    expect((await keys.authenticate(secret))?.account.defaults).toEqual({ minTokensPerSecond: 5 });
+
+    await store.revokeApiKey(keyId);
+    keys.forgetKey(keyId);
+    // No time passes: the revocation is seen by the very next request.
+    expect(await keys.authenticate(secret)).toBeNull();
+  });
+
   it("sees an account's new routing defaults once its answer is a second old", async () => {
     const keys = cache();
     const { account, secret } = await newKey();
