@@ -9,7 +9,7 @@
  */
 import { existsSync, realpathSync } from "node:fs";
 import { pathToFileURL } from "node:url";
-import { formatCredits } from "../server/market/money.js";
+import { formatCredits } from "../common/credits.js";
 import type { Engine } from "./engines/engine.js";
 import { OpenAiEngine } from "./engines/openai-engine.js";
 import { AGENT_VERSION, type OfferCapabilities, WorkerLink, WorkerRejectedError } from "./link-client.js";

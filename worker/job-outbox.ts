@@ -18,7 +18,8 @@
  * openai engine's HTTP response stays unread and TCP pushes back on the engine; node-llama-cpp
  * evaluates the next token only when the loop asks for it).
  */
-import type { EnginePiece, TokenLogprob, ToolCallDelta } from "./engines/engine.js";
+import type { TokenLogprob, ToolCallDelta } from "../common/generation.js";
+import type { EnginePiece } from "./engines/engine.js";
 
 /** One JobChunk, without its job id. */
 export interface OutgoingChunk {

@@ -19,6 +19,7 @@ import { EventEmitter } from "node:events";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
+import { formatCredits } from "../common/credits.js";
 import {
   CapabilitiesSchema,
   FinishReason,
@@ -41,7 +42,6 @@ import {
   type Welcome,
   WorkerService,
 } from "../gen/locallmarket/v1/worker_pb.js";
-import { formatCredits } from "../server/market/money.js";
 import { AsyncQueue } from "./async-queue.js";
 import {
   type Engine,

@@ -7,7 +7,7 @@
  */
 import { hostname } from "node:os";
 import { parseArgs } from "node:util";
-import { parseCredits } from "../server/market/money.js";
+import { parseCredits } from "../common/credits.js";
 import type { OfferCapabilities } from "./link-client.js";
 
 /** The GPU backend of the llama-cpp engine; "auto" lets node-llama-cpp pick what the machine has. */

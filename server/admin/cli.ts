@@ -9,6 +9,7 @@ import { parseArgs } from "node:util";
 import { toJson } from "@bufbuild/protobuf";
 import { type Client, Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
+import { formatCredits, InvalidCreditsError, parseCredits } from "../../common/credits.js";
 import {
   type Account,
   AdminService,
@@ -31,7 +32,6 @@ import {
   UpdateAccountDefaultsResponseSchema,
 } from "../../gen/locallmarket/v1/admin_pb.js";
 import { isMarketError } from "../market/errors.js";
-import { formatCredits, parseCredits } from "../market/money.js";
 import { adminTokenHeaderInterceptor } from "./admin-auth.js";
 
 const PROGRAM = "locallmarket admin";
@@ -768,7 +768,9 @@ export async function runAdminCli(argv: string[], io: Partial<AdminCliIo> = {}):
   try {
     return (await command.run(ctx)) ?? 0;
   } catch (error) {
-    if (error instanceof UsageError || isMarketError(error)) return usageError(error.message);
+    if (error instanceof UsageError || error instanceof InvalidCreditsError || isMarketError(error)) {
+      return usageError(error.message);
+    }
     if (error instanceof ConnectError) {
       out.stderr(`error: ${error.rawMessage} (${Code[error.code]})\n`);
       const hint = hintFor(error.code, server);

@@ -4,8 +4,8 @@
  * with tool calls and, when asked for, logprobs.
  */
 import type { FastifyInstance, FastifyReply } from "fastify";
+import type { TokenLogprob } from "../../common/generation.js";
 import type { CompletionRun } from "../market/marketplace.js";
-import type { TokenLogprob } from "../market/registry.js";
 import { parseChatRequest } from "./chat-request.js";
 import { openAiErrorBody, sendOpenAiError } from "./openai-error.js";
 import {

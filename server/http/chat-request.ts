@@ -5,10 +5,10 @@
  * offending field. The field parsers shared with the legacy completions and Responses endpoints
  * live here too.
  */
+import { InvalidCreditsError, parseCredits } from "../../common/credits.js";
 import { MarketError } from "../market/errors.js";
 import type { ChatMessage, CompletionRequest } from "../market/marketplace.js";
 import type { SortKey } from "../market/matcher.js";
-import { parseCredits } from "../market/money.js";
 import type { ResponseFormat, ToolCall, ToolChoice, ToolDefinition } from "../market/registry.js";
 
 export interface ParsedChatRequest {
@@ -104,7 +104,12 @@ function pricePerMillion(value: unknown, param: string): bigint | undefined {
   if (typeof value !== "number" && typeof value !== "string") {
     throw invalid(param, `'${param}' must be a number of credits per 1M tokens.`);
   }
-  return parseCredits(String(value), param);
+  try {
+    return parseCredits(String(value), param);
+  } catch (error) {
+    if (error instanceof InvalidCreditsError) throw invalid(param, error.message);
+    throw error;
+  }
 }
 
 export function parseProvider(value: unknown): CompletionRequest["routing"] {

@@ -4,8 +4,8 @@
  * `text_completion` objects and `[DONE]`) or not, with the legacy logprobs shape when asked for.
  */
 import type { FastifyInstance, FastifyReply } from "fastify";
+import type { TokenLogprob } from "../../common/generation.js";
 import type { CompletionRequest, CompletionRun } from "../market/marketplace.js";
-import type { TokenLogprob } from "../market/registry.js";
 import {
   invalid,
   isObject,

@@ -5,8 +5,8 @@
  * live price range and capacity under `locallmarket`.
  */
 import type { FastifyInstance } from "fastify";
+import { formatCredits } from "../../common/credits.js";
 import { MarketError } from "../market/errors.js";
-import { formatCredits } from "../market/money.js";
 import type { Capability, WorkerRegistry } from "../market/registry.js";
 
 interface ModelSummary {

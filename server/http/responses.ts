@@ -13,9 +13,10 @@
  */
 import { randomBytes } from "node:crypto";
 import type { FastifyInstance, FastifyReply } from "fastify";
+import type { TokenLogprob } from "../../common/generation.js";
 import type { MarketError } from "../market/errors.js";
 import type { ChatMessage, CompletionRequest, CompletionRun } from "../market/marketplace.js";
-import type { TokenLogprob, ToolCall } from "../market/registry.js";
+import type { ToolCall } from "../market/registry.js";
 import type { OrderRecord } from "../market/store-port.js";
 import {
   imageUrl,

@@ -7,10 +7,11 @@
  */
 import { randomBytes } from "node:crypto";
 import type { FastifyReply, FastifyRequest } from "fastify";
+import { formatCredits } from "../../common/credits.js";
+import type { TokenLogprob, ToolCallDelta } from "../../common/generation.js";
 import { MarketError } from "../market/errors.js";
 import type { CompletionRequest, CompletionRun, Marketplace, RunEvent } from "../market/marketplace.js";
-import { formatCredits } from "../market/money.js";
-import type { TokenLogprob, ToolCall, ToolCallDelta } from "../market/registry.js";
+import type { ToolCall } from "../market/registry.js";
 import type { OrderRecord } from "../market/store-port.js";
 import type { ApiKeyCache } from "./api-key-cache.js";
 import { authenticateConsumer } from "./auth.js";

@@ -1,42 +1,10 @@
 /**
  * Money arithmetic. Everything is integer micro-credits (µc, 1 credit = 1,000,000 µc) in bigint;
- * prices are µc per one million tokens. No floats touch an amount.
+ * prices are µc per one million tokens. No floats touch an amount. Parsing and formatting credits
+ * is common/credits.ts, shared with the worker.
  */
-import { MarketError } from "./errors.js";
-
-export const MICROS_PER_CREDIT = 1_000_000n;
 const TOKENS_PER_PRICE_UNIT = 1_000_000n;
 const BASIS_POINTS = 10_000n;
-
-/** Parses a decimal credit amount ("12", "0.5", "1.000001") into µc, exactly. */
-export function parseCredits(text: string, field = "amount"): bigint {
-  const match = /^(\d+)(?:\.(\d+))?$/.exec(text);
-  if (!match) {
-    throw new MarketError(
-      "invalid_request",
-      `${field}: "${text}" is not a non-negative decimal number of credits`,
-      field,
-    );
-  }
-  const fraction = match[2] ?? "";
-  if (fraction.length > 6) {
-    throw new MarketError(
-      "invalid_request",
-      `${field}: "${text}" has more than 6 decimals (the smallest unit is 0.000001 credit)`,
-      field,
-    );
-  }
-  return BigInt(match[1] ?? "0") * MICROS_PER_CREDIT + BigInt(fraction.padEnd(6, "0"));
-}
-
-/** Formats µc as a decimal credit string without losing digits ("1.5", "0.000001"). */
-export function formatCredits(micros: bigint): string {
-  const sign = micros < 0n ? "-" : "";
-  const abs = micros < 0n ? -micros : micros;
-  const whole = abs / MICROS_PER_CREDIT;
-  const fraction = (abs % MICROS_PER_CREDIT).toString().padStart(6, "0").replace(/0+$/, "");
-  return `${sign}${whole}${fraction ? `.${fraction}` : ""}`;
-}
 
 function ceilDiv(numerator: bigint, denominator: bigint): bigint {
   return (numerator + denominator - 1n) / denominator;

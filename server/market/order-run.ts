@@ -18,18 +18,10 @@
  * took (chunks handed to the consumer's socket), a non-streamed one bills only when completed.
  */
 import { randomBytes } from "node:crypto";
+import type { TokenLogprob, ToolCallDelta } from "../../common/generation.js";
 import { MarketError } from "./errors.js";
 import type { Candidate } from "./matcher.js";
-import type {
-  FinishReason,
-  JobPiece,
-  JobSink,
-  JobSpec,
-  SlotLease,
-  TokenLogprob,
-  ToolCallDelta,
-  WorkerRegistry,
-} from "./registry.js";
+import type { FinishReason, JobPiece, JobSink, JobSpec, SlotLease, WorkerRegistry } from "./registry.js";
 import type { MarketStore, OrderCheckpoint, OrderRecord } from "./store-port.js";
 
 export interface MarketLogger {

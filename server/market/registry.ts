@@ -3,6 +3,7 @@
  * how fast they have measured. Protocol-free: the worker link registers a `WorkerConnection` per
  * open stream and the marketplace reads from here.
  */
+import type { TokenLogprob, ToolCallDelta } from "../../common/generation.js";
 import type { OfferRecord } from "./store-port.js";
 
 export type FinishReason = "stop" | "length" | "content_filter" | "cancelled" | "tool_calls";
@@ -41,20 +42,6 @@ export type ResponseFormat =
   | { type: "text" }
   | { type: "json_object" }
   | { type: "json_schema"; name: string; schemaJson: string; strict: boolean };
-
-/** A fragment of a tool call being streamed (OpenAI's delta shape). */
-export interface ToolCallDelta {
-  index: number;
-  id?: string;
-  name?: string;
-  arguments: string;
-}
-
-export interface TokenLogprob {
-  token: string;
-  logprob: number;
-  topLogprobs: { token: string; logprob: number }[];
-}
 
 /** What an offer supports beyond plain chat (Offer.capabilities on the wire). */
 export interface Capabilities {

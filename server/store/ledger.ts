@@ -6,8 +6,8 @@
 
 import { LockMode, QueryOrder } from "@mikro-orm/core";
 import type { EntityManager } from "@mikro-orm/postgresql";
+import { formatCredits } from "../../common/credits.js";
 import { MarketError } from "../market/errors.js";
-import { formatCredits } from "../market/money.js";
 import { EXTERNAL_ACCOUNT_ID, PLATFORM_ACCOUNT_ID } from "../market/store-port.js";
 import {
   Account,

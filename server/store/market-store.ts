@@ -14,8 +14,9 @@ import {
   UniqueConstraintViolationException,
 } from "@mikro-orm/core";
 import type { EntityManager, MikroORM } from "@mikro-orm/postgresql";
+import { formatCredits } from "../../common/credits.js";
 import { MarketError } from "../market/errors.js";
-import { formatCredits, orderCost, platformFee } from "../market/money.js";
+import { orderCost, platformFee } from "../market/money.js";
 import {
   type AccountRecord,
   type ApiKeyRecord,

@@ -9,11 +9,11 @@ import { join, resolve } from "node:path";
 import { type Client, createClient } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import OpenAI from "openai";
+import { MICROS_PER_CREDIT } from "../../common/credits.js";
 import { AdminService } from "../../gen/locallmarket/v1/admin_pb.js";
 import { adminTokenHeaderInterceptor } from "../../server/admin/admin-auth.js";
 import { parseServerConfig, type ServerConfig } from "../../server/config.js";
 import { type ControlPlane, startControlPlane } from "../../server/control-plane.js";
-import { MICROS_PER_CREDIT } from "../../server/market/money.js";
 import { PLATFORM_ACCOUNT_ID } from "../../server/market/store-port.js";
 import { createTestDatabase } from "./database.js";
 

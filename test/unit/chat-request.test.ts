@@ -332,6 +332,8 @@ describe("parseChatRequest", () => {
     ["stream", { ...base, stream: "true" }],
     ["stream_options", { ...base, stream_options: true }],
     ["provider.sort", { ...base, provider: { sort: "cheapest" } }],
+    ["provider.max_price.prompt", { ...base, provider: { max_price: { prompt: -1 } } }],
+    ["provider.max_price.completion", { ...base, provider: { max_price: { completion: "0.0000001" } } }],
   ])("answers 400 naming %s", (param, body) => {
     const error = rejection(parseChatRequest, body);
     expect(error.param).toBe(param);

@@ -1,11 +1,6 @@
 import { describe, expect, it } from "vitest";
-import {
-  formatCredits,
-  orderCost,
-  parseCredits,
-  platformFee,
-  promptTokenBound,
-} from "../../server/market/money.js";
+import { formatCredits, parseCredits } from "../../common/credits.js";
+import { orderCost, platformFee, promptTokenBound } from "../../server/market/money.js";
 
 describe("money arithmetic", () => {
   it("parses credits into micro-credits exactly and formats them back", () => {

@@ -8,6 +8,7 @@ import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import { afterEach, describe, expect, it } from "vitest";
+import type { TokenLogprob } from "../../common/generation.js";
 import { FinishReason, ResponseFormat_Type } from "../../gen/locallmarket/v1/common_pb.js";
 import {
   type ConnectRequest,
@@ -25,7 +26,6 @@ import {
   type GenerateRequest,
   type Generation,
   type GenerationResult,
-  type TokenLogprob,
 } from "../../worker/engines/engine.js";
 import { OpenAiEngine } from "../../worker/engines/openai-engine.js";
 import { JobOutbox, type OutgoingChunk } from "../../worker/job-outbox.js";

@@ -15,6 +15,7 @@
  *   with finish reason `"cancelled"`.
  * - Failures throw an {@link EngineError} whose `code` tells the worker how to report them.
  */
+import type { TokenLogprob, ToolCallDelta } from "../../common/generation.js";
 
 /** Why a generation ended. */
 export type EngineFinishReason = "stop" | "length" | "content_filter" | "cancelled" | "tool_calls";
@@ -25,25 +26,6 @@ export interface EngineUsage {
   promptTokens: number;
   /** Tokens generated. */
   completionTokens: number;
-}
-
-/** A fragment of a tool call, in OpenAI's streaming shape (JobChunk.tool_calls). */
-export interface ToolCallDelta {
-  /** Which call of this turn, from 0. */
-  index: number;
-  /** Set on a call's first fragment only. */
-  id?: string;
-  /** Set on a call's first fragment only. */
-  name?: string;
-  /** The next piece of the arguments' JSON text. */
-  arguments: string;
-}
-
-/** The log-probability of one generated token, with its most likely alternatives. */
-export interface TokenLogprob {
-  token: string;
-  logprob: number;
-  topLogprobs: { token: string; logprob: number }[];
 }
 
 /** A piece of generated output. */

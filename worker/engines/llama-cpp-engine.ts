@@ -33,26 +33,23 @@
  *   `maxTokens` or the end of the context window ("length"), or on abort ("cancelled").
  */
 import { randomBytes } from "node:crypto";
-import {
-  type ChatHistoryItem,
-  type ChatModelFunctionCall,
-  type ChatModelFunctions,
-  type ChatWrapper,
-  type GbnfJsonSchema,
-  getLlama,
-  type Llama,
-  LlamaChat,
-  type LlamaContext,
-  type LlamaContextSequence,
-  type LlamaGrammar,
-  LlamaGrammarEvaluationState,
+import type {
+  ChatHistoryItem,
+  ChatModelFunctionCall,
+  ChatModelFunctions,
+  ChatWrapper,
+  GbnfJsonSchema,
+  Llama,
+  LlamaContext,
+  LlamaContextSequence,
+  LlamaGrammar,
   LlamaLogLevel,
-  type LlamaModel,
+  LlamaModel,
   LlamaText,
-  resolveChatWrapper,
-  type SequenceEvaluateOptions,
-  type Token,
+  SequenceEvaluateOptions,
+  Token,
 } from "node-llama-cpp";
+import type { TokenLogprob } from "../../common/generation.js";
 import {
   type Engine,
   EngineError,
@@ -64,8 +61,33 @@ import {
   type GenerateRequest,
   type Generation,
   type GenerationResult,
-  type TokenLogprob,
 } from "./engine.js";
+
+/**
+ * node-llama-cpp's module. It is an optional dependency (native builds for every platform, hundreds
+ * of megabytes), imported only when this engine loads a model, so that a control plane or a worker
+ * with another engine installs and runs without it.
+ */
+type NodeLlamaCpp = typeof import("node-llama-cpp");
+
+/** Imports node-llama-cpp, or fails saying how to install it when it is absent. */
+async function importNodeLlamaCpp(): Promise<NodeLlamaCpp> {
+  try {
+    return await import("node-llama-cpp");
+  } catch (error) {
+    const missing =
+      (error as NodeJS.ErrnoException).code === "ERR_MODULE_NOT_FOUND" &&
+      String((error as Error).message).includes("'node-llama-cpp'");
+    if (!missing) throw error;
+    throw new EngineError(
+      "model_unavailable",
+      "the llama-cpp engine needs node-llama-cpp, an optional dependency that is not installed: " +
+        "install it next to locallmarket (npm i node-llama-cpp@3.21.1, or npm i -g node-llama-cpp@3.21.1 " +
+        "for a global locallmarket), or use --engine openai",
+      { cause: error },
+    );
+  }
+}
 
 /** node-llama-cpp's backends: "auto" picks the best available one; false is the CPU. */
 export type LlamaCppGpu = "auto" | "cuda" | "vulkan" | "metal" | false;
@@ -149,6 +171,7 @@ export class LlamaCppEngine implements Engine {
   private idleWaiters: Array<() => void> = [];
 
   private constructor(
+    private readonly lib: NodeLlamaCpp,
     private readonly llama: Llama,
     private readonly model: LlamaModel,
     private readonly context: LlamaContext,
@@ -162,20 +185,21 @@ export class LlamaCppEngine implements Engine {
     const template = (model.fileInfo.metadata as { tokenizer?: { chat_template?: unknown } }).tokenizer
       ?.chat_template;
     this.chatWrapper =
-      typeof template === "string" && template.length > 0 ? resolveChatWrapper(model) : undefined;
+      typeof template === "string" && template.length > 0 ? lib.resolveChatWrapper(model) : undefined;
   }
 
   /** Loads the model and creates its context. */
   static async load(options: LlamaCppEngineOptions): Promise<LlamaCppEngine> {
     const concurrency = Math.max(1, Math.floor(options.concurrency ?? 1));
     const threads = options.threads !== undefined && options.threads > 0 ? options.threads : undefined;
+    const lib = await importNodeLlamaCpp();
     let llama: Llama | undefined;
     let model: LlamaModel | undefined;
     try {
-      llama = await getLlama({
+      llama = await lib.getLlama({
         gpu: options.gpu ?? "auto",
         ...(threads !== undefined ? { maxThreads: threads } : {}),
-        logLevel: options.logLevel ?? LlamaLogLevel.error,
+        logLevel: options.logLevel ?? lib.LlamaLogLevel.error,
       });
       model = await llama.loadModel({ modelPath: options.modelPath });
       const contextSize =
@@ -187,7 +211,7 @@ export class LlamaCppEngine implements Engine {
         contextSize,
         ...(threads !== undefined ? { threads } : {}),
       });
-      return new LlamaCppEngine(llama, model, context, options.modelPath);
+      return new LlamaCppEngine(lib, llama, model, context, options.modelPath);
     } catch (error) {
       await model?.dispose().catch(() => undefined);
       await llama?.dispose().catch(() => undefined);
@@ -372,7 +396,7 @@ export class LlamaCppEngine implements Engine {
     const evaluate: SequenceEvaluateOptions = options.grammar
       ? {
           ...options.evaluate,
-          grammarEvaluationState: new LlamaGrammarEvaluationState({
+          grammarEvaluationState: new this.lib.LlamaGrammarEvaluationState({
             model: this.model,
             grammar: options.grammar,
           }),
@@ -497,9 +521,9 @@ export class LlamaCppEngine implements Engine {
     };
     let tool = candidates[0];
     if (candidates.length === 1 && tool) {
-      if (syntax) append(LlamaText([syntax.prefix, tool.name, syntax.paramsPrefix]));
+      if (syntax) append(this.lib.LlamaText([syntax.prefix, tool.name, syntax.paramsPrefix]));
     } else {
-      if (syntax) append(LlamaText([syntax.prefix]));
+      if (syntax) append(this.lib.LlamaText([syntax.prefix]));
       const names = await this.llama.createGrammar({
         grammar: `root ::= ${candidates.map((c) => JSON.stringify(c.name)).join(" | ")}`,
       });
@@ -520,7 +544,7 @@ export class LlamaCppEngine implements Engine {
         return { finishReason: step.value.finishReason, promptTokens, completionTokens: generated };
       }
       tool = candidates.find((c) => c.name === name);
-      if (syntax) append(LlamaText([syntax.paramsPrefix]));
+      if (syntax) append(this.lib.LlamaText([syntax.paramsPrefix]));
     }
     if (!tool) throw new EngineError("engine_error", "the model produced no function name");
     const grammar = await this.schemaGrammar(
@@ -567,7 +591,7 @@ export class LlamaCppEngine implements Engine {
     limit: number,
     signal: AbortSignal,
   ): AsyncGenerator<EnginePiece, JobEnd, undefined> {
-    const chat = new LlamaChat({
+    const chat = new this.lib.LlamaChat({
       contextSequence: sequence,
       ...(this.chatWrapper ? { chatWrapper: this.chatWrapper } : {}),
     });

@@ -24,6 +24,7 @@ import type {
 } from "openai/resources/chat/completions";
 import type { Completion, CompletionCreateParamsStreaming } from "openai/resources/completions";
 import type { ResponseFormatJSONSchema } from "openai/resources/shared";
+import type { TokenLogprob } from "../../common/generation.js";
 import {
   type Engine,
   EngineError,
@@ -36,7 +37,6 @@ import {
   type EngineUsage,
   type GenerateRequest,
   type Generation,
-  type TokenLogprob,
 } from "./engine.js";
 
 /** Options of {@link OpenAiEngine}. */
