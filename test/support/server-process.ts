@@ -10,6 +10,7 @@ import { join } from "node:path";
 import { type Client, createClient } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import OpenAI from "openai";
+import { vi } from "vitest";
 import { AdminService, OrderStatus } from "../../gen/locallmarket/v1/admin_pb.js";
 import { adminTokenHeaderInterceptor } from "../../server/admin/admin-auth.js";
 import type { TestDatabase } from "./database.js";
@@ -240,13 +241,14 @@ export async function eventually<T>(
   check: () => Promise<T | undefined>,
   timeoutMs = 15_000,
 ): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await check();
-    if (value !== undefined) return value;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 100));
-  }
+  return vi.waitFor(
+    async () => {
+      const value = await check();
+      if (value === undefined) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+      return value;
+    },
+    { timeout: timeoutMs, interval: 100 },
+  );
 }
 
 /** `promise`, or a failure naming `what` if it has not settled within `timeoutMs`. */
