@@ -17,7 +17,7 @@ export async function main(argv: string[]): Promise<number> {
     case "worker":
       return (await import("../worker/cli.js")).runWorkerCli(rest);
     case "admin":
-      return (await import("../server/admin/cli.js")).runAdminCli(rest);
+      return (await import("../admin-client/cli.js")).runAdminCli(rest);
     case undefined:
     case "help":
     case "--help":

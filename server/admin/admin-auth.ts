@@ -41,14 +41,6 @@ export function adminAuthInterceptor(token: string): Interceptor {
   };
 }
 
-/** Client interceptor: sends the admin token with every call. */
-export function adminTokenHeaderInterceptor(token: string): Interceptor {
-  return (next) => async (req) => {
-    req.header.set("authorization", `Bearer ${token}`);
-    return await next(req);
-  };
-}
-
 /** A new random admin token: `adm-` + 24 random bytes in base64url. */
 export function generateAdminToken(): string {
   return TOKEN_PREFIX + randomBytes(TOKEN_BYTES).toString("base64url");

@@ -11,8 +11,8 @@ import { type Client, createClient } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import OpenAI from "openai";
 import { vi } from "vitest";
+import { adminTokenHeaderInterceptor } from "../../admin-client/token-header.js";
 import { AdminService, OrderStatus } from "../../gen/locallmarket/v1/admin_pb.js";
-import { adminTokenHeaderInterceptor } from "../../server/admin/admin-auth.js";
 import type { TestDatabase } from "./database.js";
 import { accountHelpers, REPO_ROOT } from "./market.js";
 

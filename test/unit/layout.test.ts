@@ -1,6 +1,7 @@
 /**
  * The rooms pack apart: a worker installs and runs without the control plane, so nothing under
- * worker/ may import server/, and common/ (what both share) imports neither of them.
+ * worker/ may import server/, the admin command (admin-client/, a gRPC client of the control plane)
+ * imports neither, and common/ (what they share) imports none of them.
  */
 import { readdirSync, readFileSync } from "node:fs";
 import { dirname, join, relative, resolve, sep } from "node:path";
@@ -71,9 +72,15 @@ describe("layout", () => {
     expect(crossings(files, ["server"])).toEqual([]);
   });
 
-  it("common/ imports neither server/ nor worker/", () => {
-    const files = sourceFiles("common");
+  it("nothing under admin-client/ imports server/ or worker/", () => {
+    const files = sourceFiles("admin-client");
     expect(files.length).toBeGreaterThan(0);
     expect(crossings(files, ["server", "worker"])).toEqual([]);
+  });
+
+  it("common/ imports none of server/, worker/ and admin-client/", () => {
+    const files = sourceFiles("common");
+    expect(files.length).toBeGreaterThan(0);
+    expect(crossings(files, ["server", "worker", "admin-client"])).toEqual([]);
   });
 });

@@ -9,7 +9,7 @@ import { parseArgs } from "node:util";
 import { toJson } from "@bufbuild/protobuf";
 import { type Client, Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
-import { formatCredits, InvalidCreditsError, parseCredits } from "../../common/credits.js";
+import { formatCredits, InvalidCreditsError, parseCredits } from "../common/credits.js";
 import {
   type Account,
   AdminService,
@@ -30,9 +30,8 @@ import {
   type RoutingDefaults,
   type StatementEntry,
   UpdateAccountDefaultsResponseSchema,
-} from "../../gen/locallmarket/v1/admin_pb.js";
-import { isMarketError } from "../market/errors.js";
-import { adminTokenHeaderInterceptor } from "./admin-auth.js";
+} from "../gen/locallmarket/v1/admin_pb.js";
+import { adminTokenHeaderInterceptor } from "./token-header.js";
 
 const PROGRAM = "locallmarket admin";
 const DEFAULT_SERVER = "http://127.0.0.1:50051";
@@ -768,7 +767,7 @@ export async function runAdminCli(argv: string[], io: Partial<AdminCliIo> = {}):
   try {
     return (await command.run(ctx)) ?? 0;
   } catch (error) {
-    if (error instanceof UsageError || error instanceof InvalidCreditsError || isMarketError(error)) {
+    if (error instanceof UsageError || error instanceof InvalidCreditsError) {
       return usageError(error.message);
     }
     if (error instanceof ConnectError) {
