@@ -17,6 +17,7 @@ export interface BenchConfig {
   workerConcurrency: number;
   consumers: number;
   requestsPerConsumer: number;
+  pipeStreams: number;
   ledgerOrders: number;
   ledgerLanes: number;
 }

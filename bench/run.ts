@@ -8,6 +8,7 @@ import { concurrencyBenchmark } from "./concurrency.js";
 import { type BenchConfig, BenchContext } from "./context.js";
 import { latencyBenchmark } from "./latency.js";
 import { ledgerBenchmark } from "./ledger.js";
+import { pipeBenchmark } from "./pipe.js";
 import { relayBenchmark } from "./relay.js";
 import { progress, Report } from "./report.js";
 
@@ -28,6 +29,10 @@ const BENCHMARKS: Record<string, { run: Benchmark; summary: string }> = {
   concurrency: {
     run: concurrencyBenchmark,
     summary: "many consumers against several workers: requests/s, errors, ledger audit; also memory",
+  },
+  pipe: {
+    run: pipeBenchmark,
+    summary: "200-token streams side by side: engine direct, a two-hop Node byte pipe, the platform",
   },
   ledger: {
     run: ledgerBenchmark,
@@ -70,6 +75,12 @@ const SIZES: { flag: string; key: keyof BenchConfig; fallback: number; help: str
     key: "requestsPerConsumer",
     fallback: 20,
     help: "requests each consumer makes",
+  },
+  {
+    flag: "pipe-streams",
+    key: "pipeStreams",
+    fallback: 100,
+    help: "sequential streams per path for the pipe benchmark's time to first token",
   },
   { flag: "ledger-orders", key: "ledgerOrders", fallback: 400, help: "settlements per ledger series" },
   {

@@ -10,6 +10,8 @@ import { REPO_ROOT, type TestMarket } from "../test/support/market.js";
 
 export interface BenchWorker {
   workerId: string;
+  /** The worker process's id (its CPU time can be read from /proc). */
+  pid: number | undefined;
   /** Jobs this worker refused so far ("job … refused" lines). */
   refusedJobs(): number;
   /** The last few kilobytes it printed. */
@@ -78,6 +80,7 @@ export async function startWorker(
   ]);
   return {
     workerId,
+    pid: child.pid,
     refusedJobs: () => refused,
     outputTail: () => tail,
     async stop() {
