@@ -15,6 +15,7 @@ import OpenAI from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type FakeEngine, startFakeEngine } from "../support/fake-engine.js";
 import { REPO_ROOT } from "../support/market.js";
+import { captureOutput } from "../support/server-process.js";
 
 const execFileAsync = promisify(execFile);
 /** Packing builds dist/ if it is stale, and installing fetches every dependency: minutes at worst. */
@@ -43,38 +44,14 @@ function startProcess(file: string, args: string[], cwd: string) {
   const env: NodeJS.ProcessEnv = { ...process.env, NODE_NO_WARNINGS: "1" };
   delete env.DATABASE_URL;
   const child = spawn(file, args, { cwd, env, stdio: ["ignore", "pipe", "pipe"] });
-  let text = "";
-  const waiters: { pattern: RegExp; resolve: (match: RegExpExecArray) => void }[] = [];
-  const onData = (data: Buffer) => {
-    text += data.toString();
-    for (const waiter of [...waiters]) {
-      const match = waiter.pattern.exec(text);
-      if (match) {
-        waiters.splice(waiters.indexOf(waiter), 1);
-        waiter.resolve(match);
-      }
-    }
-  };
-  child.stdout.on("data", onData);
-  child.stderr.on("data", onData);
-  const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
+  const captured = captureOutput(child);
   return {
     child,
-    output: () => text,
-    printed(pattern: RegExp): Promise<RegExpExecArray> {
-      const match = pattern.exec(text);
-      if (match) return Promise.resolve(match);
-      const died = exited.then(() => {
-        throw new Error(`process exited before printing ${pattern}:\n${text}`);
-      });
-      return Promise.race([
-        new Promise<RegExpExecArray>((resolve) => waiters.push({ pattern, resolve })),
-        died,
-      ]);
-    },
+    output: captured.output,
+    printed: captured.matched,
     async kill(): Promise<void> {
       if (child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
-      await exited;
+      await captured.exited;
     },
   };
 }

@@ -53,6 +53,32 @@ export interface WorkerProcess {
   stop(): Promise<void>;
 }
 
+/** The `worker` command's arguments for a test worker process. */
+export function workerArgs(
+  grpcUrl: string,
+  workerToken: string,
+  options: Omit<WorkerProcessOptions, "accountId" | "tps"> & { tps?: number },
+): string[] {
+  return [
+    "worker",
+    "--server",
+    grpcUrl,
+    "--token",
+    workerToken,
+    "--model",
+    options.model,
+    "--price-in",
+    options.priceIn,
+    "--price-out",
+    options.priceOut,
+    "--tps",
+    String(options.tps ?? 50),
+    "--concurrency",
+    String(options.concurrency ?? 1),
+    ...options.engine,
+  ];
+}
+
 /** Account and balance helpers over an AdminService client, shared by every kind of test market. */
 export function accountHelpers(admin: Client<typeof AdminService>): Pick<TestMarket, "account" | "balance"> {
   return {
@@ -108,29 +134,11 @@ export async function startTestMarket(overrides: Partial<ServerConfig> = {}): Pr
         accountId: options.accountId,
         label: options.model,
       });
-      const child = spawn(
-        process.execPath,
-        [
-          CLI,
-          "worker",
-          "--server",
-          plane.grpcUrl,
-          "--token",
-          workerToken,
-          "--model",
-          options.model,
-          "--price-in",
-          options.priceIn,
-          "--price-out",
-          options.priceOut,
-          "--tps",
-          String(options.tps),
-          "--concurrency",
-          String(options.concurrency ?? 1),
-          ...options.engine,
-        ],
-        { cwd: REPO_ROOT, stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, NODE_NO_WARNINGS: "1" } },
-      );
+      const child = spawn(process.execPath, [CLI, ...workerArgs(plane.grpcUrl, workerToken, options)], {
+        cwd: REPO_ROOT,
+        stdio: ["ignore", "pipe", "pipe"],
+        env: { ...process.env, NODE_NO_WARNINGS: "1" },
+      });
       let output = "";
       child.stdout?.on("data", (data: Buffer) => {
         output += data.toString();

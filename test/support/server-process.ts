@@ -14,7 +14,7 @@ import { vi } from "vitest";
 import { adminTokenHeaderInterceptor } from "../../admin-client/token-header.js";
 import { AdminService, OrderStatus } from "../../gen/locallmarket/v1/admin_pb.js";
 import type { TestDatabase } from "./database.js";
-import { accountHelpers, REPO_ROOT } from "./market.js";
+import { accountHelpers, REPO_ROOT, workerArgs } from "./market.js";
 
 const CLI = join(REPO_ROOT, "bin/locallmarket.js");
 const ADMIN_TOKEN = "test-admin-token";
@@ -68,16 +68,16 @@ export interface ServerWorker {
 }
 
 /** A child process's combined output, with a way to wait for a line to appear in it. */
-function captureOutput(child: ChildProcess) {
+export function captureOutput(child: ChildProcess) {
   let text = "";
-  const waiters: { pattern: RegExp; resolve: (match: string) => void }[] = [];
+  const waiters: { pattern: RegExp; resolve: (match: RegExpExecArray) => void }[] = [];
   const onData = (data: Buffer) => {
     text += data.toString();
     for (const waiter of [...waiters]) {
       const match = waiter.pattern.exec(text);
       if (match) {
         waiters.splice(waiters.indexOf(waiter), 1);
-        waiter.resolve(match[0]);
+        waiter.resolve(match);
       }
     }
   };
@@ -86,20 +86,21 @@ function captureOutput(child: ChildProcess) {
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
     child.once("exit", (code, signal) => resolve({ code, signal }));
   });
+  const matched = (pattern: RegExp): Promise<RegExpExecArray> => {
+    const match = pattern.exec(text);
+    if (match) return Promise.resolve(match);
+    const seen = new Promise<RegExpExecArray>((resolve) => waiters.push({ pattern, resolve }));
+    const died = exited.then(({ code, signal }) => {
+      throw new Error(`process exited (code ${code}, signal ${signal}) before printing ${pattern}:\n${text}`);
+    });
+    return Promise.race([seen, died]);
+  };
   return {
     output: () => text,
     exited,
-    printed(pattern: RegExp): Promise<string> {
-      const match = pattern.exec(text);
-      if (match) return Promise.resolve(match[0]);
-      const seen = new Promise<string>((resolve) => waiters.push({ pattern, resolve }));
-      const died = exited.then(({ code, signal }) => {
-        throw new Error(
-          `process exited (code ${code}, signal ${signal}) before printing ${pattern}:\n${text}`,
-        );
-      });
-      return Promise.race([seen, died]);
-    },
+    /** Resolves with the match once `pattern` appears; fails if the process exits first. */
+    matched,
+    printed: (pattern: RegExp): Promise<string> => matched(pattern).then((match) => match[0]),
   };
 }
 
@@ -181,29 +182,11 @@ async function startWorkerProcess(
   workerId: string,
   options: ServerWorkerOptions,
 ): Promise<ServerWorker> {
-  const child = spawn(
-    process.execPath,
-    [
-      CLI,
-      "worker",
-      "--server",
-      grpcUrl,
-      "--token",
-      workerToken,
-      "--model",
-      options.model,
-      "--price-in",
-      options.priceIn,
-      "--price-out",
-      options.priceOut,
-      "--tps",
-      String(options.tps ?? 50),
-      "--concurrency",
-      String(options.concurrency ?? 1),
-      ...options.engine,
-    ],
-    { cwd: REPO_ROOT, stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, NODE_NO_WARNINGS: "1" } },
-  );
+  const child = spawn(process.execPath, [CLI, ...workerArgs(grpcUrl, workerToken, options)], {
+    cwd: REPO_ROOT,
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, NODE_NO_WARNINGS: "1" },
+  });
   const captured = captureOutput(child);
   await captured.printed(new RegExp(`connected as worker ${workerId}`));
   return {
