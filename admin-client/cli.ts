@@ -5,10 +5,10 @@
  * command line are credits (decimals allowed); amounts printed with --json are micro-credits as
  * decimal strings. Exit codes: 0 success, 1 server error (or a failed ledger audit), 2 usage error.
  */
-import { parseArgs } from "node:util";
 import { toJson } from "@bufbuild/protobuf";
-import { type Client, Code, ConnectError, createClient } from "@connectrpc/connect";
-import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
+import type { Client } from "@connectrpc/connect";
+import type { Command as CommanderCommand } from "commander";
+import { declareOption, givenValue, newProgram, parseCommandLine } from "../common/command-line.js";
 import { formatCredits, InvalidCreditsError, parseCredits } from "../common/credits.js";
 import {
   type Account,
@@ -32,6 +32,7 @@ import {
   UpdateAccountDefaultsResponseSchema,
 } from "../gen/locallmarket/v1/admin_pb.js";
 import { adminTokenHeaderInterceptor } from "./token-header.js";
+import { WORKER_LIST_HEADERS, workerListRows, workerListTable } from "./worker-list.js";
 
 const PROGRAM = "locallmarket admin";
 const DEFAULT_SERVER = "http://127.0.0.1:50051";
@@ -157,7 +158,6 @@ const GLOBAL_OPTIONS: Options = {
     env: "LOCALLMARKET_ADMIN_TOKEN",
   },
   json: { type: "boolean", description: "print one line of JSON; amounts in micro-credits as strings" },
-  help: { type: "boolean", short: "h", description: "show help for the command" },
 };
 
 const ACCOUNT: OptionSpec = { type: "string", value: "ID", description: "the account's id", required: true };
@@ -648,6 +648,61 @@ const COMMANDS: Command[] = [
     },
   },
   {
+    name: "worker list",
+    summary: "list workers per model: advertised and measured speed, reliability, audits, cooldowns",
+    details: [
+      "One row per worker and model. Speeds and times to first token are timed by the server from",
+      "chunk arrival; a worker that timed out or failed repeatedly is 'cooling' (skipped while another",
+      "can serve), then on 'probation' until one request shows it answers.",
+    ],
+    jsonOutput:
+      '[{"workerId","accountId","name","model","status","priceIn","priceOut","advertisedTps","measuredTps",' +
+      '"ttftMs","successRate","reputation","auditsPassed","auditsFailed","suspended",…}], prices in µc per 1M ' +
+      "tokens as strings, figures null until measured",
+    options: {},
+    async run(ctx) {
+      const rows = workerListRows(await ctx.client.listWorkers({}));
+      ctx.print(
+        () => (rows.length === 0 ? ["No workers yet."] : table(WORKER_LIST_HEADERS, workerListTable(rows))),
+        () => rows,
+      );
+      return 0;
+    },
+  },
+  {
+    name: "worker trust",
+    summary: "mark a worker as a trusted reference verifier for audits (or --trusted false to withdraw it)",
+    details: [
+      "Audits send teacher-forced scoring jobs only to connected trusted workers serving the audited",
+      "offer's weights SHA-256: run a platform-operated worker with --engine llama-cpp on the reference",
+      "GGUF and trust it. The mark survives restarts.",
+    ],
+    jsonOutput: '{"workerId":"…","trusted":true}',
+    options: {
+      worker: { type: "string", value: "WORKER_ID", description: "the worker's id", required: true },
+      trusted: {
+        type: "string",
+        value: "true|false",
+        description: "trust or withdraw trust",
+        default: "true",
+      },
+    },
+    async run(ctx) {
+      const flag = ctx.required("trusted");
+      if (flag !== "true" && flag !== "false")
+        throw new UsageError(`--trusted must be true or false, got "${flag}"`);
+      const res = await ctx.client.setWorkerTrusted({
+        workerId: ctx.required("worker"),
+        trusted: flag === "true",
+      });
+      ctx.print(
+        () => [`Worker ${res.workerId} is ${res.trusted ? "now a trusted verifier" : "no longer trusted"}.`],
+        () => ({ workerId: res.workerId, trusted: res.trusted }),
+      );
+      return 0;
+    },
+  },
+  {
     name: "audit-ledger",
     summary: "check the ledger's invariants (exit code 1 when one is violated)",
     details: [
@@ -688,51 +743,24 @@ export async function runAdminCli(argv: string[], io: Partial<AdminCliIo> = {}):
     return 2;
   };
 
-  if (argv[0] === "help") return showHelpFor(splitCommandWords(argv.slice(1)).words, out);
-  const { words, rest } = splitCommandWords(argv);
-  const wantsHelp = rest.includes("--help") || rest.includes("-h");
-  if (words.length === 0) {
-    if (wantsHelp) {
-      out.stdout(globalHelp());
-      return 0;
-    }
-    out.stderr(globalHelp());
-    return 2;
+  // `help <command>` is `<command> --help`.
+  const args = argv[0] === "help" ? [...argv.slice(1), "--help"] : argv;
+  const { program, commands } = adminProgram();
+  const parsed = parseCommandLine(program, args);
+  if (parsed.kind === "help") {
+    // Asked for: stdout, exit 0. A command line that names no command: the help on stderr, exit 2.
+    (parsed.error ? out.stderr : out.stdout)(parsed.text);
+    return parsed.error ? 2 : 0;
   }
-
-  const command = findCommand(words);
-  if (!command) {
-    const group = words[0] ?? "";
-    if (words.length === 1 && groupCommands(group).length > 0) {
-      if (wantsHelp) {
-        out.stdout(groupHelp(group));
-        return 0;
-      }
-      return usageError(
-        `"${group}" needs a subcommand: ${groupCommands(group).map(subcommandOf).join(", ")}`,
-      );
-    }
-    return usageError(`unknown command "${words.join(" ")}"`);
-  }
-  const consumed = command.name.split(" ").length;
-  const args = [...words.slice(consumed), ...rest];
-
+  if (parsed.kind === "usage-error") return usageError(parsed.message);
+  const command = commands.get(parsed.command);
+  if (!command) return usageError("no command given");
+  const [stray] = parsed.command.args;
+  if (stray !== undefined) return usageError(`unexpected argument '${stray}'`);
   const options = { ...GLOBAL_OPTIONS, ...command.options };
-  let values: Record<string, string | boolean | undefined>;
-  try {
-    values = parseArgs({
-      args,
-      options: parseArgsOptions(options),
-      strict: true,
-      allowPositionals: false,
-    }).values;
-  } catch (error) {
-    return usageError(error instanceof Error ? error.message : String(error));
-  }
-  if (values.help === true) {
-    out.stdout(commandHelp(command));
-    return 0;
-  }
+  const values = Object.fromEntries(
+    Object.keys(options).map((name) => [name, givenValue(parsed.command, name)]),
+  );
 
   const server =
     typeof values.server === "string"
@@ -749,6 +777,10 @@ export async function runAdminCli(argv: string[], io: Partial<AdminCliIo> = {}):
     );
   }
 
+  // The gRPC client is loaded only for a command that calls the server (about half of what this
+  // module would load at start): --help and usage errors answer without it.
+  const [{ Code, ConnectError, createClient }, { createGrpcTransport, Http2SessionManager }] =
+    await Promise.all([import("@connectrpc/connect"), import("@connectrpc/connect-node")]);
   const sessionManager = new Http2SessionManager(server);
   const transport = createGrpcTransport({
     baseUrl: server,
@@ -772,7 +804,7 @@ export async function runAdminCli(argv: string[], io: Partial<AdminCliIo> = {}):
     }
     if (error instanceof ConnectError) {
       out.stderr(`error: ${error.rawMessage} (${Code[error.code]})\n`);
-      const hint = hintFor(error.code, server);
+      const hint = hintFor(Code[error.code], server);
       if (hint) out.stderr(`hint: ${hint}\n`);
       return 1;
     }
@@ -783,12 +815,13 @@ export async function runAdminCli(argv: string[], io: Partial<AdminCliIo> = {}):
   }
 }
 
-function hintFor(code: Code, server: string): string | undefined {
+/** A hint for a failed call, by its gRPC code's name. */
+function hintFor(code: string, server: string): string | undefined {
   switch (code) {
-    case Code.Unavailable:
-    case Code.DeadlineExceeded:
+    case "Unavailable":
+    case "DeadlineExceeded":
       return `is the control plane running and reachable at ${server}? (--server / LOCALLMARKET_SERVER)`;
-    case Code.Unauthenticated:
+    case "Unauthenticated":
       return "check --admin-token / LOCALLMARKET_ADMIN_TOKEN against the token the server printed";
     default:
       return undefined;
@@ -797,54 +830,84 @@ function hintFor(code: Code, server: string): string | undefined {
 
 // --- argument handling -----------------------------------------------------------------------
 
-const ALL_OPTIONS: Options = Object.assign({}, GLOBAL_OPTIONS, ...COMMANDS.map((command) => command.options));
-
 /**
- * Takes the command's words (the first one or two arguments that are not options or option
- * values) out of argv, so options may come before or after them.
+ * The command line as commander parses it, driven by GLOBAL_OPTIONS and COMMANDS: the global
+ * options are the program's (accepted before or after the command), a two-word command is a
+ * subcommand of its first word. `commands` maps each parsed command back to its row.
  */
-function splitCommandWords(argv: string[]): { words: string[]; rest: string[] } {
-  const words: string[] = [];
-  const rest: string[] = [];
-  for (let i = 0; i < argv.length; i++) {
-    const arg = argv[i] ?? "";
-    if (arg === "--") {
-      rest.push(...argv.slice(i));
-      break;
+function adminProgram(): { program: CommanderCommand; commands: Map<CommanderCommand, Command> } {
+  const program = newProgram(PROGRAM, {
+    showGlobalOptions: true,
+    // Help lists every command by its full name ("account create"), in the program's help too.
+    visibleCommands: (parent) =>
+      parent.commands.flatMap((child) => (child.commands.length > 0 ? child.commands : [child])),
+    subcommandTerm: (child) =>
+      child.parent?.parent ? `${child.parent.name()} ${child.name()}` : child.name(),
+  })
+    .usage("<command> [options]")
+    .description(
+      [
+        "Operates a LocalLMarket control plane over its admin gRPC API.",
+        "Amounts typed on the command line are credits (decimals allowed, e.g. 2.5);",
+        "amounts printed with --json are micro-credits (1 credit = 1,000,000 µc) as strings.",
+      ].join("\n"),
+    )
+    .addHelpText(
+      "after",
+      [
+        "",
+        `Run \`${PROGRAM} <command> --help\` for a command's options.`,
+        "Exit codes: 0 success, 1 server error (or failed ledger audit), 2 usage error.",
+      ].join("\n"),
+    );
+  for (const [name, spec] of Object.entries(GLOBAL_OPTIONS)) program.addOption(optionOf(name, spec));
+
+  const commands = new Map<CommanderCommand, Command>();
+  for (const command of COMMANDS) {
+    const [first = "", second] = command.name.split(" ");
+    let parent = program;
+    if (second !== undefined) {
+      parent =
+        program.commands.find((group) => group.name() === first) ??
+        program
+          .command(first)
+          .usage("<subcommand> [options]")
+          .addHelpText("after", `\nRun \`${PROGRAM} ${first} <subcommand> --help\` for its options.`);
     }
-    if (arg.startsWith("-")) {
-      rest.push(arg);
-      const spec = arg.startsWith("--") && !arg.includes("=") ? ALL_OPTIONS[arg.slice(2)] : undefined;
-      if (spec?.type === "string" && i + 1 < argv.length) rest.push(argv[++i] ?? "");
-      continue;
-    }
-    if (words.length < 2) words.push(arg);
-    else rest.push(arg);
+    const synopsis = Object.entries(command.options).map(([name, spec]) => {
+      const flag = spec.type === "string" ? `--${name} <${spec.value ?? "VALUE"}>` : `--${name}`;
+      return spec.required ? flag : `[${flag}]`;
+    });
+    const leaf = parent
+      .command(second ?? first)
+      .summary(command.summary)
+      .description(
+        [
+          `${command.summary.charAt(0).toUpperCase()}${command.summary.slice(1)}.`,
+          ...(command.details ?? []),
+        ].join("\n"),
+      )
+      .usage([...synopsis, "[global options]"].join(" "))
+      .addHelpText(
+        "after",
+        `\nWith --json, prints: ${command.jsonOutput}\n${command.exitCodes ?? EXIT_CODES}`,
+      );
+    for (const [name, spec] of Object.entries(command.options)) leaf.addOption(optionOf(name, spec));
+    commands.set(leaf, command);
   }
-  return { words, rest };
+  return { program, commands };
 }
 
-/** The command named by the first two words, else by the first one. */
-function findCommand(words: string[]): Command | undefined {
-  const two = words.slice(0, 2).join(" ");
-  return COMMANDS.find((c) => c.name === two) ?? COMMANDS.find((c) => c.name === words[0]);
-}
-
-function groupCommands(group: string): Command[] {
-  return COMMANDS.filter((command) => command.name.startsWith(`${group} `));
-}
-
-function subcommandOf(command: Command): string {
-  return command.name.split(" ").slice(1).join(" ");
-}
-
-function parseArgsOptions(options: Options): Record<string, { type: "string" | "boolean"; short?: string }> {
-  return Object.fromEntries(
-    Object.entries(options).map(([name, spec]) => [
-      name,
-      spec.short ? { type: spec.type, short: spec.short } : { type: spec.type },
-    ]),
-  );
+function optionOf(flag: string, spec: OptionSpec) {
+  return declareOption({
+    flag,
+    short: spec.short,
+    value: spec.type === "string" ? (spec.value ?? "VALUE") : undefined,
+    description: spec.description,
+    env: spec.env,
+    defaultText: spec.default,
+    required: spec.required,
+  });
 }
 
 function nonEmpty(value: string | undefined): string | undefined {
@@ -858,103 +921,6 @@ function isHttpUrl(text: string): boolean {
   } catch {
     return false;
   }
-}
-
-// --- help ------------------------------------------------------------------------------------
-
-function showHelpFor(words: string[], io: AdminCliIo): number {
-  if (words.length === 0) {
-    io.stdout(globalHelp());
-    return 0;
-  }
-  const command = findCommand(words);
-  if (command) {
-    io.stdout(commandHelp(command));
-    return 0;
-  }
-  const group = words[0] ?? "";
-  if (groupCommands(group).length > 0) {
-    io.stdout(groupHelp(group));
-    return 0;
-  }
-  io.stderr(`error: unknown command "${words.join(" ")}"\n`);
-  return 2;
-}
-
-function globalHelp(): string {
-  const width = Math.max(...COMMANDS.map((c) => c.name.length)) + 2;
-  return [
-    `Usage: ${PROGRAM} <command> [options]`,
-    "",
-    "Operates a LocalLMarket control plane over its admin gRPC API.",
-    "Amounts typed on the command line are credits (decimals allowed, e.g. 2.5);",
-    "amounts printed with --json are micro-credits (1 credit = 1,000,000 µc) as strings.",
-    "",
-    "Commands:",
-    ...COMMANDS.map((c) => `  ${c.name.padEnd(width)}${c.summary}`),
-    "",
-    "Global options (accepted by every command):",
-    ...optionLines(GLOBAL_OPTIONS),
-    "",
-    `Run \`${PROGRAM} <command> --help\` for a command's options.`,
-    "Exit codes: 0 success, 1 server error (or failed ledger audit), 2 usage error.",
-    "",
-  ].join("\n");
-}
-
-function groupHelp(group: string): string {
-  const commands = groupCommands(group);
-  const width = Math.max(...commands.map((c) => c.name.length)) + 2;
-  return [
-    `Usage: ${PROGRAM} ${group} <subcommand> [options]`,
-    "",
-    "Subcommands:",
-    ...commands.map((c) => `  ${c.name.padEnd(width)}${c.summary}`),
-    "",
-    `Run \`${PROGRAM} ${group} <subcommand> --help\` for its options.`,
-    "",
-  ].join("\n");
-}
-
-function commandHelp(command: Command): string {
-  const synopsis = Object.entries(command.options).map(([name, spec]) => {
-    const flag = spec.type === "string" ? `--${name} ${spec.value ?? "VALUE"}` : `--${name}`;
-    return spec.required ? flag : `[${flag}]`;
-  });
-  const lines = [
-    `Usage: ${PROGRAM} ${[command.name, ...synopsis, "[global options]"].join(" ")}`,
-    "",
-    `${command.summary.charAt(0).toUpperCase()}${command.summary.slice(1)}.`,
-    ...(command.details ?? []),
-    "",
-  ];
-  if (Object.keys(command.options).length > 0) lines.push("Options:", ...optionLines(command.options), "");
-  lines.push(
-    "Global options:",
-    ...optionLines(GLOBAL_OPTIONS),
-    "",
-    `With --json, prints: ${command.jsonOutput}`,
-    command.exitCodes ?? EXIT_CODES,
-    "",
-  );
-  return lines.join("\n");
-}
-
-function optionLines(options: Options): string[] {
-  const flags = Object.entries(options).map(([name, spec]) => {
-    const long = spec.type === "string" ? `--${name} ${spec.value ?? "VALUE"}` : `--${name}`;
-    return spec.short ? `-${spec.short}, ${long}` : long;
-  });
-  const width = Math.max(...flags.map((flag) => flag.length)) + 2;
-  return Object.values(options).map((spec, i) => {
-    const notes = [
-      spec.required ? "required" : undefined,
-      spec.env ? `env: ${spec.env}` : undefined,
-      spec.default !== undefined ? `default: ${spec.default}` : undefined,
-    ].filter((note) => note !== undefined);
-    const suffix = notes.length > 0 ? ` (${notes.join("; ")})` : "";
-    return `  ${(flags[i] ?? "").padEnd(width)}${spec.description}${suffix}`;
-  });
 }
 
 // --- output ----------------------------------------------------------------------------------

@@ -22,10 +22,17 @@ interface Usage {
   cost_micro_credits?: string;
 }
 
+/** Options of {@link chatCompletion}. */
+export interface CompletionOptions {
+  /** Called with `performance.now()` when a non-empty content delta arrives (streamed only). */
+  onContent?: (now: number) => void;
+}
+
 export async function chatCompletion(
   baseUrl: string,
   apiKey: string,
   body: Record<string, unknown>,
+  options: CompletionOptions = {},
 ): Promise<CompletionResult> {
   const start = performance.now();
   const response = await fetch(`${baseUrl}/chat/completions`, {
@@ -87,8 +94,10 @@ export async function chatCompletion(
       };
       if (chunk.error) result.error = chunk.error.message ?? "error event in the stream";
       if (chunk.choices?.[0]?.delta?.content) {
-        if (result.firstTokenMs === null) result.firstTokenMs = performance.now() - start;
+        const now = performance.now();
+        if (result.firstTokenMs === null) result.firstTokenMs = now - start;
         result.contentChunks++;
+        options.onContent?.(now);
       }
       takeUsage(chunk.usage);
     }

@@ -1,15 +1,21 @@
 /**
  * Ledger: SqlMarketStore on its own, no HTTP or workers. One settlement = openOrder (the hold:
  * consumer available → held) then settleOrder (the store computes the bill from the order row:
- * held → provider's pending book, platform fee, change back), each
- * its own database transaction with row locks. Sequential, then several lanes at once (each lane
- * its own consumer; every settlement also locks the one provider and the platform account).
- * Always on embedded PGlite; also on PostgreSQL when DATABASE_URL is set.
+ * held → provider's pending book, platform fee, change back), each one SQL statement; concurrent
+ * ones share transactions (group commit). Sequential (each its own transaction), then
+ * `--ledger-lanes` lanes at once and four times as many (16 and 64 by default; each lane its own
+ * consumer, every settlement also locks the one provider and the platform account). The latency of
+ * a settlement is the open's plus the settle's, as a lane sees it. Also reported: the mean number
+ * of opens and settlements per committed batch, and the CPU time per settlement of this process
+ * (on PGlite that includes the database) and, when the PostgreSQL server runs on this machine, of
+ * its backends. Always on embedded PGlite; also on PostgreSQL when DATABASE_URL is set.
  */
 import { randomBytes } from "node:crypto";
+import { readFile } from "node:fs/promises";
+import type { MikroORM } from "@mikro-orm/postgresql";
 import { PLATFORM_ACCOUNT_ID } from "../server/market/store-port.js";
-import type { SqlMarketStore } from "../server/store/market-store.js";
-import { openTestStore } from "../test/support/database.js";
+import { SqlMarketStore } from "../server/store/market-store.js";
+import { openTestStore, type TestStore } from "../test/support/database.js";
 import type { BenchContext } from "./context.js";
 import { percentile, progress, type Report } from "./report.js";
 
@@ -19,10 +25,12 @@ const HOLD = 10_000n;
 const COST = 3_000n;
 const FEE_BASIS_POINTS = 500;
 const FEE = 150n;
+/** A concurrent series runs at least this many settlements per lane, so it reaches a steady state. */
+const MIN_PER_LANE = 25;
 
 interface Target {
   label: string;
-  open(): Promise<{ store: SqlMarketStore; close(): Promise<void> }>;
+  open(): Promise<TestStore>;
 }
 
 export async function ledgerBenchmark(context: BenchContext, report: Report): Promise<void> {
@@ -33,12 +41,29 @@ export async function ledgerBenchmark(context: BenchContext, report: Report): Pr
 }
 
 async function benchTarget(target: Target, context: BenchContext, report: Report): Promise<void> {
-  const { ledgerOrders: orders, ledgerLanes: lanes } = context.config;
+  const { ledgerOrders: orders, ledgerLanes } = context.config;
+  const laneCounts = [...new Set([ledgerLanes, 4 * ledgerLanes])];
+  const lanes = Math.max(...laneCounts);
   const started = performance.now();
-  const { store, close } = await target.open();
+  const opened = await target.open();
   progress(
     `${NAME}: ${target.label} store open (fresh database, migrated) in ${Math.round(performance.now() - started)} ms`,
   );
+  // A store of its own on the same database, counting the items of each batch it commits.
+  let batches = 0;
+  let batchedItems = 0;
+  const store = new SqlMarketStore(opened.orm, {
+    groupCommit: {
+      beforeBatch: (size) => {
+        batches += 1;
+        batchedItems += size;
+      },
+    },
+  });
+  const close = async () => {
+    await store.close();
+    await opened.close();
+  };
   try {
     const provider = await store.createAccount({ name: "ledger-provider" });
     const { workerId } = await store.createWorkerToken(provider.id, "ledger-worker");
@@ -97,36 +122,72 @@ async function benchTarget(target: Target, context: BenchContext, report: Report
       `${NAME}: ${target.label}, ${orders} sequential settlements in ${Math.round(sequentialSeconds * 1000)} ms`,
     );
 
-    const perLane = Math.ceil(orders / lanes);
-    const concurrent: number[] = [];
-    begun = performance.now();
-    await Promise.all(
-      consumers.map(async (consumer) => {
-        for (let i = 0; i < perLane; i++) concurrent.push(await settleOne(consumer));
-      }),
-    );
-    const concurrentSeconds = (performance.now() - begun) / 1000;
-    progress(
-      `${NAME}: ${target.label}, ${lanes} × ${perLane} concurrent settlements in ${Math.round(concurrentSeconds * 1000)} ms`,
-    );
-
     report.add(NAME, `${target.label}, sequential`, orders / sequentialSeconds, "settlements/s", 0);
     report.add(NAME, `${target.label}, sequential, p50 / p99 per settlement`, pair(sequential), "ms");
-    report.add(
-      NAME,
-      `${target.label}, ${lanes} concurrent`,
-      (lanes * perLane) / concurrentSeconds,
-      "settlements/s",
-      0,
-    );
-    report.add(
-      NAME,
-      `${target.label}, ${lanes} concurrent, p50 / p99 per settlement`,
-      pair(concurrent),
-      "ms",
-    );
 
-    const settled = BigInt(20 + orders + lanes * perLane);
+    let settledConcurrently = 0;
+    for (const laneCount of laneCounts) {
+      const perLane = Math.max(MIN_PER_LANE, Math.ceil(orders / laneCount));
+      const concurrent: number[] = [];
+      const batchesBefore = batches;
+      const itemsBefore = batchedItems;
+      const databaseBefore = await databaseCpuMs(opened.orm, target.label);
+      const cpuBefore = process.cpuUsage();
+      begun = performance.now();
+      await Promise.all(
+        consumers.slice(0, laneCount).map(async (consumer) => {
+          for (let i = 0; i < perLane; i++) {
+            const took = await settleOne(consumer);
+            concurrent.push(took);
+          }
+        }),
+      );
+      const concurrentSeconds = (performance.now() - begun) / 1000;
+      const cpu = process.cpuUsage(cpuBefore);
+      const databaseAfter = await databaseCpuMs(opened.orm, target.label);
+      settledConcurrently += laneCount * perLane;
+      progress(
+        `${NAME}: ${target.label}, ${laneCount} × ${perLane} concurrent settlements in ${Math.round(concurrentSeconds * 1000)} ms`,
+      );
+      report.add(
+        NAME,
+        `${target.label}, ${laneCount} concurrent`,
+        (laneCount * perLane) / concurrentSeconds,
+        "settlements/s",
+        0,
+      );
+      report.add(
+        NAME,
+        `${target.label}, ${laneCount} concurrent, p50 / p99 per settlement`,
+        pair(concurrent),
+        "ms",
+      );
+      report.add(
+        NAME,
+        `${target.label}, ${laneCount} concurrent, opens + settlements per transaction`,
+        (batchedItems - itemsBefore) / Math.max(1, batches - batchesBefore),
+        "mean",
+      );
+      const perSettlement = (cpuMs: number) => (cpuMs * 1000) / (laneCount * perLane);
+      report.add(
+        NAME,
+        `${target.label}, ${laneCount} concurrent, CPU per settlement, this process`,
+        perSettlement((cpu.user + cpu.system) / 1000),
+        "µs",
+        0,
+      );
+      if (databaseBefore !== null && databaseAfter !== null) {
+        report.add(
+          NAME,
+          `${target.label}, ${laneCount} concurrent, CPU per settlement, database backends`,
+          perSettlement(databaseAfter - databaseBefore),
+          "µs",
+          0,
+        );
+      }
+    }
+
+    const settled = BigInt(20 + orders + settledConcurrently);
     const audit = await store.auditLedger();
     const platformGot = (await store.getBalance(PLATFORM_ACCOUNT_ID)).available - platformBefore;
     // Earnings wait in the pending book for the settle-after window (24 h by default).
@@ -152,4 +213,30 @@ async function benchTarget(target: Target, context: BenchContext, report: Report
 
 function pair(samples: number[]): string {
   return [50, 99].map((p) => percentile(samples, p).toFixed(2)).join(" / ");
+}
+
+/**
+ * CPU time (ms) used so far by the PostgreSQL backends serving this database, read from /proc: only
+ * when the server runs on this machine (Linux). Null on PGlite (it runs in this process) or when
+ * the backends cannot be read.
+ */
+async function databaseCpuMs(orm: MikroORM, label: string): Promise<number | null> {
+  if (label === "PGlite" || process.platform !== "linux") return null;
+  const rows = await orm.em
+    .getConnection()
+    .execute<{ pid: number }[]>("select pid from pg_stat_activity where datname = current_database()");
+  let ticks = 0;
+  for (const { pid } of rows) {
+    try {
+      const command = await readFile(`/proc/${pid}/cmdline`, "utf8");
+      if (!command.includes("postgres")) return null;
+      // Fields after the command name: utime and stime are the 12th and 13th (clock ticks).
+      const fields = (await readFile(`/proc/${pid}/stat`, "utf8")).split(") ")[1]?.split(" ") ?? [];
+      ticks += Number(fields[11]) + Number(fields[12]);
+    } catch {
+      return null;
+    }
+  }
+  // USER_HZ is 100 on Linux.
+  return ticks * 10;
 }

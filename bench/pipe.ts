@@ -1,10 +1,16 @@
 /**
- * Side by side: the same streamed workload (answers of PIPE_TOKENS tokens from the fake engine,
- * delay 0) read straight from the engine, through a two-hop Node byte pipe (two minimal HTTP
- * proxies in a chain, each its own process: the floor for two relay hops) and through the platform
- * (control plane in this process + a worker process). For each path: the time to first token it
- * adds over the engine, tokens/s delivered with 1 and 64 concurrent streams, and the CPU time of
- * its relaying processes per 1,000 tokens.
+ * Side by side: the same streamed workload (answers of PIPE_TOKENS tokens from the fake engine)
+ * read straight from the engine, through a two-hop Node byte pipe (two minimal HTTP proxies in a
+ * chain, each its own process: the floor for two relay hops) and through the platform (control
+ * plane in this process + a worker process). The consumers run in a process of their own
+ * (bench/pipe-consumer.ts), so this process's CPU time is the control plane's (with its embedded
+ * database, if any).
+ *
+ * For each path: the time to first token it adds over the engine (p50 / p99); tokens/s delivered
+ * with 1, 64 and 512 concurrent streams from an engine that answers at once; the same streams
+ * paced at PACED_TOKENS_PER_SECOND tokens/s each (64 at once) with the inter-chunk gap
+ * (p50 / p99); and the CPU time of its relaying processes, per 1,000 tokens and per request, the
+ * control plane's and the worker's apart.
  */
 import { spawn } from "node:child_process";
 import { once } from "node:events";
@@ -12,83 +18,121 @@ import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
 import { REPO_ROOT } from "../test/support/market.js";
-import { chatCompletion } from "./consumer.js";
 import type { BenchContext } from "./context.js";
+import { startEngineProcess } from "./engine.js";
+import type { ConsumerPath, LoadAnswer, LoadCommand, TtftAnswer, TtftCommand } from "./pipe-consumer.js";
 import { percentile, progress, type Report } from "./report.js";
 
 const NAME = "pipe";
 const MODEL = "bench-pipe";
+const PACED_MODEL = "bench-pipe-paced";
 const PIPE_TOKENS = 200;
+/** The paced engine's rate per stream (a token every 10 ms), about a fast GPU's. */
+const PACED_TOKENS_PER_SECOND = 100;
 /** Unmeasured sequential rounds first, so that every path runs on warm (optimized) code. */
 const WARM_UP_ROUNDS = 10;
-const SEQUENTIAL_STREAMS = 100;
-const CONCURRENT_STREAMS = 64;
-/** Streams each of the concurrent lanes reads one after another. */
-const STREAMS_PER_LANE = 4;
+/** Unpaced phases: concurrent lanes × streams read one after another in each lane. */
+const UNPACED_PHASES: ReadonlyArray<readonly [number, number]> = [
+  [1, 100],
+  [64, 4],
+  [512, 1],
+];
+/**
+ * Paced phases: every stream at once, one per lane. (512 paced streams are left out: on the
+ * platform their admission alone takes most of a minute on 2 cores with embedded PGlite, which
+ * would measure the database rather than the relay and keep the run from staying bounded.)
+ */
+const PACED_PHASES: ReadonlyArray<readonly [number, number]> = [[64, 1]];
+/** Slots of each platform worker: every stream of the largest phase runs at once. */
+const WORKER_CONCURRENCY = 512;
 /** Linux's USER_HZ: /proc/PID/stat counts CPU time in these ticks. */
 const CLOCK_TICKS_PER_SECOND = 100;
 
-interface Path {
-  label: string;
-  url: string;
-  apiKey: string;
+interface Path extends ConsumerPath {
   /** Processes that relay on this path (CPU read from /proc), besides this process. */
   relayPids: number[];
   /** Whether this process relays too (the control plane runs here). */
   relaysHere: boolean;
 }
 
-interface Phase {
+interface Phase extends LoadAnswer {
   tokensPerSecond: number;
-  /** CPU of the path's relaying processes per 1,000 tokens, when /proc could be read. */
-  relayCpuMsPerKiloToken: number | null;
-  /** CPU of this process (the consumers, plus the control plane on the platform path). */
-  ownCpuMsPerKiloToken: number;
+  /** CPU of the path's relaying processes (proxies or worker), when /proc could be read. */
+  relayCpuMs: number | null;
+  /** CPU of this process: the control plane on the platform path, next to nothing elsewhere. */
+  ownCpuMs: number;
+  /** CPU of the consumer process. */
+  consumerCpuMs: number | null;
 }
 
 export async function pipeBenchmark(context: BenchContext, report: Report): Promise<void> {
   const engine = await context.engine(PIPE_TOKENS);
-  const engineOrigin = new URL(engine.url).origin;
-  const second = await startProxy(engineOrigin);
-  const first = await startProxy(second.url);
+  const paced = await startEngineProcess({ tokens: PIPE_TOKENS, delayMs: 1000 / PACED_TOKENS_PER_SECOND });
+  const proxies: Proxy[] = [];
+  const consumer = await startConsumer();
   try {
+    const chain = async (origin: string) => {
+      const second = await startProxy(origin);
+      proxies.push(second);
+      const first = await startProxy(second.url);
+      proxies.push(first);
+      return { url: `${first.url}/v1`, pids: [first.pid, second.pid] };
+    };
+    const pipe = await chain(new URL(engine.url).origin);
+    const pacedPipe = await chain(new URL(paced.url).origin);
     const market = await context.market();
     const {
       workers: [worker],
-    } = await context.startWorkers(MODEL, engine.url, 1, CONCURRENT_STREAMS);
-    const consumer = await market.account("pipe-consumer", 100_000);
-    const paths: Path[] = [
-      { label: "engine direct", url: engine.url, apiKey: "none", relayPids: [], relaysHere: false },
+    } = await context.startWorkers(MODEL, engine.url, 1, WORKER_CONCURRENCY);
+    const {
+      workers: [pacedWorker],
+    } = await context.startWorkers(PACED_MODEL, paced.url, 1, WORKER_CONCURRENCY);
+    const account = await market.account("pipe-consumer", 1_000_000);
+    const pathsTo = (engineUrl: string, pipeChain: { url: string; pids: number[] }, workerPid?: number) => [
+      {
+        label: "engine direct",
+        url: engineUrl,
+        apiKey: "none",
+        everyDelta: true,
+        relayPids: [],
+        relaysHere: false,
+      },
       {
         label: "two-hop pipe",
-        url: `${first.url}/v1`,
+        url: pipeChain.url,
         apiKey: "none",
-        relayPids: [first.pid, second.pid],
+        everyDelta: true,
+        relayPids: pipeChain.pids,
         relaysHere: false,
       },
       {
         label: "platform",
         url: `${market.plane.httpUrl}/v1`,
-        apiKey: consumer.apiKey,
-        relayPids: worker?.pid === undefined ? [] : [worker.pid],
+        apiKey: account.apiKey,
+        // The platform may merge tokens into fewer SSE events: its usage is what counts.
+        everyDelta: false,
+        relayPids: workerPid === undefined ? [] : [workerPid],
         relaysHere: true,
       },
     ];
+    const paths: Path[] = pathsTo(engine.url, pipe, worker?.pid);
+    const pacedPaths: Path[] = pathsTo(paced.url, pacedPipe, pacedWorker?.pid);
 
     // Time to first token: rounds of one stream per path, interleaved so that a change in the
     // machine's load touches every path alike.
-    const firstToken = new Map<string, number[]>(paths.map((path) => [path.label, []]));
     const rounds = context.config.pipeStreams;
-    for (let round = 1 - WARM_UP_ROUNDS; round <= rounds; round++) {
-      for (const path of paths) {
-        const { firstTokenMs } = await stream(path);
-        if (round > 0) firstToken.get(path.label)?.push(firstTokenMs);
-      }
-    }
+    const { firstTokenMs } = await consumer.ask<TtftAnswer>({
+      op: "ttft",
+      paths: paths.map(consumerPath),
+      rounds,
+      warmUp: WARM_UP_ROUNDS,
+      model: MODEL,
+      tokens: PIPE_TOKENS,
+    } satisfies TtftCommand);
     progress(`${NAME}: ${rounds} sequential streams per path (interleaved) for the time to first token`);
+    const direct = firstTokenMs["engine direct"] ?? [];
     const added = (label: string, p: number) =>
-      percentile(firstToken.get(label) ?? [], p) - percentile(firstToken.get("engine direct") ?? [], p);
-    const direct = firstToken.get("engine direct") ?? [];
+      percentile(firstTokenMs[label] ?? [], p) - percentile(direct, p);
     report.add(
       NAME,
       "time to first token, engine direct, p50 / p99",
@@ -108,118 +152,147 @@ export async function pipeBenchmark(context: BenchContext, report: Report): Prom
       );
     }
 
-    for (const [lanes, perLane] of [
-      [1, SEQUENTIAL_STREAMS],
-      [CONCURRENT_STREAMS, STREAMS_PER_LANE],
-    ] as const) {
-      const phases = new Map<string, Phase>();
-      for (const path of paths) {
-        const phase = await throughput(path, lanes, perLane);
-        phases.set(path.label, phase);
-        progress(
-          `${NAME}: ${path.label}, ${lanes} × ${perLane} streams of ${PIPE_TOKENS} tokens: ${Math.round(phase.tokensPerSecond)} tokens/s`,
-        );
-      }
-      const pipe = phases.get("two-hop pipe");
-      for (const path of paths) {
-        const phase = phases.get(path.label) as Phase;
-        const share =
-          path.label === "platform" && pipe
-            ? ` (${Math.round((100 * phase.tokensPerSecond) / pipe.tokensPerSecond)} % of the pipe)`
-            : "";
-        report.add(
-          NAME,
-          `tokens/s, ${lanes} stream${lanes === 1 ? "" : "s"}, ${path.label}${share}`,
-          phase.tokensPerSecond,
-          "tokens/s",
-          0,
-        );
-      }
-      for (const path of paths) {
-        const phase = phases.get(path.label) as Phase;
-        const streams = `${lanes} stream${lanes === 1 ? "" : "s"}`;
-        if (path.label === "engine direct") {
-          report.add(
-            NAME,
-            `  CPU per 1,000 tokens, ${streams}, consumer alone`,
-            phase.ownCpuMsPerKiloToken,
-            "ms",
-            2,
-          );
-        } else if (phase.relayCpuMsPerKiloToken !== null && !path.relaysHere) {
-          report.add(
-            NAME,
-            `  CPU per 1,000 tokens, ${streams}, ${path.label} (its 2 proxy processes)`,
-            phase.relayCpuMsPerKiloToken,
-            "ms",
-            2,
-          );
-        } else if (phase.relayCpuMsPerKiloToken !== null) {
-          report.add(
-            NAME,
-            `  CPU per 1,000 tokens, ${streams}, ${path.label} (worker + this process)`,
-            phase.relayCpuMsPerKiloToken + phase.ownCpuMsPerKiloToken,
-            "ms",
-            2,
-          );
-          report.add(
-            NAME,
-            "    worker / this process (control plane, PGlite if embedded, consumer)",
-            `${phase.relayCpuMsPerKiloToken.toFixed(2)} / ${phase.ownCpuMsPerKiloToken.toFixed(2)}`,
-            "ms",
-          );
-        }
-      }
+    for (const [lanes, perLane] of UNPACED_PHASES) {
+      await runPhase(report, consumer, paths, MODEL, lanes, perLane, false);
+    }
+    for (const [lanes, perLane] of PACED_PHASES) {
+      await runPhase(report, consumer, pacedPaths, PACED_MODEL, lanes, perLane, true);
     }
   } finally {
-    await Promise.allSettled([first.close(), second.close()]);
+    await Promise.allSettled([consumer.close(), paced.close(), ...proxies.map((proxy) => proxy.close())]);
   }
 }
 
-async function stream(path: Path): Promise<{ firstTokenMs: number; tokens: number }> {
-  const result = await chatCompletion(path.url, path.apiKey, {
-    model: MODEL,
-    messages: [{ role: "user", content: "Tell me a story." }],
-    stream: true,
-    stream_options: { include_usage: true },
-    max_tokens: PIPE_TOKENS,
-  });
-  // The platform may merge tokens into fewer SSE events: the usage is what counts there; the
-  // engine sends one event per token, so elsewhere both must agree.
-  const tokens = result.completionTokens;
-  const complete =
-    tokens === PIPE_TOKENS && (path.relaysHere || result.contentChunks === PIPE_TOKENS) && !result.error;
-  if (!complete || result.firstTokenMs === null) {
-    throw new Error(
-      `${path.label}: got ${tokens} tokens (usage) in ${result.contentChunks} deltas, expected ${PIPE_TOKENS} (HTTP ${result.status}${result.error ? `: ${result.error}` : ""})`,
+function consumerPath(path: Path): ConsumerPath {
+  return { label: path.label, url: path.url, apiKey: path.apiKey, everyDelta: path.everyDelta };
+}
+
+async function runPhase(
+  report: Report,
+  consumer: Consumer,
+  paths: Path[],
+  model: string,
+  lanes: number,
+  perLane: number,
+  paced: boolean,
+): Promise<void> {
+  const streams = `${lanes} stream${lanes === 1 ? "" : "s"}${paced ? ` paced at ${PACED_TOKENS_PER_SECOND} tokens/s` : ""}`;
+  const phases = new Map<string, Phase>();
+  for (const path of paths) {
+    const phase = await throughput(consumer, path, model, lanes, perLane);
+    phases.set(path.label, phase);
+    progress(
+      `${NAME}: ${path.label}, ${lanes} × ${perLane} streams of ${PIPE_TOKENS} tokens${paced ? " (paced)" : ""}: ${Math.round(phase.tokensPerSecond)} tokens/s`,
     );
   }
-  return { firstTokenMs: result.firstTokenMs, tokens };
+  const pipe = phases.get("two-hop pipe");
+  for (const path of paths) {
+    const phase = phases.get(path.label) as Phase;
+    const share =
+      path.label === "platform" && pipe
+        ? ` (${Math.round((100 * phase.tokensPerSecond) / pipe.tokensPerSecond)} % of the pipe)`
+        : "";
+    report.add(NAME, `tokens/s, ${streams}, ${path.label}${share}`, phase.tokensPerSecond, "tokens/s", 0);
+  }
+  const direct = phases.get("engine direct") as Phase;
+  for (const path of paths) {
+    const phase = phases.get(path.label) as Phase;
+    if (paced || lanes > 1) {
+      // Under load the time to first token includes waiting for the CPU: reported as measured.
+      report.add(
+        NAME,
+        `  time to first token, ${streams}, ${path.label}, p50 / p99`,
+        `${ms(phase.firstTokenP50)} / ${ms(phase.firstTokenP99)}`,
+        "ms",
+      );
+    }
+    if (paced) {
+      report.add(
+        NAME,
+        `  inter-chunk gap, ${streams}, ${path.label}, p50 / p99${path.label === "engine direct" ? "" : ` (engine ${ms(direct.gapP50)} / ${ms(direct.gapP99)})`}`,
+        `${ms(phase.gapP50)} / ${ms(phase.gapP99)}`,
+        "ms",
+      );
+    }
+  }
+  for (const path of paths) {
+    const phase = phases.get(path.label) as Phase;
+    const perKilo = (cpuMs: number) => cpuMs / (phase.tokens / 1000);
+    const perRequest = (cpuMs: number) => cpuMs / phase.streams;
+    if (path.label === "engine direct") {
+      if (phase.consumerCpuMs !== null) {
+        report.add(
+          NAME,
+          `  CPU per 1,000 tokens, ${streams}, consumer alone`,
+          perKilo(phase.consumerCpuMs),
+          "ms",
+          2,
+        );
+      }
+    } else if (phase.relayCpuMs !== null && !path.relaysHere) {
+      report.add(
+        NAME,
+        `  CPU per 1,000 tokens, ${streams}, ${path.label} (its 2 proxy processes)`,
+        perKilo(phase.relayCpuMs),
+        "ms",
+        2,
+      );
+    } else if (phase.relayCpuMs !== null) {
+      const total = phase.relayCpuMs + phase.ownCpuMs;
+      const ratio =
+        pipe?.relayCpuMs != null
+          ? ` (${(total / (pipe.relayCpuMs * (phase.tokens / pipe.tokens))).toFixed(1)}× the pipe)`
+          : "";
+      report.add(
+        NAME,
+        `  CPU per 1,000 tokens, ${streams}, ${path.label} (control plane + worker)${ratio}`,
+        perKilo(total),
+        "ms",
+        2,
+      );
+      report.add(
+        NAME,
+        "    control plane / worker, per 1,000 tokens",
+        `${perKilo(phase.ownCpuMs).toFixed(2)} / ${perKilo(phase.relayCpuMs).toFixed(2)}`,
+        "ms",
+      );
+      report.add(
+        NAME,
+        "    control plane / worker, per request",
+        `${perRequest(phase.ownCpuMs).toFixed(2)} / ${perRequest(phase.relayCpuMs).toFixed(2)}`,
+        "ms",
+      );
+    }
+  }
 }
 
-async function throughput(path: Path, lanes: number, perLane: number): Promise<Phase> {
+async function throughput(
+  consumer: Consumer,
+  path: Path,
+  model: string,
+  lanes: number,
+  perLane: number,
+): Promise<Phase> {
   const relayBefore = cpuMs(path.relayPids);
+  const consumerBefore = cpuMs([consumer.pid]);
   const ownBefore = process.cpuUsage();
-  const started = performance.now();
-  let tokens = 0;
-  await Promise.all(
-    Array.from({ length: lanes }, async () => {
-      for (let i = 0; i < perLane; i++) {
-        // Read before adding: `tokens += await …` would add to the total as it was before the await.
-        const received = await stream(path);
-        tokens += received.tokens;
-      }
-    }),
-  );
-  const seconds = (performance.now() - started) / 1000;
+  const answer = await consumer.ask<LoadAnswer>({
+    op: "load",
+    path: consumerPath(path),
+    lanes,
+    perLane,
+    model,
+    tokens: PIPE_TOKENS,
+  } satisfies LoadCommand);
   const own = process.cpuUsage(ownBefore);
   const relayAfter = cpuMs(path.relayPids);
-  const kiloTokens = tokens / 1000;
+  const consumerAfter = cpuMs([consumer.pid]);
   return {
-    tokensPerSecond: tokens / seconds,
-    relayCpuMsPerKiloToken:
-      relayBefore === null || relayAfter === null ? null : (relayAfter - relayBefore) / kiloTokens,
-    ownCpuMsPerKiloToken: (own.user + own.system) / 1000 / kiloTokens,
+    ...answer,
+    tokensPerSecond: answer.tokens / answer.seconds,
+    relayCpuMs: relayBefore === null || relayAfter === null ? null : relayAfter - relayBefore,
+    ownCpuMs: (own.user + own.system) / 1000,
+    consumerCpuMs: consumerBefore === null || consumerAfter === null ? null : consumerAfter - consumerBefore,
   };
 }
 
@@ -242,6 +315,61 @@ function cpuMs(pids: number[]): number | null {
 
 function ms(value: number): string {
   return value.toFixed(1);
+}
+
+interface Consumer {
+  pid: number;
+  /** Sends one command and waits for its answer (one at a time). */
+  ask<Answer>(command: TtftCommand | LoadCommand): Promise<Answer>;
+  close(): Promise<void>;
+}
+
+async function startConsumer(): Promise<Consumer> {
+  const child = spawn(process.execPath, ["--import", "tsx", join(REPO_ROOT, "bench/pipe-consumer.ts")], {
+    cwd: REPO_ROOT,
+    stdio: ["pipe", "pipe", "inherit"],
+    env: { ...process.env, NODE_NO_WARNINGS: "1" },
+  });
+  const exited = once(child, "exit");
+  const lines = createInterface({ input: child.stdout });
+  const answers: string[] = [];
+  let waiting: ((line: string) => void) | null = null;
+  lines.on("line", (line) => {
+    if (waiting) {
+      const resolve = waiting;
+      waiting = null;
+      resolve(line);
+    } else answers.push(line);
+  });
+  // One rejection for every wait (each wait racing its own would leave the others unhandled).
+  const died = exited.then(([code]) => {
+    throw new Error(`the consumer process exited with code ${code}`);
+  });
+  died.catch(() => {});
+  const nextLine = () =>
+    Promise.race([
+      answers.length > 0
+        ? Promise.resolve(answers.shift() as string)
+        : new Promise<string>((resolve) => {
+            waiting = resolve;
+          }),
+      died,
+    ]);
+  await nextLine();
+  return {
+    pid: child.pid as number,
+    async ask<Answer>(command: TtftCommand | LoadCommand) {
+      child.stdin.write(`${JSON.stringify(command)}\n`);
+      const answer = JSON.parse(await nextLine()) as Answer | { error: string };
+      if (typeof answer === "object" && answer !== null && "error" in answer) throw new Error(answer.error);
+      return answer as Answer;
+    },
+    async close() {
+      if (child.exitCode !== null || child.signalCode !== null) return;
+      child.stdin.end();
+      await exited;
+    },
+  };
 }
 
 interface Proxy {

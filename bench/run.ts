@@ -11,6 +11,7 @@ import { ledgerBenchmark } from "./ledger.js";
 import { pipeBenchmark } from "./pipe.js";
 import { relayBenchmark } from "./relay.js";
 import { progress, Report } from "./report.js";
+import { startupBenchmark } from "./startup.js";
 
 /** The whole run is stopped after this long (a normal one takes well under a minute). */
 const RUN_TIMEOUT_MS = 5 * 60_000;
@@ -32,11 +33,16 @@ const BENCHMARKS: Record<string, { run: Benchmark; summary: string }> = {
   },
   pipe: {
     run: pipeBenchmark,
-    summary: "200-token streams side by side: engine direct, a two-hop Node byte pipe, the platform",
+    summary:
+      "200-token streams side by side (engine direct, a two-hop Node byte pipe, the platform): TTFT, 1/64/512 streams, paced",
   },
   ledger: {
     run: ledgerBenchmark,
     summary: "SqlMarketStore openOrder+settleOrder pairs/s, sequential and concurrent, PGlite (+ PostgreSQL)",
+  },
+  startup: {
+    run: startupBenchmark,
+    summary: "compiled commands: admin/server/worker --help, server first start and restart, worker connect",
   },
 };
 /** `--only memory` is the concurrency run, which measures memory around itself. */
@@ -82,12 +88,17 @@ const SIZES: { flag: string; key: keyof BenchConfig; fallback: number; help: str
     fallback: 100,
     help: "sequential streams per path for the pipe benchmark's time to first token",
   },
-  { flag: "ledger-orders", key: "ledgerOrders", fallback: 400, help: "settlements per ledger series" },
+  {
+    flag: "ledger-orders",
+    key: "ledgerOrders",
+    fallback: 400,
+    help: "settlements per ledger series (a concurrent one runs at least 25 per lane)",
+  },
   {
     flag: "ledger-lanes",
     key: "ledgerLanes",
     fallback: 16,
-    help: "concurrent lanes in the ledger benchmark",
+    help: "concurrent lanes in the ledger benchmark (a second series runs 4× as many)",
   },
 ];
 

@@ -9,7 +9,7 @@ const root = new URL("../", import.meta.url);
 /** Written by `npm run build` when it starts, renamed to `.built` once tsc has succeeded. */
 const builtStamp = new URL("dist/.built", root);
 /** The folders tsconfig.build.json compiles. */
-const SOURCE_DIRS = ["bin", "common", "gen", "server", "worker"];
+const SOURCE_DIRS = ["admin-client", "bin", "common", "gen", "server", "worker"];
 
 /** The newest modification time of a TypeScript source file under `dir`, or 0. */
 function newestSource(dir) {

@@ -2,7 +2,8 @@
  * The control plane's options: each one documented once here, reachable by a flag and an env var,
  * with its default. `locallmarket server --help` is generated from this table.
  */
-import { parseArgs } from "node:util";
+import type { Command } from "commander";
+import { declareOption, givenValue, helpText, newProgram, parseCommandLine } from "../common/command-line.js";
 import { MarketError } from "./market/errors.js";
 
 export interface ServerConfig {
@@ -28,6 +29,10 @@ export interface ServerConfig {
   shutdownGraceMs: number;
   /** How long provider earnings stay pending before they can be withdrawn. */
   settleAfterMs: number;
+  /** Share of eligible jobs asked for token detail, in basis points (server/trust/). */
+  tokenDetailBasisPoints: number;
+  /** Share of eligible jobs audited by a trusted verifier, in basis points (≤ the token-detail share). */
+  auditBasisPoints: number;
   /** A streaming consumer that takes nothing for this long is ended with an error. */
   slowReaderTimeoutMs: number;
   /** How often running orders' relayed token counts are written (a crash loses at most this much). */
@@ -44,9 +49,15 @@ export interface ServerConfig {
   httpIdleTimeoutMs: number;
   /** Open connections per listener at most; more are refused at once. */
   maxConnections: number;
+  /** How long a worker that timed out or failed repeatedly is skipped by matching, at first. */
+  cooldownMs: number;
+  /** Failures in a row a worker may have; the next one cools it down (a first-token timeout at once). */
+  allowedFailures: number;
+  /** The longest cooldown: each failed probation doubles the previous one up to this. */
+  maxCooldownMs: number;
 }
 
-interface OptionSpec {
+export interface OptionSpec {
   key: keyof ServerConfig;
   flag: string;
   env: string;
@@ -59,7 +70,7 @@ interface OptionSpec {
   secret?: boolean;
 }
 
-const OPTIONS: OptionSpec[] = [
+export const OPTIONS: readonly OptionSpec[] = [
   {
     key: "host",
     flag: "host",
@@ -145,6 +156,36 @@ const OPTIONS: OptionSpec[] = [
     help: "A worker with no token after this long is replaced by the next candidate.",
   },
   {
+    key: "cooldownMs",
+    flag: "cooldown-ms",
+    env: "LOCALLMARKET_COOLDOWN_MS",
+    defaultValue: "30000",
+    kind: "integer",
+    min: 10,
+    max: 86_400_000,
+    help: "A worker that missed the first-token timeout, or failed more than --allowed-failures times in a row, is skipped this long; then one request probes it, and a failed probe doubles the cooldown.",
+  },
+  {
+    key: "allowedFailures",
+    flag: "allowed-failures",
+    env: "LOCALLMARKET_ALLOWED_FAILURES",
+    defaultValue: "3",
+    kind: "integer",
+    min: 0,
+    max: 1000,
+    help: "Failures in a row a worker may have; the next one cools it down (a first-token timeout cools it at once).",
+  },
+  {
+    key: "maxCooldownMs",
+    flag: "max-cooldown-ms",
+    env: "LOCALLMARKET_MAX_COOLDOWN_MS",
+    defaultValue: "600000",
+    kind: "integer",
+    min: 10,
+    max: 86_400_000,
+    help: "The longest cooldown of a worker that keeps failing its probation.",
+  },
+  {
     key: "jobTimeoutMs",
     flag: "job-timeout-ms",
     env: "LOCALLMARKET_JOB_TIMEOUT_MS",
@@ -223,6 +264,30 @@ const OPTIONS: OptionSpec[] = [
     min: 0,
     max: 365 * 86_400_000,
     help: "How long a provider's earnings stay pending (the audit window) before they can be withdrawn.",
+  },
+  {
+    key: "tokenDetailBasisPoints",
+    flag: "token-detail-rate",
+    env: "LOCALLMARKET_TOKEN_DETAIL_RATE",
+    defaultValue: "1000",
+    kind: "integer",
+    min: 0,
+    max: 10_000,
+    help:
+      "Share of plain jobs (on offers that can give it) asked for per-token detail, in basis points " +
+      "(1000 = 10 %); audited jobs are drawn from these afterwards, so workers cannot tell them apart.",
+  },
+  {
+    key: "auditBasisPoints",
+    flag: "audit-rate",
+    env: "LOCALLMARKET_AUDIT_RATE",
+    defaultValue: "200",
+    kind: "integer",
+    min: 0,
+    max: 10_000,
+    help:
+      "Share of plain jobs audited by a trusted verifier (admin worker trust), in basis points " +
+      "(200 = 2 %); at most --token-detail-rate.",
   },
   {
     key: "slowReaderTimeoutMs",
@@ -321,34 +386,59 @@ const OPTIONS: OptionSpec[] = [
   },
 ];
 
-export function serverHelp(): string {
-  const lines = OPTIONS.map((option) => {
-    const value = option.kind === "integer" ? "N" : option.kind === "duration" ? "DURATION" : "VALUE";
-    const fallback = option.defaultValue === undefined ? "unset" : option.defaultValue;
-    return `  --${option.flag} ${value}\n      ${option.help}\n      env ${option.env}; default ${fallback}`;
-  });
-  return [
-    "Usage: locallmarket server [options]",
-    "",
-    "Runs the control plane: the OpenAI-compatible HTTP API, the worker gRPC endpoint and the ledger.",
-    "",
-    "Options (a flag wins over its env var):",
-    ...lines,
-    "  --help\n      Show this help.",
-  ].join("\n");
+/** `locallmarket server`'s options, driven by OPTIONS: a flag for each row, its env var in help. */
+function serverCommand(): Command {
+  const command = newProgram("locallmarket server")
+    .description(
+      "Runs the control plane: the OpenAI-compatible HTTP API, the worker gRPC endpoint and the ledger.\n" +
+        "Every option can also be set with its environment variable; a flag wins over its env var.",
+    )
+    .addHelpText(
+      "after",
+      "\nDurations take a unit: 500ms, 30s, 5m, 24h, 7d (a bare number is milliseconds).",
+    );
+  for (const option of OPTIONS) {
+    command.addOption(
+      declareOption({
+        flag: option.flag,
+        value: option.kind === "integer" ? "N" : option.kind === "duration" ? "DURATION" : "VALUE",
+        description: option.help,
+        env: option.env,
+        defaultText: option.defaultValue,
+      }),
+    );
+  }
+  return command;
 }
 
-/** Reads flags, then env vars, then defaults. Throws MarketError("invalid_request") on a bad value. */
+/** The text `locallmarket server --help` prints. */
+export function serverHelp(): string {
+  return helpText(serverCommand()).trimEnd();
+}
+
+/**
+ * Reads flags, then env vars, then defaults. Throws MarketError("invalid_request") on an unknown
+ * option, a stray argument or a bad value; `--help` is the caller's to answer (see serverHelp).
+ */
 export function parseServerConfig(argv: string[], env: NodeJS.ProcessEnv = process.env): ServerConfig {
-  const { values } = parseArgs({
-    args: argv,
-    options: Object.fromEntries(OPTIONS.map((option) => [option.flag, { type: "string" as const }])),
-    strict: true,
-    allowPositionals: false,
-  });
+  const parsed = parseCommandLine(serverCommand(), argv);
+  if (parsed.kind === "usage-error") throw new MarketError("invalid_request", parsed.message);
+  if (parsed.kind === "help") {
+    throw new MarketError("invalid_request", "--help prints help (serverHelp()), not a configuration");
+  }
+  const [stray] = parsed.command.args;
+  if (stray !== undefined) {
+    throw new MarketError(
+      "invalid_request",
+      `unexpected argument '${stray}' (options are --name value pairs)`,
+    );
+  }
   const config: Record<string, string | number | undefined> = {};
   for (const option of OPTIONS) {
-    const raw = (values[option.flag] as string | undefined) ?? env[option.env] ?? option.defaultValue;
+    const raw =
+      (givenValue(parsed.command, option.flag) as string | undefined) ??
+      env[option.env] ??
+      option.defaultValue;
     if (raw === undefined || raw === "") {
       config[option.key] = undefined;
     } else if (option.kind === "integer") {

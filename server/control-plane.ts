@@ -30,6 +30,8 @@ import { Marketplace } from "./market/marketplace.js";
 import { WorkerRegistry } from "./market/registry.js";
 import { openDatabase } from "./store/database.js";
 import { SqlMarketStore } from "./store/market-store.js";
+import { TrustStore } from "./store/trust-store.js";
+import { TrustService } from "./trust/trust-service.js";
 
 export interface ControlPlane {
   httpUrl: string;
@@ -41,6 +43,8 @@ export interface ControlPlane {
   store: SqlMarketStore;
   registry: WorkerRegistry;
   marketplace: Marketplace;
+  /** Audits and trusted verifiers (server/trust/). */
+  trust: TrustService;
   log: FastifyBaseLogger;
   /**
    * Stops gracefully: new requests get 503 with Retry-After, workers get Drain, running orders may
@@ -58,6 +62,8 @@ const MAX_RPC_MESSAGE_BYTES = 16 * 1024 * 1024;
 const GRPC_CLOSE_GRACE_MS = 2_000;
 /** Flow-control window per job, in chunks (Welcome.job_window_chunks). */
 const JOB_WINDOW_CHUNKS = 64;
+/** A probation probe is given up this long after its first-token timeout would have fired. */
+const PROBE_GRACE_MS = 5_000;
 /** The longest pause between two releases of matured provider earnings. */
 const RELEASE_INTERVAL_MS = 60_000;
 
@@ -88,8 +94,22 @@ export async function startControlPlane(config: ServerConfig): Promise<ControlPl
     warn: (message) => log.warn(message),
   });
   const store = new SqlMarketStore(database.orm, { settleAfterMs: config.settleAfterMs });
-  const registry = new WorkerRegistry();
+  const registry = new WorkerRegistry({
+    cooldownMs: config.cooldownMs,
+    allowedFailures: config.allowedFailures,
+    maxCooldownMs: config.maxCooldownMs,
+    // A probe that shows no first token is given up with its order's attempt.
+    probeTimeoutMs: config.firstTokenTimeoutMs + PROBE_GRACE_MS,
+  });
   const marketplace = new Marketplace(store, registry, config, log);
+  const trust = new TrustService({
+    connections: () => registry.list(),
+    log,
+    store: new TrustStore(database.orm),
+    detailRate: config.tokenDetailBasisPoints / 10_000,
+    auditRate: Math.min(config.auditBasisPoints, config.tokenDetailBasisPoints) / 10_000,
+  });
+  await trust.load();
   await marketplace.settleAbandonedOrders();
 
   const admin = await loadAdminToken(config.dataDir, config.adminToken);
@@ -99,6 +119,7 @@ export async function startControlPlane(config: ServerConfig): Promise<ControlPl
     registry,
     onApiKeyRevoked: (keyId) => apiKeys.forgetKey(keyId),
     onAccountChanged: (accountId) => apiKeys.forgetAccount(accountId),
+    trust,
   });
   const adminInterceptors = [adminAuthInterceptor(admin.token)];
   const shutdown = new AbortController();
@@ -134,6 +155,7 @@ export async function startControlPlane(config: ServerConfig): Promise<ControlPl
         router.service(
           WorkerService,
           createWorkerService({
+            trust,
             store,
             registry,
             log,
@@ -256,6 +278,7 @@ export async function startControlPlane(config: ServerConfig): Promise<ControlPl
     store,
     registry,
     marketplace,
+    trust,
     log,
     close,
     forceClose,

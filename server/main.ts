@@ -3,7 +3,7 @@
  * what to do next, and shuts down gracefully on SIGINT/SIGTERM.
  */
 import { parseServerConfig, serverHelp } from "./config.js";
-import { type ControlPlane, startControlPlane } from "./control-plane.js";
+import type { ControlPlane } from "./control-plane.js";
 import { DataDirInUseError } from "./store/data-dir-lock.js";
 
 export async function runServerCli(argv: string[]): Promise<number> {
@@ -16,10 +16,12 @@ export async function runServerCli(argv: string[]): Promise<number> {
     config = parseServerConfig(argv);
   } catch (error) {
     process.stderr.write(
-      `error: ${error instanceof Error ? error.message : String(error)}\n\n${serverHelp()}\n`,
+      `error: ${error instanceof Error ? error.message : String(error)}\nRun 'locallmarket server --help' for the options.\n`,
     );
     return 2;
   }
+  // Loaded once the options are good: --help and a usage error answer without the control plane.
+  const { startControlPlane } = await import("./control-plane.js");
   let plane: ControlPlane;
   try {
     plane = await startControlPlane(config);

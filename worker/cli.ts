@@ -14,6 +14,7 @@ import type { Engine } from "./engines/engine.js";
 import { OpenAiEngine } from "./engines/openai-engine.js";
 import { AGENT_VERSION, type OfferCapabilities, WorkerLink, WorkerRejectedError } from "./link-client.js";
 import { parseWorkerArgs, type WorkerOptions, WorkerOptionsError } from "./options.js";
+import { weightsSha256 } from "./weights-hash.js";
 
 /** Where the CLI reads its environment and writes its output (tests replace these). */
 export interface WorkerCliIo {
@@ -68,6 +69,9 @@ export async function runWorkerCli(argv: string[], io: WorkerCliIo = {}): Promis
 
   let engine: Engine;
   let contextLength = options.contextLength;
+  // The weights' identity offered on the market: declared for an external engine, computed here
+  // from the file for llama-cpp (so what is offered is what is loaded).
+  let weights = options.weightsSha256;
   try {
     if (options.engine.kind === "openai") {
       engine = new OpenAiEngine({
@@ -98,6 +102,8 @@ export async function runWorkerCli(argv: string[], io: WorkerCliIo = {}): Promis
           `${llamaEngine.hasChatTemplate ? "chat template from the GGUF" : "no chat template (raw prompt)"}`,
       );
       engine = llamaEngine;
+      weights = await weightsSha256(llamaOptions.modelPath);
+      log(`weights sha256 ${weights} (${llamaEngine.version})`);
     }
   } catch (error) {
     err(
@@ -122,7 +128,10 @@ export async function runWorkerCli(argv: string[], io: WorkerCliIo = {}): Promis
         maxConcurrency: options.concurrency,
         contextLength,
         engine: engine.name,
-        capabilities: options.capabilities,
+        // node-llama-cpp gives token ids and their probabilities: such offers can be audited.
+        capabilities: { ...options.capabilities, tokenDetail: options.engine.kind === "llama-cpp" },
+        ...(weights ? { weightsSha256: weights } : {}),
+        ...(engine.version ? { engineVersion: engine.version } : {}),
       },
     ],
   });

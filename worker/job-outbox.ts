@@ -8,6 +8,9 @@
  * are merged: when a JobWindow reopens it, the waiting text leaves as one chunk (split at
  * `maxChunkBytes`, never inside a character) whose token_count is the sum of its pieces'.
  *
+ * With `maxWaitingForLink`, the same merging happens while the link is busy: once that many chunks
+ * wait for the link to take them (see {@link JobOutboxOptions.maxWaitingForLink}).
+ *
  * Tool-call fragments and log-probabilities travel with their piece's text: merged pieces
  * concatenate their lists in order, and a piece split at `maxChunkBytes` is split between two of
  * its tokens (its log-probabilities name them), so every chunk's log-probabilities are those of
@@ -19,7 +22,7 @@
  * evaluates the next token only when the loop asks for it).
  */
 import type { TokenLogprob, ToolCallDelta } from "../common/generation.js";
-import type { EnginePiece } from "./engines/engine.js";
+import type { EnginePiece, TokenDetail } from "./engines/engine.js";
 
 /** One JobChunk, without its job id. */
 export interface OutgoingChunk {
@@ -28,6 +31,11 @@ export interface OutgoingChunk {
   tokenCount: number;
   toolCalls: ToolCallDelta[];
   logprobs: TokenLogprob[];
+  /**
+   * Token details (JobChunk.token_details), present only when there are some: merged pieces
+   * concatenate them, a split piece keeps them on its first part.
+   */
+  tokenDetails?: TokenDetail[];
 }
 
 /** Options of {@link JobOutbox}. */
@@ -41,8 +49,15 @@ export interface JobOutboxOptions {
    * of text and tool-call fragments.
    */
   bufferBytes: number;
-  /** Sends one chunk; called synchronously from push() and acknowledge(). */
+  /** Sends one chunk; called synchronously from push(), acknowledge() and taken(). */
   send: (chunk: OutgoingChunk) => void;
+  /**
+   * When set (above 0), the link reports with {@link JobOutbox.taken} each chunk it has taken for
+   * writing, and at most this many sent chunks wait for it: what the engine produces beyond that
+   * is merged into the next chunk. An engine faster than the link drains then gets several token
+   * deltas per JobChunk, while a lone token (the link idle) still leaves at once.
+   */
+  maxWaitingForLink?: number;
 }
 
 interface PendingPiece {
@@ -53,6 +68,7 @@ interface PendingPiece {
   /** Bytes of the tool-call fragments, counted against `bufferBytes`. */
   toolCallBytes: number;
   logprobs: TokenLogprob[];
+  tokenDetails: TokenDetail[];
 }
 
 /** The chunks of one job, sent within its window. */
@@ -65,6 +81,8 @@ export class JobOutbox {
   private tokens = 0;
   private closed = false;
   private wakers: Array<() => void> = [];
+  /** With `maxWaitingForLink`: chunks sent that the link has not taken yet. */
+  private waitingForLink = 0;
 
   constructor(options: JobOutboxOptions) {
     this.options = options;
@@ -88,8 +106,13 @@ export class JobOutbox {
   push(piece: EnginePiece): Promise<void> | undefined {
     const toolCalls = piece.toolCalls ?? [];
     const logprobs = piece.logprobs ?? [];
+    const tokenDetails = piece.tokenDetails ?? [];
     const empty =
-      piece.text === "" && piece.tokenCount === 0 && toolCalls.length === 0 && logprobs.length === 0;
+      piece.text === "" &&
+      piece.tokenCount === 0 &&
+      toolCalls.length === 0 &&
+      logprobs.length === 0 &&
+      tokenDetails.length === 0;
     if (this.closed || empty) return undefined;
     const bytes = Buffer.byteLength(piece.text);
     const toolCallBytes = toolCalls.reduce(
@@ -107,6 +130,7 @@ export class JobOutbox {
       toolCalls,
       toolCallBytes,
       logprobs,
+      tokenDetails,
     });
     this.pendingBytes += bytes + toolCallBytes;
     this.flush();
@@ -120,6 +144,14 @@ export class JobOutbox {
     const acknowledged = sequence < this.sent ? sequence : this.sent;
     if (acknowledged <= this.acknowledged) return;
     this.acknowledged = acknowledged;
+    this.flush();
+    this.wake();
+  }
+
+  /** The link has taken a chunk for writing (with `maxWaitingForLink`): another may follow. */
+  taken(): void {
+    if (this.waitingForLink === 0) return;
+    this.waitingForLink -= 1;
     this.flush();
     this.wake();
   }
@@ -138,7 +170,12 @@ export class JobOutbox {
   }
 
   private flush(): void {
-    while (this.pending.length > 0 && this.hasRoom()) this.sendOne();
+    while (this.pending.length > 0 && this.linkHasRoom() && this.hasRoom()) this.sendOne();
+  }
+
+  private linkHasRoom(): boolean {
+    const max = this.options.maxWaitingForLink ?? 0;
+    return max <= 0 || this.waitingForLink < max;
   }
 
   private hasRoom(): boolean {
@@ -154,6 +191,7 @@ export class JobOutbox {
     let taken = 0;
     const toolCalls: ToolCallDelta[] = [];
     const logprobs: TokenLogprob[] = [];
+    const tokenDetails: TokenDetail[] = [];
     for (let head = this.pending[0]; head; head = this.pending[0]) {
       if (bytes + head.bytes <= maxBytes) {
         text += head.text;
@@ -161,6 +199,7 @@ export class JobOutbox {
         tokenCount += head.tokenCount;
         toolCalls.push(...head.toolCalls);
         logprobs.push(...head.logprobs);
+        tokenDetails.push(...head.tokenDetails);
         taken += head.bytes + head.toolCallBytes;
         this.pending.shift();
         continue;
@@ -173,6 +212,9 @@ export class JobOutbox {
       bytes += part.bytes;
       tokenCount += part.tokenCount;
       logprobs.push(...part.logprobs);
+      // Token details are not cut: they leave with the first part (only the job's whole sequence
+      // of tokens has to match its whole text).
+      tokenDetails.push(...head.tokenDetails.splice(0));
       taken += part.bytes;
       head.text = head.text.slice(part.text.length);
       head.bytes -= part.bytes;
@@ -183,7 +225,16 @@ export class JobOutbox {
     this.pendingBytes -= taken;
     this.sent += 1n;
     this.tokens += tokenCount;
-    this.options.send({ sequence: this.sent, text, tokenCount, toolCalls, logprobs });
+    // Before send(): a link may report the chunk taken at once.
+    if ((this.options.maxWaitingForLink ?? 0) > 0) this.waitingForLink += 1;
+    this.options.send({
+      sequence: this.sent,
+      text,
+      tokenCount,
+      toolCalls,
+      logprobs,
+      ...(tokenDetails.length > 0 ? { tokenDetails } : {}),
+    });
   }
 
   private async until(condition: () => boolean): Promise<void> {

@@ -39,6 +39,7 @@ import {
   JobFailureCode,
   type Reject,
   RejectCode,
+  type ScoreAssign,
   type Welcome,
   WorkerService,
 } from "../gen/locallmarket/v1/worker_pb.js";
@@ -74,6 +75,8 @@ export interface OfferCapabilities {
   vision: boolean;
   /** Raw text completion (the legacy completions API). */
   completions: boolean;
+  /** Token ids with logprobs on request (JobChunk.token_details), what audits need. */
+  tokenDetail?: boolean;
 }
 
 /** One offer, in application units (prices already in micro-credits per 1M tokens). */
@@ -90,6 +93,10 @@ export interface OfferSpec {
   engine?: string;
   /** What the offer supports beyond plain chat; absent means none of it. */
   capabilities?: OfferCapabilities;
+  /** SHA-256 of the weights file, 64 lowercase hex digits (Offer.weights_sha256); absent means undeclared. */
+  weightsSha256?: string;
+  /** The engine's version (Offer.engine_version). */
+  engineVersion?: string;
 }
 
 /** Options of {@link WorkerLink}. */
@@ -387,7 +394,9 @@ export class WorkerLink extends EventEmitter<WorkerLinkEvents> {
     let reason = "the server closed the stream";
     let fatal: WorkerRejectedError | undefined;
     try {
-      for await (const response of client.connect(session.outbound, { signal: session.abort.signal })) {
+      for await (const response of client.connect(takenFrom(session.outbound), {
+        signal: session.abort.signal,
+      })) {
         if (response.message.case === "welcome" && !session.welcome) clearTimeout(welcomeTimer);
         this.handleResponse(session, response);
         if (session.rejected) break;
@@ -440,6 +449,9 @@ export class WorkerLink extends EventEmitter<WorkerLinkEvents> {
         return;
       case "jobCancel":
         this.onJobCancel(session, message.value);
+        return;
+      case "scoreAssign":
+        this.onScoreAssign(session, message.value);
         return;
       case "jobWindow":
         // Acknowledgements for a job that already ended are normal (the consumer reads behind the
@@ -557,7 +569,14 @@ export class WorkerLink extends EventEmitter<WorkerLinkEvents> {
         window: session.welcome?.jobWindowChunks ?? 0,
         maxChunkBytes: session.welcome?.maxChunkBytes ?? 0,
         bufferBytes: this.options.jobBufferBytes ?? 64 * 1024,
-        send: (chunk) => this.send(session, { case: "jobChunk", value: toJobChunk(jobId, chunk) }),
+        maxWaitingForLink: LINK_QUEUE_CHUNKS,
+        send: (chunk) => {
+          const message = create(ConnectRequestSchema, {
+            message: { case: "jobChunk", value: toJobChunk(jobId, chunk) },
+          });
+          whenTaken.set(message, () => job.outbox.taken());
+          session.outbound.push(message);
+        },
       }),
       startedAt: performance.now(),
       settled: new Promise<void>((resolve) => {
@@ -567,9 +586,7 @@ export class WorkerLink extends EventEmitter<WorkerLinkEvents> {
     session.jobs.set(jobId, job);
     this.activeJobs += 1;
     this.send(session, { case: "jobAccepted", value: { jobId } });
-    this.log(
-      `job ${jobId} started: model ${model}, ${describeJob(request)}${assign.audit ? ", audit (greedy)" : ""}`,
-    );
+    this.log(`job ${jobId} started: model ${model}, ${describeJob(request)}`);
     this.emit("job-started", { jobId, model });
 
     const deadlineTimer =
@@ -663,6 +680,71 @@ export class WorkerLink extends EventEmitter<WorkerLinkEvents> {
     this.emit("job-finished", { ...summary, outcome: "done", finishReason });
   }
 
+  /**
+   * A verifier job (ScoreAssign): scores the tokens on the engine and answers with one ScoreResult.
+   * It takes no slot: it is one prefill pass, and the control plane sends it only to workers it
+   * trusts. An engine that cannot score, or tokens it cannot score, give a ScoreResult with `error`.
+   */
+  private onScoreAssign(session: Session, assign: ScoreAssign): void {
+    const { scoreId } = assign;
+    const started = performance.now();
+    const reply = (value: {
+      scores?: { logprob: number; rank: number; top: { tokenId: number; logprob: number }[] }[];
+      promptTokens?: number;
+      text?: string;
+      error?: string;
+      unsupported?: boolean;
+    }) =>
+      this.send(session, {
+        case: "scoreResult",
+        value: { scoreId, elapsedMs: performance.now() - started, ...value },
+      });
+    const engine = this.options.engine;
+    if (!engine.score || !assign.job) {
+      reply(
+        engine.score
+          ? { error: "ScoreAssign without a job" }
+          : { error: `the ${engine.name} engine cannot score tokens`, unsupported: true },
+      );
+      this.log(
+        `cannot score ${scoreId}: ${engine.score ? "no job" : `the ${engine.name} engine has no teacher forcing`}`,
+      );
+      return;
+    }
+    let request: Omit<GenerateRequest, "signal">;
+    try {
+      request = toGenerateRequest(assign.job);
+    } catch (error) {
+      reply({ error: error instanceof Error ? error.message : String(error) });
+      return;
+    }
+    engine
+      .score({
+        request,
+        tokenIds: [...assign.tokenIds],
+        positions: [...assign.positions],
+        topK: Math.min(assign.job.tokenDetail?.topK ?? 0, 20),
+        signal: session.abort.signal,
+      })
+      .then(
+        (outcome) => {
+          reply({
+            scores: outcome.scores.map((score) => ({
+              logprob: score.logprob,
+              rank: score.rank,
+              top: score.top,
+            })),
+            promptTokens: outcome.promptTokens,
+            text: outcome.text,
+          });
+          this.log(
+            `scored ${assign.tokenIds.length} token(s) for ${scoreId} in ${(performance.now() - started).toFixed(1)} ms`,
+          );
+        },
+        (error: unknown) => reply({ error: error instanceof Error ? error.message : String(error) }),
+      );
+  }
+
   private onJobCancel(session: Session, cancel: JobCancel): void {
     const job = session.jobs.get(cancel.jobId);
     if (!job) {
@@ -752,6 +834,8 @@ function toOffer(spec: OfferSpec): Offer {
     contextLength: spec.contextLength ?? 0,
     quantization: spec.quantization ?? "",
     engine: spec.engine ?? "",
+    weightsSha256: spec.weightsSha256 ?? "",
+    engineVersion: spec.engineVersion ?? "",
     ...(spec.capabilities ? { capabilities: create(CapabilitiesSchema, spec.capabilities) } : {}),
   });
 }
@@ -795,6 +879,7 @@ function toGenerateRequest(assign: JobAssign): Omit<GenerateRequest, "signal"> {
   const format = toEngineResponseFormat(assign);
   if (format) request.responseFormat = format;
   if (assign.wantLogprobs) request.logprobs = { top: assign.topLogprobs };
+  if (assign.tokenDetail) request.tokenDetail = { topK: Math.min(assign.tokenDetail.topK, 20) };
   return request;
 }
 
@@ -849,6 +934,34 @@ function parseJsonObject(text: string, what: string): Record<string, unknown> {
   return value as Record<string, unknown>;
 }
 
+/**
+ * Chunks of one job that may wait for the link (sent, not yet taken for writing) before the job's
+ * next pieces are merged into one chunk. A few, so that a short burst (a token or two per engine
+ * read) still leaves token by token; a link that stays behind gets merged chunks.
+ */
+const LINK_QUEUE_CHUNKS = 4;
+
+/** What to tell when the transport takes a message off the outbound queue (a job's outbox). */
+const whenTaken = new WeakMap<ConnectRequest, () => void>();
+
+/**
+ * The outbound queue as the transport reads it, telling each message's {@link whenTaken} as it is
+ * taken. connect-node asks for the next message only once the previous one is written, so a job's
+ * chunk that waits here means the link is busy: its outbox merges what comes meanwhile.
+ */
+async function* takenFrom(
+  queue: AsyncQueue<ConnectRequest>,
+): AsyncGenerator<ConnectRequest, void, undefined> {
+  for await (const message of queue) {
+    const hook = whenTaken.get(message);
+    if (hook) {
+      whenTaken.delete(message);
+      hook();
+    }
+    yield message;
+  }
+}
+
 /** The JobChunk of an outgoing chunk: tool-call fragments and log-probabilities exactly as the engine gave them. */
 function toJobChunk(jobId: string, chunk: OutgoingChunk): MessageInitShape<typeof JobChunkSchema> {
   return {
@@ -866,6 +979,11 @@ function toJobChunk(jobId: string, chunk: OutgoingChunk): MessageInitShape<typeo
       token: entry.token,
       logprob: entry.logprob,
       topLogprobs: entry.topLogprobs.map(({ token, logprob }) => ({ token, logprob })),
+    })),
+    tokenDetails: (chunk.tokenDetails ?? []).map((detail) => ({
+      tokenId: detail.tokenId,
+      logprob: detail.logprob,
+      top: detail.top.map(({ tokenId, logprob }) => ({ tokenId, logprob })),
     })),
   };
 }
@@ -885,7 +1003,6 @@ function describeJob(request: Omit<GenerateRequest, "signal">): string {
 
 function toEngineSampling(assign: JobAssign): EngineSampling {
   const s = assign.sampling;
-  if (assign.audit) return { temperature: 0, ...(s && s.stop.length > 0 ? { stop: [...s.stop] } : {}) };
   const sampling: EngineSampling = {};
   if (!s) return sampling;
   if (s.temperature !== undefined) sampling.temperature = s.temperature;

@@ -6,7 +6,8 @@
  * and converted exactly, with string arithmetic, to integer micro-credits (1 credit = 1,000,000 µc).
  */
 import { hostname } from "node:os";
-import { parseArgs } from "node:util";
+import type { Command } from "commander";
+import { declareOption, givenValue, helpText, newProgram, parseCommandLine } from "../common/command-line.js";
 import { parseCredits } from "../common/credits.js";
 import type { OfferCapabilities } from "./link-client.js";
 
@@ -75,6 +76,8 @@ export interface WorkerOptions {
   /** What the offer supports beyond plain chat. */
   capabilities: OfferCapabilities;
   engine: EngineOptions;
+  /** --weights-sha256 (openai engine), lowercase; llama-cpp computes it from the file instead. */
+  weightsSha256?: string;
 }
 
 /** The result of parsing: options to run with, or a request for help. */
@@ -199,6 +202,16 @@ export const WORKER_OPTION_SPECS: readonly OptionSpec[] = [
     defaultText: "the value of --model",
   },
   {
+    flag: "weights-sha256",
+    env: "LOCALLMARKET_WEIGHTS_SHA256",
+    arg: "HEX",
+    description:
+      "openai: SHA-256 of the model file the engine serves (64 hex digits, quantization included), " +
+      "shown on the market; audits compare the tokens with a trusted verifier running those weights " +
+      "(llama-cpp computes it from the file)",
+    defaultText: "undeclared",
+  },
+  {
     flag: "engine-api-key",
     env: "LOCALLMARKET_ENGINE_API_KEY",
     arg: "KEY",
@@ -243,62 +256,60 @@ const INT64_MAX = 9_223_372_036_854_775_807n;
 const UINT32_MAX = 4_294_967_295;
 const MAX_CONCURRENCY = 1024;
 const MAX_THREADS = 1024;
-/** The width the usage text's option descriptions are wrapped to. */
-const USAGE_WIDTH = 100;
+
+/** `locallmarket worker`'s options, driven by WORKER_OPTION_SPECS: a flag for each row. */
+function workerCommand(): Command {
+  const command = newProgram("locallmarket worker")
+    .usage(
+      [
+        "--server URL --token WORKER_TOKEN --model NAME",
+        "         --price-in CREDITS_PER_1M --price-out CREDITS_PER_1M --tps N",
+        "         [--concurrency K] [--name NAME] [--context-length N] [--capabilities LIST]",
+        "         (--engine openai --engine-url URL [--engine-model NAME] [--engine-api-key KEY]",
+        "           [--weights-sha256 HEX]",
+        "          | --engine llama-cpp --model-path FILE.gguf [--gpu auto|cuda|vulkan|metal|off]",
+        "            [--threads N] [--context-size N])",
+      ].join("\n"),
+    )
+    .description(
+      "Connects this machine to a LocalLMarket control plane and sells LLM inference on it.\n" +
+        "Every option can also be set with its environment variable; the command line wins.",
+    )
+    .addHelpText(
+      "after",
+      [
+        "",
+        "Prices are credits per one million tokens; 1 credit = 1,000,000 micro-credits.",
+        "Examples:",
+        "  locallmarket worker --token wt_... --model llama3.2:1b --price-in 0.5 --price-out 1.5 --tps 40 \\",
+        "    --engine openai --engine-url http://127.0.0.1:11434/v1",
+        "  locallmarket worker --token wt_... --model stories260k --price-in 0 --price-out 0.1 --tps 2000 \\",
+        "    --engine llama-cpp --model-path ./stories260K.gguf --gpu off --threads 1",
+        "  (an engine without tool calling: --capabilities logprobs,completions)",
+        "",
+        "Exit codes: 0 stopped, 1 fatal error (e.g. token rejected), 2 invalid options.",
+      ].join("\n"),
+    );
+  for (const spec of WORKER_OPTION_SPECS) {
+    // "required…" is not a default: help says it without "default:".
+    const requirement = spec.defaultText.startsWith("required") ? spec.defaultText : undefined;
+    command.addOption(
+      declareOption({
+        flag: spec.flag,
+        value: spec.arg,
+        description: spec.description,
+        env: spec.env,
+        defaultText: requirement === undefined ? spec.defaultText : undefined,
+        required: requirement === "required" ? true : requirement,
+      }),
+    );
+  }
+  return command;
+}
 
 /** The complete usage text printed by `--help`. */
 export function workerUsage(): string {
-  const lines = [
-    "Usage: locallmarket worker --server URL --token WORKER_TOKEN --model NAME",
-    "         --price-in CREDITS_PER_1M --price-out CREDITS_PER_1M --tps N",
-    "         [--concurrency K] [--name NAME] [--context-length N] [--capabilities LIST]",
-    "         (--engine openai --engine-url URL [--engine-model NAME] [--engine-api-key KEY]",
-    "          | --engine llama-cpp --model-path FILE.gguf [--gpu auto|cuda|vulkan|metal|off]",
-    "            [--threads N] [--context-size N])",
-    "",
-    "Connects this machine to a LocalLMarket control plane and sells LLM inference on it.",
-    "Every option can also be set with its environment variable; the command line wins.",
-    "",
-    "Options:",
-  ];
-  const left = (spec: OptionSpec) => `  --${spec.flag}${spec.arg ? ` ${spec.arg}` : ""}`;
-  const width = Math.max(...WORKER_OPTION_SPECS.map((spec) => left(spec).length), "  -h, --help".length) + 2;
-  for (const spec of WORKER_OPTION_SPECS) {
-    const [first = "", ...rest] = wrap(spec.description, USAGE_WIDTH - width);
-    lines.push(`${left(spec).padEnd(width)}${first}`);
-    for (const line of rest) lines.push(`${"".padEnd(width)}${line}`);
-    lines.push(`${"".padEnd(width)}env ${spec.env}; default: ${spec.defaultText}`);
-  }
-  lines.push(`${"  -h, --help".padEnd(width)}Print this help and exit`);
-  lines.push(
-    "",
-    "Prices are credits per one million tokens; 1 credit = 1,000,000 micro-credits.",
-    "Examples:",
-    "  locallmarket worker --token wt_... --model llama3.2:1b --price-in 0.5 --price-out 1.5 --tps 40 \\",
-    "    --engine openai --engine-url http://127.0.0.1:11434/v1",
-    "  locallmarket worker --token wt_... --model stories260k --price-in 0 --price-out 0.1 --tps 2000 \\",
-    "    --engine llama-cpp --model-path ./stories260K.gguf --gpu off --threads 1",
-    "  (an engine without tool calling: --capabilities logprobs,completions)",
-    "",
-    "Exit codes: 0 stopped, 1 fatal error (e.g. token rejected), 2 invalid options.",
-  );
-  return lines.join("\n");
-}
-
-/** Splits `text` into lines of at most `width` characters, at spaces (a longer word gets its own line). */
-function wrap(text: string, width: number): string[] {
-  const lines: string[] = [];
-  let line = "";
-  for (const word of text.split(" ")) {
-    if (line !== "" && line.length + 1 + word.length > width) {
-      lines.push(line);
-      line = word;
-    } else {
-      line = line === "" ? word : `${line} ${word}`;
-    }
-  }
-  lines.push(line);
-  return lines;
+  return helpText(workerCommand()).trimEnd();
 }
 
 /**
@@ -326,21 +337,16 @@ export function parseWorkerArgs(
   env: NodeJS.ProcessEnv = process.env,
 ): ParsedWorkerArgs {
   const args = argv[0] === "worker" ? argv.slice(1) : [...argv];
-  const optionConfig: Record<string, { type: "string" | "boolean"; short?: string }> = {
-    help: { type: "boolean", short: "h" },
-  };
-  for (const spec of WORKER_OPTION_SPECS) optionConfig[spec.flag] = { type: "string" };
-
-  let values: Record<string, string | boolean | undefined>;
-  try {
-    ({ values } = parseArgs({ args, options: optionConfig, allowPositionals: false, strict: true }));
-  } catch (error) {
-    throw new WorkerOptionsError(cleanParseArgsMessage(error));
+  const parsed = parseCommandLine(workerCommand(), args);
+  if (parsed.kind === "usage-error") throw new WorkerOptionsError(parsed.message);
+  if (parsed.kind === "help") return { kind: "help", text: parsed.text.trimEnd() };
+  const [stray] = parsed.command.args;
+  if (stray !== undefined) {
+    throw new WorkerOptionsError(`unexpected argument '${stray}' (options are --name value pairs)`);
   }
-  if (values.help === true) return { kind: "help", text: workerUsage() };
 
   const raw = (flag: string): string | undefined => {
-    const fromArgs = values[flag];
+    const fromArgs = givenValue(parsed.command, flag);
     if (typeof fromArgs === "string") return fromArgs;
     const spec = WORKER_OPTION_SPECS.find((s) => s.flag === flag);
     const fromEnv = spec ? env[spec.env] : undefined;
@@ -377,6 +383,7 @@ export function parseWorkerArgs(
 
   const engineKind = required("engine", " (openai or llama-cpp)");
   let engine: EngineOptions;
+  let weightsText: string | undefined;
   if (engineKind === "openai") {
     for (const flag of LLAMA_CPP_ONLY) {
       if (raw(flag) !== undefined)
@@ -384,6 +391,10 @@ export function parseWorkerArgs(
     }
     const url = checkUrl(required("engine-url", " (required with --engine openai)"), label("engine-url"));
     const apiKey = raw("engine-api-key");
+    weightsText = raw("weights-sha256")?.trim();
+    if (weightsText !== undefined && !/^[0-9a-fA-F]{64}$/.test(weightsText)) {
+      throw new WorkerOptionsError(`${label("weights-sha256")}: "${weightsText}" is not 64 hex digits`);
+    }
     engine = {
       kind: "openai",
       url,
@@ -391,6 +402,11 @@ export function parseWorkerArgs(
       ...(apiKey ? { apiKey } : {}),
     };
   } else if (engineKind === "llama-cpp") {
+    if (raw("weights-sha256") !== undefined) {
+      throw new WorkerOptionsError(
+        `${label("weights-sha256")} applies only to --engine openai: llama-cpp computes it from the file`,
+      );
+    }
     const gpu = (raw("gpu")?.trim() || "auto") as GpuChoice;
     if (!GPU_CHOICES.includes(gpu)) {
       throw new WorkerOptionsError(`${label("gpu")}: "${gpu}" is not one of: ${GPU_CHOICES.join(", ")}`);
@@ -432,6 +448,7 @@ export function parseWorkerArgs(
       contextLength,
       capabilities,
       engine,
+      ...(weightsText ? { weightsSha256: weightsText.toLowerCase() } : {}),
     },
   };
 }
@@ -480,13 +497,4 @@ function checkUrl(text: string, what: string): string {
     throw new WorkerOptionsError(`${what}: "${text}" must be an http:// or https:// URL`);
   }
   return text.replace(/\/+$/, "");
-}
-
-function cleanParseArgsMessage(error: unknown): string {
-  const message = (error instanceof Error ? error.message : String(error)).replace(/\s*\n\s*/g, " ");
-  const unknown = /^Unknown option '(.+?)'/.exec(message);
-  if (unknown) return `unknown option ${unknown[1]}`;
-  const unexpected = /^Unexpected argument '(.+?)'/.exec(message);
-  if (unexpected) return `unexpected argument '${unexpected[1]}' (options are --name value pairs)`;
-  return message;
 }

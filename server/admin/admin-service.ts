@@ -11,8 +11,10 @@ import {
   type ApiKeySchema,
   type BalanceSchema,
   Book,
+  type ModelReputationSchema,
   type OrderSchema,
   OrderStatus,
+  ReputationState,
   type RoutingDefaultsSchema,
   type StatementEntrySchema,
   type WorkerSchema,
@@ -20,6 +22,7 @@ import {
 import type { OfferSchema } from "../../gen/locallmarket/v1/common_pb.js";
 import { MarketError } from "../market/errors.js";
 import type { WorkerConnection, WorkerRegistry } from "../market/registry.js";
+import type { ReputationSnapshot, ReputationTracker } from "../market/reputation.js";
 import type {
   AccountRecord,
   ApiKeyRecord,
@@ -40,6 +43,8 @@ export interface AdminServiceDeps {
   /** Told when a key is revoked or an account's defaults change, so caches forget them at once. */
   onApiKeyRevoked?(keyId: string): void;
   onAccountChanged?(accountId: string): void;
+  /** Trusted verifiers (server/trust/); SetWorkerTrusted is unavailable without it. */
+  trust?: { setTrusted(workerId: string, trusted: boolean): Promise<void> };
 }
 
 /** The page size of ListOrders and GetStatement when the request says 0, and the most they return. */
@@ -187,13 +192,26 @@ export function createAdminService(deps: AdminServiceDeps): ServiceImpl<typeof A
     async listWorkers() {
       const stored = await store.listWorkers();
       const known = new Set(stored.map((worker) => worker.id));
-      const workers = stored.map((worker) => workerMessage(worker, registry.get(worker.id)));
+      const workers = stored.map((worker) =>
+        workerMessage(worker, registry.get(worker.id), registry.reputation),
+      );
       // A live connection the store does not list yet (e.g. a listing taken mid-connect) is still
       // a worker the operator should see.
       for (const live of registry.list()) {
-        if (!known.has(live.workerId)) workers.push(liveOnlyWorkerMessage(live));
+        if (!known.has(live.workerId)) workers.push(liveOnlyWorkerMessage(live, registry.reputation));
       }
       return { workers };
+    },
+
+    async setWorkerTrusted(req) {
+      const workerId = requireText(req.workerId, "worker_id");
+      const { trust } = deps;
+      if (!trust) throw new MarketError("not_found", "this control plane runs no audits", "worker_id");
+      const known =
+        registry.get(workerId) !== undefined || (await store.listWorkers()).some((w) => w.id === workerId);
+      if (!known) throw new MarketError("not_found", `worker ${workerId} not found`, "worker_id");
+      await trust.setTrusted(workerId, req.trusted);
+      return { workerId, trusted: req.trusted };
     },
 
     async auditLedger() {
@@ -398,8 +416,11 @@ function offerMessage(offer: OfferRecord): MessageInitShape<typeof OfferSchema> 
 function workerMessage(
   worker: WorkerRecord,
   live: WorkerConnection | undefined,
+  reputation: ReputationTracker,
 ): MessageInitShape<typeof WorkerSchema> {
+  const offers = live?.offers ?? worker.offers;
   return {
+    ...reputationFields(worker.id, offers, reputation),
     id: worker.id,
     accountId: worker.accountId,
     name: live?.name || worker.name,
@@ -411,8 +432,12 @@ function workerMessage(
   };
 }
 
-function liveOnlyWorkerMessage(live: WorkerConnection): MessageInitShape<typeof WorkerSchema> {
+function liveOnlyWorkerMessage(
+  live: WorkerConnection,
+  reputation: ReputationTracker,
+): MessageInitShape<typeof WorkerSchema> {
   return {
+    ...reputationFields(live.workerId, live.offers, reputation),
     id: live.workerId,
     accountId: live.providerAccountId,
     name: live.name,
@@ -421,5 +446,48 @@ function liveOnlyWorkerMessage(live: WorkerConnection): MessageInitShape<typeof 
     activeJobs: live.activeJobs,
     lastSeenUnixMs: BigInt(Date.now()),
     agentVersion: "",
+  };
+}
+
+const REPUTATION_STATES: Readonly<Record<ReputationSnapshot["state"], ReputationState>> = {
+  healthy: ReputationState.HEALTHY,
+  cooling: ReputationState.COOLING,
+  probation: ReputationState.PROBATION,
+};
+
+/** The worker's measured figures per model: its offers' models first, then any other it served. */
+function reputationFields(
+  workerId: string,
+  offers: readonly OfferRecord[],
+  reputation: ReputationTracker,
+): Pick<MessageInitShape<typeof WorkerSchema>, "reputation" | "suspended"> {
+  const models = [...new Set([...offers.map((offer) => offer.model), ...reputation.modelsOf(workerId)])];
+  return {
+    reputation: models.map((model) => modelReputationMessage(model, reputation.snapshot(workerId, model))),
+    suspended: reputation.isSuspended(workerId),
+  };
+}
+
+function modelReputationMessage(
+  model: string,
+  figures: ReputationSnapshot,
+): MessageInitShape<typeof ModelReputationSchema> {
+  const optional = (value: number | null) => value ?? undefined;
+  return {
+    model,
+    state: REPUTATION_STATES[figures.state],
+    coolingUntilUnixMs: BigInt(Math.round(figures.coolingUntil ?? 0)),
+    measuredTokensPerSecond: optional(figures.tokensPerSecond),
+    tokensPerSecondP50: optional(figures.tokensPerSecondP50),
+    tokensPerSecondP90: optional(figures.tokensPerSecondP90),
+    timeToFirstTokenMs: optional(figures.timeToFirstTokenMs),
+    timeToFirstTokenP50Ms: optional(figures.timeToFirstTokenP50Ms),
+    timeToFirstTokenP90Ms: optional(figures.timeToFirstTokenP90Ms),
+    successRate: optional(figures.successRate),
+    attempts: figures.attempts,
+    failures: figures.failures,
+    auditsPassed: figures.auditsPassed,
+    auditsFailed: figures.auditsFailed,
+    reputation: figures.reputation,
   };
 }

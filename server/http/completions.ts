@@ -135,9 +135,18 @@ function streamCompletion(
     ...(flags.includeUsage ? { usage: null } : {}),
     ...extra,
   });
+  // A text delta without logprobs is most of a stream: its JSON is built from two precomputed
+  // pieces around the text, byte for byte what JSON.stringify(chunk(...)) gives.
+  const textPrefix = `{"id":${JSON.stringify(run.orderId)},"object":"text_completion","created":${unixSeconds(run.createdAt)},"model":${JSON.stringify(run.model)},"choices":[{"index":0,"text":`;
+  const textSuffix = `,"logprobs":null,"finish_reason":null}]${flags.includeUsage ? ',"usage":null' : ""}}`;
   return streamRun(run, reply, options, async (sse, events) => {
     let offset = flags.promptLength;
     for await (const event of events) {
+      if (event.type === "delta" && !flags.withLogprobs) {
+        offset += event.text.length;
+        await sse.dataJson(`${textPrefix}${JSON.stringify(event.text)}${textSuffix}`);
+        continue;
+      }
       if (event.type === "delta") {
         const logprobs = flags.withLogprobs ? legacyLogprobs(event.logprobs, offset) : null;
         offset += event.text.length;

@@ -24,6 +24,7 @@ interface ModelSummary {
     price_per_million_input: { min: string; max: string };
     price_per_million_output: { min: string; max: string };
     best_tokens_per_second: number;
+    builds: { weights_sha256: string | null; engine: string; engine_version: string; workers: number }[];
   };
 }
 
@@ -66,11 +67,16 @@ function summarize(registry: WorkerRegistry, startedAt: number): ModelSummary[] 
       tps: number;
       context: number;
       parameters: Set<string>;
+      /** The builds offered: weights hash, engine and version, with how many workers serve each. */
+      builds: Map<
+        string,
+        { weights_sha256: string | null; engine: string; engine_version: string; workers: number }
+      >;
     }
   >();
   for (const connection of registry.list()) {
     for (const offer of connection.offers) {
-      const entry = byModel.get(offer.model) ?? {
+      const entry: NonNullable<ReturnType<typeof byModel.get>> = byModel.get(offer.model) ?? {
         workers: 0,
         freeSlots: 0,
         inputs: [],
@@ -78,7 +84,17 @@ function summarize(registry: WorkerRegistry, startedAt: number): ModelSummary[] 
         tps: 0,
         context: 0,
         parameters: new Set(BASE_PARAMETERS),
+        builds: new Map(),
       };
+      const buildKey = `${offer.weightsSha256 ?? ""}\u0000${offer.engine}\u0000${offer.engineVersion ?? ""}`;
+      const build = entry.builds.get(buildKey) ?? {
+        weights_sha256: offer.weightsSha256 || null,
+        engine: offer.engine,
+        engine_version: offer.engineVersion ?? "",
+        workers: 0,
+      };
+      build.workers += 1;
+      entry.builds.set(buildKey, build);
       entry.context = Math.max(entry.context, offer.contextLength);
       for (const [capability, parameters] of CAPABILITY_PARAMETERS) {
         if (offer.capabilities[capability])
@@ -120,6 +136,9 @@ function summarize(registry: WorkerRegistry, startedAt: number): ModelSummary[] 
         price_per_million_input: priceRange(range(entry.inputs)),
         price_per_million_output: priceRange(range(entry.outputs)),
         best_tokens_per_second: Math.round(entry.tps * 10) / 10,
+        // Which exact weights (SHA-256 of the file, quantization included) serve this name: a
+        // consumer can tell the reference build from others; audits hold workers to their hash.
+        builds: [...entry.builds.values()].sort((a, b) => b.workers - a.workers),
       },
     }));
 }

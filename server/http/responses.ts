@@ -405,6 +405,15 @@ function streamResponse(
       }
       message.text += text;
       message.logprobs.push(...logprobs);
+      if (!withLogprobs) {
+        // The hot path: the event's JSON from precomputed pieces, byte for byte what send() gives.
+        const type = "response.output_text.delta";
+        await sse.dataJson(
+          `{"type":"${type}","sequence_number":${sequence++},"item_id":${JSON.stringify(message.id)},"output_index":${message.outputIndex},"content_index":0,"delta":${JSON.stringify(text)},"logprobs":[]}`,
+          type,
+        );
+        return;
+      }
       await send("response.output_text.delta", {
         item_id: message.id,
         output_index: message.outputIndex,

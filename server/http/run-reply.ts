@@ -76,10 +76,22 @@ export async function streamRun(
   write: (sse: SseWriter, events: AsyncIterable<RunEvent>) => Promise<void>,
 ): Promise<void> {
   reply.hijack();
+  // A run that takes confirmations is told what reached the socket, flush by flush (the writer
+  // coalesces the events of a turn into one write); any other counts a delta as delivered when the
+  // next event is asked for.
+  const confirming = confirmsWrites(run) ? run : null;
+  const slowReader = (error: SlowReaderError) => {
+    // The socket is full and nothing drains it: no error event could get through either.
+    run.cancel(error.message);
+    reply.raw.destroy();
+  };
   const sse = new SseWriter(reply.raw, {
     headers: runHeaders(run),
     slowReaderTimeoutMs: options.slowReaderTimeoutMs,
+    ...(confirming ? { onWritten: (mark: number) => confirming.confirmWritten(mark) } : {}),
+    onSlowReader: slowReader,
   });
+  confirming?.confirmWrites();
   try {
     const events = run[Symbol.asyncIterator]();
     const head = await firstEvent(events, sse, options.keepAliveMs);
@@ -91,25 +103,39 @@ export async function streamRun(
       sse.rejectWith(httpStatusOf(head.value.error), openAiErrorBody(head.value.error), head.value.error);
       return;
     }
-    const first = head.value;
-    await write(
-      sse,
-      (async function* () {
-        yield first;
-        for (;;) {
-          const next = await events.next();
-          if (next.done) return;
-          yield next.value;
+    let first: RunEvent | null = head.value;
+    // The endpoint asks for the next event once it has written everything for the previous one:
+    // that is the mark the writer confirms when its text reaches the socket.
+    const iterator: AsyncIterator<RunEvent> = {
+      next: () => {
+        if (first !== null) {
+          const value = first;
+          first = null;
+          return Promise.resolve({ value, done: false });
         }
-      })(),
-    );
+        if (confirming) sse.processed(confirming.handedOut);
+        return events.next();
+      },
+    };
+    await write(sse, { [Symbol.asyncIterator]: () => iterator });
+    if (confirming) sse.processed(confirming.handedOut);
     sse.end();
   } catch (error) {
     if (!(error instanceof SlowReaderError)) throw error;
-    // The socket is full and nothing drains it: no error event could get through either.
-    run.cancel(error.message);
-    reply.raw.destroy();
+    slowReader(error);
   }
+}
+
+/** A run whose consumer confirms its writes (the market's OrderRun). */
+interface WriteConfirmingRun extends CompletionRun {
+  confirmWrites(): void;
+  readonly handedOut: number;
+  confirmWritten(mark: number): void;
+}
+
+function confirmsWrites(run: CompletionRun): run is WriteConfirmingRun {
+  const candidate = run as Partial<WriteConfirmingRun>;
+  return typeof candidate.confirmWrites === "function" && typeof candidate.confirmWritten === "function";
 }
 
 /** Until the first event, keep the HTTP status open; past `keepAliveMs`, commit and send comments. */

@@ -27,6 +27,13 @@ export function offersFromWire(offers: readonly Offer[], options: { allowEmpty: 
     if (!Number.isFinite(offer.advertisedTokensPerSecond) || offer.advertisedTokensPerSecond < 0) {
       throw new MarketError("invalid_request", `${where}: advertised_tokens_per_second must be ≥ 0.`, where);
     }
+    if (offer.weightsSha256 !== "" && !/^[0-9a-fA-F]{64}$/.test(offer.weightsSha256)) {
+      throw new MarketError(
+        "invalid_request",
+        `${where}: weights_sha256 must be 64 hex digits (the SHA-256 of the weights file) or empty.`,
+        where,
+      );
+    }
     return {
       model: offer.model,
       pricePerMillionInput: offer.pricePerMillionInput,
@@ -42,7 +49,10 @@ export function offersFromWire(offers: readonly Offer[], options: { allowEmpty: 
         logprobs: offer.capabilities?.logprobs ?? false,
         vision: offer.capabilities?.vision ?? false,
         completions: offer.capabilities?.completions ?? false,
+        tokenDetail: offer.capabilities?.tokenDetail ?? false,
       },
+      weightsSha256: offer.weightsSha256.toLowerCase(),
+      engineVersion: offer.engineVersion.slice(0, 200),
     };
   });
 }

@@ -17,7 +17,7 @@ import type { MarketLogger } from "../market/marketplace.js";
 import type { WorkerRegistry } from "../market/registry.js";
 import type { MarketStore } from "../market/store-port.js";
 import { offersFromWire, offersToWire } from "./offers.js";
-import { WorkerSession } from "./worker-session.js";
+import { type SessionTrustHooks, WorkerSession } from "./worker-session.js";
 
 export interface WorkerServiceOptions {
   store: MarketStore;
@@ -37,6 +37,8 @@ export interface WorkerServiceOptions {
    * stream goes away (the worker died or cancelled), so only this one means "shutting down".
    */
   shutdownSignal: AbortSignal;
+  /** Seeds, token detail and audits (server/trust/); absent: none. */
+  trust?: SessionTrustHooks;
 }
 
 export const DEFAULT_HELLO_TIMEOUT_MS = 10_000;
@@ -95,6 +97,7 @@ export function createWorkerService(options: WorkerServiceOptions): ServiceImpl<
         log,
         onCapacity: (changed) => registry.capacityChanged(changed),
         onClose: (closed) => registry.unregister(closed),
+        ...(options.trust ? { trust: options.trust } : {}),
       });
       const replaced = registry.register(session);
       if (replaced instanceof WorkerSession) {

@@ -2,6 +2,7 @@
  * One worker's open stream, as the market sees it: the jobs it runs, their chunk sequences, its
  * liveness. Translates between the wire messages and the core's WorkerConnection / JobSink.
  */
+import { randomInt } from "node:crypto";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import {
   ResponseFormat_Type,
@@ -15,6 +16,7 @@ import {
   type JobChunk,
   JobFailureCode,
   RejectCode,
+  type ScoreResult,
 } from "../../gen/locallmarket/v1/worker_pb.js";
 import { AsyncQueue } from "../market/async-queue.js";
 import type { MarketLogger } from "../market/marketplace.js";
@@ -27,6 +29,8 @@ import {
   type WorkerConnection,
 } from "../market/registry.js";
 import type { OfferRecord } from "../market/store-port.js";
+import type { ReportedToken } from "../trust/statistics.js";
+import type { FinishedDetailJob, JobTrustExtras, ScoringConnection } from "../trust/trust-service.js";
 import { offersFromWire } from "./offers.js";
 
 interface RunningJob {
@@ -38,6 +42,24 @@ interface RunningJob {
   /** Highest sequence announced to the worker in a JobWindow. */
   announced: bigint;
   cancelTimer: NodeJS.Timeout | undefined;
+  /** Set when the job asked for token detail: what an audit needs (trust/trust-service.ts). */
+  detail?: {
+    orderId: string;
+    assign: MessageInitShape<typeof JobAssignSchema>;
+    offer: OfferRecord;
+    text: string;
+    tokenCount: number;
+    tokens: ReportedToken[];
+    startedAt: number;
+  };
+}
+
+/** What the session asks of the trust service (server/trust/trust-service.ts). */
+export interface SessionTrustHooks {
+  /** The job's seed and token-detail request. */
+  prepare(job: JobSpec, tokenDetail: boolean): JobTrustExtras;
+  /** A job that carried token detail ended with JobDone. */
+  finished(job: FinishedDetailJob): void;
 }
 
 const FINISH_REASONS: Record<WireFinishReason, FinishReason> = {
@@ -55,8 +77,11 @@ const RESPONSE_FORMAT_TYPES = {
   json_schema: ResponseFormat_Type.JSON_SCHEMA,
 } as const;
 
-/** The JobAssign for a job, every optional part only when the request uses it. */
-function jobAssign(job: JobSpec): MessageInitShape<typeof JobAssignSchema> {
+/**
+ * The JobAssign for a job, every optional part only when the request uses it. The seed is always
+ * set (the consumer's, else one the control plane drew: `extras`), and token detail when asked.
+ */
+function jobAssign(job: JobSpec, extras?: JobTrustExtras): MessageInitShape<typeof JobAssignSchema> {
   const format = job.responseFormat;
   return {
     jobId: job.jobId,
@@ -70,7 +95,8 @@ function jobAssign(job: JobSpec): MessageInitShape<typeof JobAssignSchema> {
       imageUrls: message.imageUrls ?? [],
     })),
     prompt: job.prompt ?? "",
-    sampling: job.sampling,
+    sampling: { ...job.sampling, seed: extras?.seed ?? job.sampling.seed ?? BigInt(randomInt(0, 2 ** 31)) },
+    ...(extras?.tokenDetail ? { tokenDetail: { topK: extras.tokenDetail.topK } } : {}),
     maxTokens: job.maxTokens,
     deadlineUnixMs: BigInt(job.deadlineUnixMs),
     tools: job.tools ?? [],
@@ -111,6 +137,8 @@ export interface WorkerSessionOptions {
   onCapacity(session: WorkerSession): void;
   /** Called once when the session ends, whatever the reason. */
   onClose(session: WorkerSession): void;
+  /** Seeds, token detail and audits; absent: a random seed and no token detail. */
+  trust?: SessionTrustHooks;
 }
 
 /** A worker silent for this many heartbeat intervals is offline. */
@@ -152,7 +180,7 @@ class SessionLease implements SlotLease {
   }
 }
 
-export class WorkerSession implements WorkerConnection {
+export class WorkerSession implements WorkerConnection, ScoringConnection {
   readonly workerId: string;
   readonly providerAccountId: string;
   readonly name: string;
@@ -162,6 +190,11 @@ export class WorkerSession implements WorkerConnection {
   draining = false;
 
   private readonly jobs = new Map<string, RunningJob>();
+  /** Verifier jobs sent to this worker (ScoreAssign), by score id. */
+  private readonly scores = new Map<
+    string,
+    { resolve: (result: ScoreResult) => void; reject: (error: Error) => void; timer: NodeJS.Timeout }
+  >();
   private reservations = 0;
   private lastMessageAt = Date.now();
   private readonly watchdog: NodeJS.Timeout;
@@ -207,14 +240,30 @@ export class WorkerSession implements WorkerConnection {
       queueMicrotask(() => sink.failed("worker disconnected", "error"));
       return;
     }
+    const offer = this.offers.find((candidate) => candidate.model === job.model);
+    const extras = this.options.trust?.prepare(job, offer?.capabilities.tokenDetail === true);
+    const assign = jobAssign(job, extras);
     this.jobs.set(job.jobId, {
       sink,
       lastSequence: 0n,
       acknowledged: 0n,
       announced: 0n,
       cancelTimer: undefined,
+      ...(extras?.tokenDetail && offer
+        ? {
+            detail: {
+              orderId: job.orderId ?? "",
+              assign,
+              offer,
+              text: "",
+              tokenCount: 0,
+              tokens: [],
+              startedAt: performance.now(),
+            },
+          }
+        : {}),
     });
-    this.send({ case: "jobAssign", value: jobAssign(job) });
+    this.send({ case: "jobAssign", value: assign });
   }
 
   /** The consumer took chunks up to `sequence`; the worker hears of it in batches. */
@@ -284,6 +333,22 @@ export class WorkerSession implements WorkerConnection {
           );
           return;
         }
+        if (job.detail && this.options.trust) {
+          this.options.trust.finished({
+            workerId: this.workerId,
+            orderId: job.detail.orderId,
+            offer: job.detail.offer,
+            assign: job.detail.assign,
+            streamedText: job.detail.text,
+            chunkTokenCount: job.detail.tokenCount,
+            tokenDetails: job.detail.tokens,
+            usage: usage
+              ? { promptTokens: usage.promptTokens, completionTokens: usage.completionTokens }
+              : null,
+            finishReason: FINISH_REASONS[finishReason] ?? "stop",
+            generationMs: performance.now() - job.detail.startedAt,
+          });
+        }
         sink.done(
           FINISH_REASONS[finishReason] ?? "stop",
           usage ? { promptTokens: usage.promptTokens, completionTokens: usage.completionTokens } : null,
@@ -300,6 +365,19 @@ export class WorkerSession implements WorkerConnection {
           `${JobFailureCode[code] ?? "ENGINE_ERROR"}: ${reason}`,
           code === JobFailureCode.OVERLOADED ? "overloaded" : "error",
         );
+        return;
+      }
+      case "scoreResult": {
+        const pending = this.scores.get(message.value.scoreId);
+        if (!pending) {
+          this.log("warn", "protocol error: ScoreResult for an unknown score id", {
+            scoreId: message.value.scoreId,
+          });
+          return;
+        }
+        this.scores.delete(message.value.scoreId);
+        clearTimeout(pending.timer);
+        pending.resolve(message.value);
         return;
       }
       case "goodbye":
@@ -335,21 +413,39 @@ export class WorkerSession implements WorkerConnection {
       return;
     }
     job.lastSequence = sequence;
+    if (job.detail) {
+      job.detail.text += text;
+      job.detail.tokenCount += chunk.tokenCount;
+      for (const detail of chunk.tokenDetails) {
+        job.detail.tokens.push({
+          tokenId: detail.tokenId,
+          logprob: detail.logprob,
+          top: detail.top.map((t) => ({ tokenId: t.tokenId, logprob: t.logprob })),
+        });
+      }
+    }
     job.sink.chunk(
       {
         text,
         tokenCount: chunk.tokenCount,
-        toolCalls: chunk.toolCalls.map((call) => ({
-          index: call.index,
-          ...(call.id ? { id: call.id } : {}),
-          ...(call.name ? { name: call.name } : {}),
-          arguments: call.arguments,
-        })),
-        logprobs: chunk.logprobs.map((entry) => ({
-          token: entry.token,
-          logprob: entry.logprob,
-          topLogprobs: entry.topLogprobs.map((top) => ({ token: top.token, logprob: top.logprob })),
-        })),
+        // Most chunks are text alone: no arrays to copy.
+        toolCalls:
+          chunk.toolCalls.length === 0
+            ? []
+            : chunk.toolCalls.map((call) => ({
+                index: call.index,
+                ...(call.id ? { id: call.id } : {}),
+                ...(call.name ? { name: call.name } : {}),
+                arguments: call.arguments,
+              })),
+        logprobs:
+          chunk.logprobs.length === 0
+            ? []
+            : chunk.logprobs.map((entry) => ({
+                token: entry.token,
+                logprob: entry.logprob,
+                topLogprobs: entry.topLogprobs.map((top) => ({ token: top.token, logprob: top.logprob })),
+              })),
       },
       sequence,
     );
@@ -367,9 +463,37 @@ export class WorkerSession implements WorkerConnection {
       clearTimeout(job.cancelTimer);
       job.sink?.failed(`worker disconnected: ${reason}`, "error");
     }
+    for (const [scoreId, pending] of this.scores) {
+      clearTimeout(pending.timer);
+      pending.reject(new Error(`verifier disconnected before scoring ${scoreId}: ${reason}`));
+    }
+    this.scores.clear();
     this.outbound.end();
     this.log("info", "worker session closed", { reason });
     this.options.onClose(this);
+  }
+
+  /**
+   * Sends a verifier job (ScoreAssign) and resolves with the worker's ScoreResult. Rejects when the
+   * worker does not answer within `timeoutMs` or disconnects. Takes no slot.
+   */
+  scoreTokens(
+    scoreId: string,
+    job: MessageInitShape<typeof JobAssignSchema>,
+    tokenIds: number[],
+    positions: number[],
+    timeoutMs: number,
+  ): Promise<ScoreResult> {
+    if (this.closed) return Promise.reject(new Error("verifier disconnected"));
+    return new Promise<ScoreResult>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.scores.delete(scoreId);
+        reject(new Error(`verifier did not score ${scoreId} within ${timeoutMs} ms`));
+      }, timeoutMs);
+      timer.unref();
+      this.scores.set(scoreId, { resolve, reject, timer });
+      this.send({ case: "scoreAssign", value: { scoreId, job, tokenIds, positions } });
+    });
   }
 
   private checkLiveness(): void {

@@ -294,7 +294,11 @@ export class Marketplace {
       if (!this.admitting) throw shuttingDown();
       for (const candidate of pickWorkers(this.registry, request)) {
         const lease = candidate.connection.reserve(model);
-        if (lease) return { lease, candidate };
+        if (lease) {
+          // On probation this request is the probe: no other one tries the worker meanwhile.
+          this.registry.reputation.reserved(candidate.connection.workerId, model);
+          return { lease, candidate };
+        }
       }
       return null;
     };

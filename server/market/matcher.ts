@@ -30,9 +30,14 @@ export interface RoutingConstraints {
 export interface Candidate {
   connection: WorkerConnection;
   offer: OfferRecord;
-  /** Measured tokens/s, or the advertised figure for a worker not measured yet. */
+  /** Measured tokens/s, or the advertised figure (discounted) for a worker not measured yet. */
   tokensPerSecond: number;
   timeToFirstTokenMs: number;
+  /**
+   * The worker is cooling down (it failed or timed out) or its probation probe is running: it is
+   * offered only when no other worker can serve the request.
+   */
+  cooling: boolean;
   /** Slots in use on the worker when it was picked. */
   load: number;
   /** The completion limit on this worker: the request's, or what its context leaves. */
@@ -119,7 +124,7 @@ export function pickWorkers(registry: WorkerRegistry, request: MatchRequest): Ca
     );
   }
 
-  const excluded = { price: 0, throughput: 0, draining: 0 };
+  const excluded = { price: 0, throughput: 0, draining: 0, suspended: 0 };
   let lacking: { capability: Capability; param: string } | undefined;
   let tooShort = 0;
   const candidates: Candidate[] = [];
@@ -138,6 +143,11 @@ export function pickWorkers(registry: WorkerRegistry, request: MatchRequest): Ca
       excluded.draining++;
       continue;
     }
+    const availability = registry.reputation.availability(connection.workerId, request.model);
+    if (availability === "suspended") {
+      excluded.suspended++;
+      continue;
+    }
     const tooExpensive =
       (constraints.maxPricePerMillionInput !== undefined &&
         offer.pricePerMillionInput > constraints.maxPricePerMillionInput) ||
@@ -147,8 +157,11 @@ export function pickWorkers(registry: WorkerRegistry, request: MatchRequest): Ca
       excluded.price++;
       continue;
     }
-    const tokensPerSecond =
-      registry.measuredTokensPerSecond(connection.workerId) ?? offer.advertisedTokensPerSecond;
+    const tokensPerSecond = registry.reputation.effectiveTokensPerSecond(
+      connection.workerId,
+      request.model,
+      offer.advertisedTokensPerSecond,
+    );
     if (constraints.minTokensPerSecond !== undefined && tokensPerSecond < constraints.minTokensPerSecond) {
       excluded.throughput++;
       continue;
@@ -159,7 +172,9 @@ export function pickWorkers(registry: WorkerRegistry, request: MatchRequest): Ca
       offer,
       maxTokens,
       tokensPerSecond,
-      timeToFirstTokenMs: registry.measuredTimeToFirstTokenMs(connection.workerId) ?? UNMEASURED_TTFT_MS,
+      timeToFirstTokenMs:
+        registry.reputation.timeToFirstTokenMs(connection.workerId, request.model) ?? UNMEASURED_TTFT_MS,
+      cooling: availability === "cooling",
       load: connection.activeJobs,
       worstCaseCostExact: orderCostExact(
         request.promptTokenBound,
@@ -208,6 +223,7 @@ export function pickWorkers(registry: WorkerRegistry, request: MatchRequest): Ca
       excluded.price > 0 ? `${excluded.price} above your max_price` : "",
       excluded.throughput > 0 ? `${excluded.throughput} below your min_throughput` : "",
       excluded.draining > 0 ? `${excluded.draining} draining` : "",
+      excluded.suspended > 0 ? `${excluded.suspended} suspended` : "",
     ].filter(Boolean);
     throw new MarketError(
       "no_capacity",
@@ -216,6 +232,10 @@ export function pickWorkers(registry: WorkerRegistry, request: MatchRequest): Ca
     );
   }
 
+  // A cooling worker costs the consumer a failure or a whole first-token timeout: it is skipped
+  // while any other worker can serve (even a busy one: the request waits for it in the queue).
+  const warm = candidates.filter((candidate) => !candidate.cooling);
+  if (warm.length > 0) candidates.splice(0, candidates.length, ...warm);
   candidates.sort(compareCandidates(constraints.sort));
   if (constraints.order.length > 0) {
     const rank = (candidate: Candidate) => {

@@ -22,6 +22,7 @@ import type { TokenLogprob, ToolCallDelta } from "../../common/generation.js";
 import { MarketError } from "./errors.js";
 import type { Candidate } from "./matcher.js";
 import type { FinishReason, JobPiece, JobSink, JobSpec, SlotLease, WorkerRegistry } from "./registry.js";
+import type { AttemptWatch } from "./reputation.js";
 import type { MarketStore, OrderCheckpoint, OrderRecord } from "./store-port.js";
 
 export interface MarketLogger {
@@ -80,7 +81,8 @@ interface Attempt {
   jobId: string;
   lease: SlotLease;
   candidate: Candidate;
-  assignedAt: number;
+  /** Times the attempt's chunks and reports how it ended to the worker's reputation. */
+  watch: AttemptWatch;
 }
 
 interface Delta {
@@ -127,6 +129,13 @@ export class OrderRun implements AsyncIterable<RunEvent> {
   private readonly buffer: Delta[] = [];
   /** The delta the consumer is writing now: counted as delivered when it asks for the next. */
   private inFlight: Delta | null = null;
+  /** Whether the consumer confirms its writes itself ({@link confirmWrites}). */
+  private confirmsWrites = false;
+  /** With confirmWrites: deltas handed out and not yet confirmed written, oldest first. */
+  private readonly unconfirmed: Delta[] = [];
+  /** With confirmWrites: deltas handed out so far. */
+  private handedOutCount = 0;
+  private wakeConfirmed: (() => void) | null = null;
   /** Tokens accepted from the current attempt's chunks (platform count). */
   private relayedTokens = 0;
   /** Tokens the consumer has taken. */
@@ -173,6 +182,7 @@ export class OrderRun implements AsyncIterable<RunEvent> {
       if (!this.settling) {
         this.buffer.length = 0;
         void this.settle();
+        this.wakeConfirmedWaiter();
       }
       return;
     }
@@ -205,21 +215,57 @@ export class OrderRun implements AsyncIterable<RunEvent> {
     return { next: () => this.next() };
   }
 
+  /**
+   * From now on the consumer confirms what it has written with {@link confirmWritten}, instead of
+   * by asking for the next event: a consumer that coalesces its writes asks for more before it has
+   * written. A delta still counts as delivered (and is billed) only once confirmed written, and the
+   * order settles only once every delta handed out is confirmed, or the consumer is gone.
+   */
+  confirmWrites(): void {
+    this.deliverInFlight();
+    this.confirmsWrites = true;
+  }
+
+  /** How many deltas were handed out so far: the mark to pass to {@link confirmWritten}. */
+  get handedOut(): number {
+    return this.handedOutCount;
+  }
+
+  /** The consumer has written (to its socket) everything for the first `mark` deltas handed out. */
+  confirmWritten(mark: number): void {
+    while (this.unconfirmed.length > 0 && this.handedOutCount - this.unconfirmed.length < mark) {
+      this.deliver(this.unconfirmed.shift() as Delta);
+    }
+    if (this.unconfirmed.length === 0) this.wakeConfirmedWaiter();
+  }
+
   // --- consumer side --------------------------------------------------------------------------
 
   private async next(): Promise<IteratorResult<RunEvent>> {
-    this.deliverInFlight();
+    if (!this.confirmsWrites) this.deliverInFlight();
     for (;;) {
       if (this.terminalTaken) return { value: undefined, done: true };
       const delta = this.outcome?.status === "cancelled" ? undefined : this.buffer.shift();
       if (delta) {
-        this.inFlight = delta;
+        if (this.confirmsWrites) {
+          this.unconfirmed.push(delta);
+          this.handedOutCount += 1;
+        } else {
+          this.inFlight = delta;
+        }
         return {
           value: { type: "delta", text: delta.text, toolCalls: delta.toolCalls, logprobs: delta.logprobs },
           done: false,
         };
       }
       if (this.outcome) {
+        // Billing counts what was written: wait for the consumer's last writes to be confirmed
+        // (or for the consumer to be gone, which starts the settlement).
+        while (this.unconfirmed.length > 0 && !this.settling) {
+          await new Promise<void>((resolve) => {
+            this.wakeConfirmed = resolve;
+          });
+        }
         await this.settle();
         this.terminalTaken = true;
         return { value: this.terminal as RunEvent, done: false };
@@ -234,9 +280,19 @@ export class OrderRun implements AsyncIterable<RunEvent> {
     const delta = this.inFlight;
     if (!delta) return;
     this.inFlight = null;
+    this.deliver(delta);
+  }
+
+  private deliver(delta: Delta): void {
     if (this.outcome?.status === "cancelled") return;
     this.deliveredTokens += delta.tokens;
     if (delta.attempt === this.attempt) delta.attempt.lease.acknowledge(delta.sequence);
+  }
+
+  private wakeConfirmedWaiter(): void {
+    const wake = this.wakeConfirmed;
+    this.wakeConfirmed = null;
+    wake?.();
   }
 
   private notify(): void {
@@ -254,20 +310,21 @@ export class OrderRun implements AsyncIterable<RunEvent> {
       jobId: newJobId(),
       lease: acquired.lease,
       candidate: acquired.candidate,
-      assignedAt: Date.now(),
+      watch: this.deps.registry.reputation.watch(acquired.candidate.connection.workerId, this.model),
     };
     this.attempt = attempt;
     this.transition("dispatched", `attempt ${attempt.n} on ${acquired.candidate.connection.workerId}`, from);
     clearTimeout(this.firstTokenTimer);
-    this.firstTokenTimer = setTimeout(
-      () => this.attemptFailed(attempt, `no token within ${this.deps.firstTokenTimeoutMs} ms`, "error"),
-      this.deps.firstTokenTimeoutMs,
-    );
+    this.firstTokenTimer = setTimeout(() => {
+      if (this.attempt === attempt && !this.outcome) attempt.watch.end("timeout");
+      this.attemptFailed(attempt, `no token within ${this.deps.firstTokenTimeoutMs} ms`, "error");
+    }, this.deps.firstTokenTimeoutMs);
     this.firstTokenTimer.unref();
     attempt.lease.assign(
       {
         ...this.input.job,
         jobId: attempt.jobId,
+        orderId: this.orderId,
         maxTokens: this.order.maxTokens,
         deadlineUnixMs: this.createdAt.getTime() + this.deps.jobTimeoutMs,
       },
@@ -322,6 +379,7 @@ export class OrderRun implements AsyncIterable<RunEvent> {
       return;
     }
     const counted = Math.min(claimed, bytes, room);
+    attempt.watch.chunk(counted);
     this.relayedTokens += counted;
     if (text === "" && toolCalls.length === 0 && logprobs.length === 0) {
       // Nothing for the consumer; acknowledge at once so the window keeps moving.
@@ -354,6 +412,7 @@ export class OrderRun implements AsyncIterable<RunEvent> {
    */
   private attemptFailed(attempt: Attempt, message: string, kind: "overloaded" | "error"): void {
     if (this.attempt !== attempt || this.outcome) return;
+    attempt.watch.end(kind === "overloaded" ? "neutral" : "error");
     const workerId = attempt.candidate.connection.workerId;
     this.deps.log.warn(
       { orderId: this.orderId, jobId: attempt.jobId, workerId, reason: message },
@@ -467,6 +526,13 @@ export class OrderRun implements AsyncIterable<RunEvent> {
     const from = this.state;
     this.outcome = outcome;
     this.transition(outcome.status, reason, from);
+    this.attempt?.watch.end(
+      outcome.status === "completed"
+        ? "success"
+        : outcome.status === "failed" && outcome.error?.code !== "shutting_down"
+          ? "error"
+          : "neutral",
+    );
     clearTimeout(this.firstTokenTimer);
     clearTimeout(this.jobTimer);
     if (this.attempt && outcome.status !== "completed") this.attempt.lease.cancel(reason);
@@ -528,7 +594,7 @@ export class OrderRun implements AsyncIterable<RunEvent> {
         backoffMs = Math.min(backoffMs * 2, MAX_SETTLE_BACKOFF_MS);
       }
     }
-    this.afterSettlement(outcome);
+    this.afterSettlement();
     this.terminal = this.terminalEvent(outcome, this.order);
     return this.order;
   }
@@ -542,7 +608,7 @@ export class OrderRun implements AsyncIterable<RunEvent> {
       await new Promise((resolve) => setTimeout(resolve, backoffMs + Math.random() * backoffMs));
       try {
         this.order = await this.deps.store.settleOrder(this.orderId, input);
-        this.afterSettlement(this.outcome as Outcome);
+        this.afterSettlement();
         return;
       } catch (error) {
         this.deps.log.error({ orderId: this.orderId, err: String(error) }, "settlement failed; retrying");
@@ -587,16 +653,7 @@ export class OrderRun implements AsyncIterable<RunEvent> {
     } satisfies Parameters<MarketStore["settleOrder"]>[1];
   }
 
-  private afterSettlement(outcome: Outcome): void {
-    const attempt = this.attempt;
-    if (outcome.status === "completed" && attempt && this.firstTokenAt) {
-      const finishedAt = this.order.finishedAt ?? new Date();
-      this.deps.registry.recordJob(attempt.candidate.connection.workerId, {
-        tokens: this.relayedTokens,
-        generationMs: finishedAt.getTime() - this.firstTokenAt.getTime(),
-        timeToFirstTokenMs: this.firstTokenAt.getTime() - attempt.assignedAt,
-      });
-    }
+  private afterSettlement(): void {
     if (this.trustSignals.length > 0) {
       this.deps.log.warn(
         { orderId: this.orderId, workerId: this.order.workerId, signals: this.trustSignals },

@@ -4,6 +4,7 @@
  * open stream and the marketplace reads from here.
  */
 import type { TokenLogprob, ToolCallDelta } from "../../common/generation.js";
+import { type ReputationOptions, ReputationTracker } from "./reputation.js";
 import type { OfferRecord } from "./store-port.js";
 
 export type FinishReason = "stop" | "length" | "content_filter" | "cancelled" | "tool_calls";
@@ -50,6 +51,8 @@ export interface Capabilities {
   logprobs: boolean;
   vision: boolean;
   completions: boolean;
+  /** Token ids with logprobs on request (audits); absent means no. */
+  tokenDetail?: boolean;
 }
 
 export type Capability = keyof Capabilities;
@@ -95,6 +98,8 @@ export interface GenerationSpec {
 
 export interface JobSpec extends GenerationSpec {
   jobId: string;
+  /** The order the job serves (audits are recorded against it). */
+  orderId?: string;
   model: string;
   maxTokens: number;
   deadlineUnixMs: number;
@@ -146,20 +151,16 @@ export function capacityOf(offer: OfferRecord): number {
   return Math.max(1, offer.maxConcurrency);
 }
 
-/** Throughput the platform measured on a worker's recent jobs (exponential moving average). */
-interface Measurements {
-  tokensPerSecond: number | null;
-  timeToFirstTokenMs: number | null;
-  jobs: number;
-}
-
-const SMOOTHING = 0.3;
-
 export class WorkerRegistry {
+  /** What the platform measured of each worker per model; survives reconnects, not restarts. */
+  readonly reputation: ReputationTracker;
   private readonly connections = new Map<string, WorkerConnection>();
-  private readonly measurements = new Map<string, Measurements>();
   private readonly waiters = new Map<string, ((connection: WorkerConnection) => void)[]>();
   private readonly capacityListeners: ((connection: WorkerConnection) => void)[] = [];
+
+  constructor(reputation: ReputationOptions = {}) {
+    this.reputation = new ReputationTracker(reputation);
+  }
 
   /** Called whenever a connection may have a free slot: it registered, freed a slot or changed offers. */
   onCapacity(listener: (connection: WorkerConnection) => void): void {
@@ -206,36 +207,18 @@ export class WorkerRegistry {
     return [...this.connections.values()];
   }
 
-  /** Measured tokens/s for a worker, or null before its first measured job. */
-  measuredTokensPerSecond(workerId: string): number | null {
-    return this.measurements.get(workerId)?.tokensPerSecond ?? null;
-  }
-
-  measuredTimeToFirstTokenMs(workerId: string): number | null {
-    return this.measurements.get(workerId)?.timeToFirstTokenMs ?? null;
-  }
-
-  /** Records one finished job's measured speed. Jobs too short to time are ignored. */
-  recordJob(
-    workerId: string,
-    sample: { tokens: number; generationMs: number; timeToFirstTokenMs: number },
-  ): void {
-    const current = this.measurements.get(workerId) ?? {
-      tokensPerSecond: null,
-      timeToFirstTokenMs: null,
-      jobs: 0,
-    };
-    const blend = (old: number | null, value: number) =>
-      old === null ? value : old + SMOOTHING * (value - old);
-    if (sample.tokens >= 2 && sample.generationMs > 0) {
-      // The first token's latency is TTFT, so speed counts the tokens after it.
-      current.tokensPerSecond = blend(
-        current.tokensPerSecond,
-        ((sample.tokens - 1) * 1000) / sample.generationMs,
-      );
+  /**
+   * Measured tokens/s for a worker's offer of `model` (or its best measured offer when no model is
+   * given), or null before a measured job.
+   */
+  measuredTokensPerSecond(workerId: string, model?: string): number | null {
+    const models =
+      model !== undefined ? [model] : (this.connections.get(workerId)?.offers ?? []).map((o) => o.model);
+    let best: number | null = null;
+    for (const name of models) {
+      const tps = this.reputation.tokensPerSecond(workerId, name);
+      if (tps !== null && (best === null || tps > best)) best = tps;
     }
-    current.timeToFirstTokenMs = blend(current.timeToFirstTokenMs, sample.timeToFirstTokenMs);
-    current.jobs += 1;
-    this.measurements.set(workerId, current);
+    return best;
   }
 }

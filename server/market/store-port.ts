@@ -69,6 +69,10 @@ export interface OfferRecord {
   quantization: string;
   engine: string;
   capabilities: Capabilities;
+  /** SHA-256 of the weights file (Offer.weights_sha256), lowercase hex; absent or "" when undeclared. */
+  weightsSha256?: string;
+  /** The engine's version (Offer.engine_version); absent or "" when undeclared. */
+  engineVersion?: string;
 }
 
 export interface WorkerRecord {

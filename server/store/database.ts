@@ -1,18 +1,23 @@
 /**
- * Opens the database: an external PostgreSQL when a URL is given, otherwise an embedded PGlite
- * that MikroORM reaches with its ordinary PostgreSQL driver through a unix socket only this user can
- * open. The embedded data dir is locked first, so a second server on it refuses to start.
- * Pending migrations run before the handle is returned.
+ * Opens the database: an external PostgreSQL when a URL is given, otherwise an embedded PGlite,
+ * running in a worker thread of its own (embedded-database.ts), that MikroORM reaches with its
+ * ordinary PostgreSQL driver through a unix socket only this user can open. The embedded data dir
+ * is locked first, so a second server on it refuses to start. Pending migrations run before the
+ * handle is returned.
  */
 import { Buffer } from "node:buffer";
-import { chmod, lstat, mkdir, mkdtemp, rm } from "node:fs/promises";
+import { access, chmod, lstat, mkdir, mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
-import { PGlite } from "@electric-sql/pglite";
-import { PGLiteSocketServer } from "@electric-sql/pglite-socket";
+import type { Worker } from "node:worker_threads";
 import { Migrator } from "@mikro-orm/migrations";
 import { MikroORM, type Options } from "@mikro-orm/postgresql";
 import { acquireDataDirLock } from "./data-dir-lock.js";
+import {
+  type EmbeddedDatabaseCrashedError,
+  initEmbeddedDataDir,
+  serveEmbeddedDatabase,
+} from "./embedded-database.js";
 import { entities } from "./entities.js";
 import { migrationsList } from "./migrations/index.js";
 
@@ -24,6 +29,14 @@ export interface OpenDatabaseOptions {
   debug?: boolean;
   /** Told about things an operator should know (a stale lock taken over, a socket moved to tmp). */
   warn?: (message: string) => void;
+  /** Told what a slow step is doing (creating a fresh embedded database); stderr by default. */
+  progress?: (message: string) => void;
+  /**
+   * Called once if the embedded database's thread ends on its own: nothing can be stored any more.
+   * By default the error is printed and the process exits with status 1, so a supervisor can
+   * restart it (the next start settles what was running from its checkpoints).
+   */
+  onCrash?: (error: EmbeddedDatabaseCrashedError) => void;
 }
 
 export interface Database {
@@ -33,6 +46,8 @@ export interface Database {
   description: string;
   /** The embedded database's unix socket, which only this user can reach; unset for PostgreSQL. */
   socketPath?: string;
+  /** The embedded database's thread; unset for PostgreSQL. Tests end it to play a crash. */
+  thread?: Worker;
 }
 
 /**
@@ -51,13 +66,24 @@ export async function openDatabase(options: OpenDatabaseOptions): Promise<Databa
     return { orm, close: () => orm.close(), description: describeUrl(options.databaseUrl) };
   }
   const warn = options.warn ?? ((message: string) => process.stderr.write(`warning: ${message}\n`));
-  return openEmbedded(resolve(options.dataDir), debug, warn);
+  return openEmbedded(resolve(options.dataDir), debug, warn, {
+    progress: options.progress ?? ((message: string) => process.stderr.write(`${message}\n`)),
+    onCrash: options.onCrash ?? exitOnCrash,
+  });
+}
+
+/** What a server does when its embedded database dies under it: say so clearly and stop. */
+function exitOnCrash(error: EmbeddedDatabaseCrashedError): void {
+  process.stderr.write(`error: ${error.message}\n`);
+  // The data dir's lock is removed by its exit hook.
+  process.exit(1);
 }
 
 async function openEmbedded(
   dataDir: string,
   debug: boolean,
   warn: (message: string) => void,
+  hooks: Required<Pick<OpenDatabaseOptions, "progress" | "onCrash">>,
 ): Promise<Database> {
   const pgdata = join(dataDir, "pgdata");
   await mkdir(pgdata, { recursive: true });
@@ -90,12 +116,12 @@ async function openEmbedded(
     // A crash leaves the socket file behind and listen() would fail on it; holding the lock
     // means no live server owns it.
     await rm(socketPath, { force: true });
-    const pglite = await PGlite.create(pgdata);
-    cleanups.push(() => pglite.close());
-    // One connection, as the pool below: PGlite is a single session.
-    const server = new PGLiteSocketServer({ db: pglite, path: socketPath, maxConnections: 1 });
-    await server.start();
-    cleanups.push(() => server.stop());
+    if (!(await exists(join(pgdata, "PG_VERSION")))) {
+      hooks.progress(`creating the embedded database in ${pgdata} (first start; a few seconds)…`);
+      await initEmbeddedDataDir(pgdata);
+    }
+    const thread = await serveEmbeddedDatabase(pgdata, socketPath, hooks.onCrash);
+    cleanups.push(() => thread.close());
     const orm = await openOrm(
       {
         host: socketDir.path,
@@ -110,7 +136,13 @@ async function openEmbedded(
       debug,
     );
     cleanups.push(() => orm.close());
-    return { orm, description: `embedded PGlite at ${pgdata}`, socketPath, close: cleanUp };
+    return {
+      orm,
+      description: `embedded PGlite at ${pgdata}`,
+      socketPath,
+      thread: thread.worker,
+      close: cleanUp,
+    };
   } catch (error) {
     // The error that stopped the start matters more than one from undoing it.
     await cleanUp().catch(() => {});
@@ -176,6 +208,15 @@ async function openOrm(connection: Options, debug: boolean): Promise<MikroORM> {
     throw error;
   }
   return orm;
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await access(path);
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 function describeUrl(databaseUrl: string): string {

@@ -121,6 +121,7 @@ export const LEDGER_TRANSACTION_KINDS = [
   "reassign",
   "settle",
   "release",
+  "clawback",
 ] as const;
 export type LedgerTransactionKind = (typeof LEDGER_TRANSACTION_KINDS)[number];
 

@@ -8,7 +8,7 @@ import { LockMode, QueryOrder } from "@mikro-orm/core";
 import type { EntityManager } from "@mikro-orm/postgresql";
 import { formatCredits } from "../../common/credits.js";
 import { MarketError } from "../market/errors.js";
-import { EXTERNAL_ACCOUNT_ID, PLATFORM_ACCOUNT_ID } from "../market/store-port.js";
+import { EXTERNAL_ACCOUNT_ID } from "../market/store-port.js";
 import {
   Account,
   type Book,
@@ -131,31 +131,8 @@ export function releaseHold(accountId: string, amount: bigint): Posting[] {
   ];
 }
 
-/**
- * Settles a hold: the provider's share (cost − fee) goes to its pending book until it matures, the
- * platform gets the fee, and the unused part of the hold returns to the consumer's available book.
- */
-export function postHold(input: {
-  consumerAccountId: string;
-  providerAccountId: string | null;
-  hold: bigint;
-  cost: bigint;
-  fee: bigint;
-}): Posting[] {
-  const providerShare = input.cost - input.fee;
-  const postings: Posting[] = [
-    { accountId: input.consumerAccountId, book: "held", amount: -input.hold },
-    { accountId: input.consumerAccountId, book: "available", amount: input.hold - input.cost },
-    { accountId: PLATFORM_ACCOUNT_ID, book: "available", amount: input.fee },
-  ];
-  if (providerShare > 0n) {
-    if (input.providerAccountId === null) {
-      throw new MarketError("internal", "Cannot pay a provider share: the order has no provider.");
-    }
-    postings.push({ accountId: input.providerAccountId, book: "pending", amount: providerShare });
-  }
-  return postings;
-}
+// An order's hold and its settlement (held → provider pending, platform fee, change back) are
+// posted by the SQL of Migration20251125000000_ledger_hot_path, in the same shape as these.
 
 /** A matured earning becomes withdrawable: pending → available. */
 export function releaseEarning(accountId: string, amount: bigint): Posting[] {

@@ -5,18 +5,20 @@
  * transaction that locks the order row first (when there is one), then the involved account rows
  * in id order, writes a balanced ledger transaction and updates the cached balances. Settlement
  * computes the bill there too, from the locked order row: the caller only says how many tokens.
+ *
+ * Opening and settling orders, the per-request path, skip the ORM: they are SQL functions
+ * (./hot-path.ts, Migration20251125000000_ledger_hot_path) that follow the same locking order, and
+ * concurrent ones share one transaction (group commit, ./group-commit.ts).
  */
 import {
   ForeignKeyConstraintViolationException,
   IsolationLevel,
   LockMode,
   QueryOrder,
-  UniqueConstraintViolationException,
 } from "@mikro-orm/core";
 import type { EntityManager, MikroORM } from "@mikro-orm/postgresql";
 import { formatCredits } from "../../common/credits.js";
-import { MarketError } from "../market/errors.js";
-import { orderCost, platformFee } from "../market/money.js";
+import { isMarketError, MarketError } from "../market/errors.js";
 import {
   type AccountRecord,
   type ApiKeyRecord,
@@ -28,7 +30,6 @@ import {
   type OpenOrderInput,
   type OrderCheckpoint,
   type OrderRecord,
-  PLATFORM_ACCOUNT_ID,
   type ReassignOrderInput,
   type RoutingDefaults,
   type SettleOrderInput,
@@ -38,10 +39,24 @@ import {
 } from "../market/store-port.js";
 import { Account, ApiKey, type Book, IdempotencyKey, Order, PendingEarning, Worker } from "./entities.js";
 import {
+  DEFAULT_MAX_BATCH,
+  DEFAULT_MAX_IN_FLIGHT,
+  DEFAULT_MAX_WAIT_MS,
+  GroupCommitter,
+} from "./group-commit.js";
+import {
+  type LedgerItem,
+  type LedgerOutcome,
+  openItem,
+  orderOrError,
+  runLedgerBatch,
+  settleItem,
+  sqlState,
+} from "./hot-path.js";
+import {
   depositPostings,
   lockAccounts,
   placeHold,
-  postHold,
   recordTransaction,
   releaseEarning,
   releaseHold,
@@ -75,6 +90,19 @@ export interface SqlMarketStoreOptions {
    * otherwise.
    */
   onClose?: () => Promise<void>;
+  /** How opens and settlements from concurrent orders share transactions (see group-commit.ts). */
+  groupCommit?: GroupCommitSettings;
+}
+
+export interface GroupCommitSettings {
+  /** The most opens and settlements in one transaction. Default 128. */
+  maxBatch?: number;
+  /** The longest one waits for a batch in flight before another starts alongside. Default 5 ms. */
+  maxWaitMs?: number;
+  /** The most batches in flight at once. Default 4. */
+  maxInFlight?: number;
+  /** Called before each batch runs, which waits for it: lets a test hold a batch in flight. */
+  beforeBatch?: (size: number) => Promise<void> | void;
 }
 
 const DEFAULT_SETTLE_AFTER_MS = 24 * 60 * 60 * 1000;
@@ -85,6 +113,9 @@ const RELEASE_GRACE_MS = 5 * 60 * 1000;
 /** Token counts live in `integer` columns. */
 const MAX_INT32 = 2_147_483_647;
 const MAX_FEE_BASIS_POINTS = 10_000;
+/** PostgreSQL's SQLSTATEs for a unique and a foreign-key violation. */
+const UNIQUE_VIOLATION = "23505";
+const FOREIGN_KEY_VIOLATION = "23503";
 
 type OpenedAccount = Awaited<ReturnType<MarketStore["openAccount"]>>;
 
@@ -99,6 +130,7 @@ export class SqlMarketStore implements MarketStore {
   private closed = false;
   private readonly settleAfterMs: number;
   private readonly onClose: () => Promise<void>;
+  private readonly ledger: GroupCommitter<LedgerItem, LedgerOutcome>;
 
   constructor(
     private readonly orm: MikroORM,
@@ -109,6 +141,14 @@ export class SqlMarketStore implements MarketStore {
       throw new Error(`settleAfterMs must be a non-negative integer, got ${this.settleAfterMs}.`);
     }
     this.onClose = options.onClose ?? (async () => {});
+    const groupCommit = options.groupCommit ?? {};
+    this.ledger = new GroupCommitter({
+      runBatch: (items) => runLedgerBatch(this.orm, items),
+      maxBatch: groupCommit.maxBatch ?? DEFAULT_MAX_BATCH,
+      maxWaitMs: groupCommit.maxWaitMs ?? DEFAULT_MAX_WAIT_MS,
+      maxInFlight: groupCommit.maxInFlight ?? DEFAULT_MAX_IN_FLIGHT,
+      beforeBatch: groupCommit.beforeBatch,
+    });
   }
 
   // Accounts and credentials.
@@ -462,53 +502,19 @@ export class SqlMarketStore implements MarketStore {
         `Order ${input.id} has a fee of ${input.feeBasisPoints} basis points (need 0 to ${MAX_FEE_BASIS_POINTS}).`,
       );
     }
+    // One statement, batched with concurrent opens and settlements: the function locks both
+    // accounts (the order row references the provider's too), checks the balance, inserts the order
+    // and writes the hold, or answers why not.
+    const item = openItem(input, new Date());
     try {
-      const order = await this.transaction(async (em) => {
-        // The provider is locked too: the order row references it, and a row referenced in the
-        // transaction must not be locked by a concurrent one in the opposite order.
-        const accounts = await lockAccounts(em, [input.consumerAccountId, input.providerAccountId]);
-        requireAvailable(accounts.get(input.consumerAccountId) as Account, input.hold);
-        const order = em.create(Order, {
-          id: input.id,
-          consumerAccount: input.consumerAccountId,
-          apiKey: input.apiKeyId,
-          model: input.model,
-          worker: input.workerId,
-          providerAccount: input.providerAccountId,
-          status: "running",
-          pricePerMillionInput: input.pricePerMillionInput,
-          pricePerMillionOutput: input.pricePerMillionOutput,
-          hold: input.hold,
-          maxTokens: input.maxTokens,
-          promptTokenBound: input.promptTokenBound,
-          feeBasisPoints: input.feeBasisPoints,
-          promptTokens: 0,
-          completionTokens: 0,
-          reportedPromptTokens: null,
-          reportedCompletionTokens: null,
-          trustSignals: [],
-          cost: 0n,
-          fee: 0n,
-          finishReason: null,
-          error: null,
-          createdAt: new Date(),
-          firstTokenAt: null,
-          finishedAt: null,
-        });
-        // Written even for a free order (no entries), so every order's life is in the ledger.
-        recordTransaction(em, accounts, {
-          kind: "hold",
-          orderId: order.id,
-          postings: placeHold(input.consumerAccountId, input.hold),
-        });
-        return order;
-      });
-      return toOrderRecord(order);
+      return orderOrError(item, await this.ledger.submit(item));
     } catch (error) {
-      if (error instanceof UniqueConstraintViolationException) {
+      if (isMarketError(error)) throw error;
+      // Raced past the function's own checks (another transaction inserted the same id meanwhile).
+      if (sqlState(error) === UNIQUE_VIOLATION) {
         throw new MarketError("conflict", `Order ${input.id} already exists.`);
       }
-      if (error instanceof ForeignKeyConstraintViolationException) {
+      if (sqlState(error) === FOREIGN_KEY_VIOLATION) {
         throw new MarketError("not_found", `Order ${input.id} refers to an unknown API key or worker.`);
       }
       throw error;
@@ -552,71 +558,33 @@ export class SqlMarketStore implements MarketStore {
     if ((input.status as string) === "running") {
       throw new MarketError("internal", `Order ${orderId} cannot be settled as running.`);
     }
+    // The bill is computed by the database from the locked order row (see the migration); here
+    // only what it cannot know: counts clamped to what an integer column holds (the order's bounds
+    // cap them there), text PostgreSQL can store, the finishing time and when the earning matures.
+    const finishedAt = validDate(input.finishedAt) ?? new Date();
+    const item = settleItem(
+      orderId,
+      {
+        status: input.status,
+        promptTokens: clampCount(input.promptTokens, MAX_INT32),
+        completionTokens: clampCount(input.completionTokens, MAX_INT32),
+        reportedPromptTokens: reportedCount(input.reportedPromptTokens),
+        reportedCompletionTokens: reportedCount(input.reportedCompletionTokens),
+        trustSignals: input.trustSignals.filter((signal) => typeof signal === "string").map(storable),
+        finishReason: input.finishReason === null ? null : storable(input.finishReason),
+        error: input.error === null ? null : storable(input.error),
+        firstTokenAt: validDate(input.firstTokenAt)?.toISOString() ?? null,
+        finishedAt: finishedAt.toISOString(),
+        maturesAt: new Date(finishedAt.getTime() + this.settleAfterMs).toISOString(),
+      },
+      new Date(),
+    );
     try {
-      const order = await this.transaction(async (em) => {
-        const order = await lockOrder(em, orderId);
-        // Already final: the first settlement stands (this is what makes settling idempotent).
-        if (order.status !== "running") return order;
-        // The bill comes from the locked row alone; the counts are clamped to the bounds agreed
-        // at admission, so no count the core passes can fail the settlement or exceed the hold.
-        const promptTokens = clampCount(input.promptTokens, order.promptTokenBound);
-        const completionTokens = clampCount(input.completionTokens, order.maxTokens);
-        let cost = orderCost(
-          promptTokens,
-          completionTokens,
-          order.pricePerMillionInput,
-          order.pricePerMillionOutput,
-        );
-        if (cost > order.hold) cost = order.hold;
-        const fee = platformFee(cost, order.feeBasisPoints);
-        const finishedAt = validDate(input.finishedAt) ?? new Date();
-
-        const accountIds = [order.consumerAccount, PLATFORM_ACCOUNT_ID];
-        if (order.providerAccount) accountIds.push(order.providerAccount);
-        const accounts = await lockAccounts(em, accountIds);
-        recordTransaction(em, accounts, {
-          kind: "settle",
-          orderId,
-          // At most one settlement per order, enforced by the unique index too.
-          idempotencyKey: `settle/${orderId}`,
-          postings: postHold({
-            consumerAccountId: order.consumerAccount,
-            providerAccountId: order.providerAccount ?? null,
-            hold: order.hold,
-            cost,
-            fee,
-          }),
-        });
-        if (cost - fee > 0n && order.providerAccount) {
-          em.create(PendingEarning, {
-            order: orderId,
-            account: order.providerAccount,
-            amount: cost - fee,
-            maturesAt: new Date(finishedAt.getTime() + this.settleAfterMs),
-            releasedAt: null,
-          });
-        }
-
-        order.status = input.status;
-        order.promptTokens = promptTokens;
-        order.completionTokens = completionTokens;
-        order.reportedPromptTokens = reportedCount(input.reportedPromptTokens);
-        order.reportedCompletionTokens = reportedCount(input.reportedCompletionTokens);
-        order.trustSignals = input.trustSignals.filter((signal) => typeof signal === "string").map(storable);
-        order.cost = cost;
-        order.fee = fee;
-        order.finishReason = input.finishReason === null ? null : storable(input.finishReason);
-        order.error = input.error === null ? null : storable(input.error);
-        order.firstTokenAt = validDate(input.firstTokenAt) ?? order.firstTokenAt ?? null;
-        order.finishedAt = finishedAt;
-        return order;
-      });
-      return toOrderRecord(order);
+      return orderOrError(item, await this.ledger.submit(item));
     } catch (error) {
+      if (isMarketError(error)) throw error;
       // A concurrent settlement won the unique settle key: its result is the order's.
-      if (error instanceof UniqueConstraintViolationException) {
-        return (await this.getOrder(orderId)) as OrderRecord;
-      }
+      if (sqlState(error) === UNIQUE_VIOLATION) return (await this.getOrder(orderId)) as OrderRecord;
       throw error;
     }
   }
@@ -693,6 +661,8 @@ export class SqlMarketStore implements MarketStore {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    // Opens and settlements already submitted finish before the database goes away.
+    await this.ledger.drain();
     await this.onClose();
   }
 

@@ -116,3 +116,68 @@ export function toOrderRecord(order: Order): OrderRecord {
     finishedAt: order.finishedAt ?? null,
   };
 }
+
+/**
+ * An order row as the hot path's SQL function returns it (market_ledger_batch): bigints as decimal
+ * strings, times as epoch milliseconds in decimal strings, null where the column is null.
+ */
+export interface OrderJson {
+  id: string;
+  consumerAccountId: string;
+  apiKeyId: string;
+  model: string;
+  workerId: string | null;
+  providerAccountId: string | null;
+  status: Order["status"];
+  pricePerMillionInput: string;
+  pricePerMillionOutput: string;
+  hold: string;
+  maxTokens: number;
+  promptTokenBound: number;
+  feeBasisPoints: number;
+  promptTokens: number;
+  completionTokens: number;
+  reportedPromptTokens: string | null;
+  reportedCompletionTokens: string | null;
+  trustSignals: string[];
+  cost: string;
+  fee: string;
+  finishReason: string | null;
+  error: string | null;
+  createdAt: string;
+  firstTokenAt: string | null;
+  finishedAt: string | null;
+}
+
+/** The same record toOrderRecord makes of the entity, field for field. */
+export function orderRecordFromJson(order: OrderJson): OrderRecord {
+  const date = (ms: string | null) => (ms === null ? null : new Date(Number(ms)));
+  return {
+    id: order.id,
+    consumerAccountId: order.consumerAccountId,
+    apiKeyId: order.apiKeyId,
+    model: order.model,
+    workerId: order.workerId,
+    providerAccountId: order.providerAccountId,
+    status: order.status,
+    pricePerMillionInput: BigInt(order.pricePerMillionInput),
+    pricePerMillionOutput: BigInt(order.pricePerMillionOutput),
+    hold: BigInt(order.hold),
+    maxTokens: order.maxTokens,
+    promptTokenBound: order.promptTokenBound,
+    feeBasisPoints: order.feeBasisPoints,
+    promptTokens: order.promptTokens,
+    completionTokens: order.completionTokens,
+    reportedPromptTokens: order.reportedPromptTokens === null ? null : Number(order.reportedPromptTokens),
+    reportedCompletionTokens:
+      order.reportedCompletionTokens === null ? null : Number(order.reportedCompletionTokens),
+    trustSignals: [...order.trustSignals],
+    cost: BigInt(order.cost),
+    fee: BigInt(order.fee),
+    finishReason: order.finishReason,
+    error: order.error,
+    createdAt: new Date(Number(order.createdAt)),
+    firstTokenAt: date(order.firstTokenAt),
+    finishedAt: date(order.finishedAt),
+  };
+}

@@ -19,6 +19,117 @@ interface AdminResult {
   stderr: string;
 }
 
+/**
+ * What a process printed, less the launcher's note that it runs the sources because they are newer
+ * than dist/ (engineers edit the tree while these tests run; a fresh build prints no such line).
+ */
+function withoutLauncherNote(result: AdminResult): AdminResult {
+  return {
+    ...result,
+    stderr: result.stderr.replace(/^locallmarket: .* changed since the last build;.*\n/, ""),
+  };
+}
+
+/** Runs `locallmarket …` with no control plane and no admin token; resolves whatever the exit code. */
+async function locallmarket(...args: string[]): Promise<AdminResult> {
+  const env = { ...process.env };
+  delete env.LOCALLMARKET_ADMIN_TOKEN;
+  return run(process.execPath, [join(REPO_ROOT, "bin/locallmarket.js"), ...args], {
+    cwd: REPO_ROOT,
+    env,
+  }).then(
+    ({ stdout, stderr }) => withoutLauncherNote({ code: 0, stdout, stderr }),
+    (error: { code: number; stdout: string; stderr: string }) => withoutLauncherNote(error),
+  );
+}
+
+describe("locallmarket's help and usage errors, as a process", () => {
+  it(
+    "answers --help for every command with exit 0, and a bad command line with exit 2 and the reason",
+    async () => {
+      const [top, none, typo, helpAdmin, admin, balance, server, worker] = await Promise.all([
+        locallmarket("--help"),
+        locallmarket(),
+        locallmarket("sever"),
+        locallmarket("help", "admin"),
+        locallmarket("admin", "--help"),
+        locallmarket("admin", "balance", "--help"),
+        locallmarket("server", "--help"),
+        locallmarket("worker", "-h"),
+      ]);
+
+      expect(top.code).toBe(0);
+      expect(top.stdout).toMatch(/^Usage: locallmarket <command> \[options\]/);
+      expect(top.stdout).toMatch(/\n {2}server +Run the control plane/);
+      expect(top.stdout).toMatch(/\n {2}worker +Run a worker/);
+      expect(top.stdout).toMatch(/\n {2}admin +Administer a control plane/);
+      expect(none.code).toBe(2);
+      expect(none.stdout).toBe("");
+      expect(none.stderr).toContain("Usage: locallmarket <command>");
+      expect(typo.code).toBe(2);
+      expect(typo.stderr).toContain("error: unknown command 'sever' (Did you mean server?)");
+      for (const [result, usage] of [
+        [helpAdmin, "Usage: locallmarket admin <command>"],
+        [admin, "Usage: locallmarket admin <command>"],
+        [balance, "Usage: locallmarket admin balance --account <ID> [global options]"],
+        [server, "Usage: locallmarket server [options]"],
+        [worker, "Usage: locallmarket worker --server URL"],
+      ] as const) {
+        expect(result.code, result.stderr).toBe(0);
+        expect(result.stdout.startsWith(usage), result.stdout).toBe(true);
+      }
+      expect(server.stdout).toMatch(
+        /--http-port <N> [^(]*\n +\(env: LOCALLMARKET_HTTP_PORT; default: 8080\)/,
+      );
+      expect(worker.stdout).toMatch(/--token <TOKEN> [\s\S]*?\(required; env: LOCALLMARKET_WORKER_TOKEN\)/);
+    },
+    CLI_TEST_TIMEOUT_MS,
+  );
+
+  it(
+    "names the option, the value and what is expected, exit 2",
+    async () => {
+      const [adminOption, adminValue, serverValue, serverOption, workerValue] = await Promise.all([
+        locallmarket("admin", "balance", "--acount", "acct_1"),
+        locallmarket("admin", "orders", "--limit", "ten", "--admin-token", "t"),
+        locallmarket("server", "--http-port", "70000"),
+        locallmarket("server", "--http-prot", "8080"),
+        locallmarket(
+          "worker",
+          "--token",
+          "t",
+          "--model",
+          "m",
+          "--price-in",
+          "1",
+          "--price-out",
+          "1",
+          "--tps",
+          "fast",
+        ),
+      ]);
+
+      // Matched line by line: a source checkout newer than its build says so on stderr first.
+      for (const result of [adminOption, adminValue, serverValue, serverOption, workerValue]) {
+        expect(result.code, result.stderr).toBe(2);
+        expect(result.stdout).toBe("");
+      }
+      expect(adminOption.stderr).toMatch(/^error: unknown option '--acount' \(Did you mean --account\?\)$/m);
+      expect(adminValue.stderr).toMatch(/^error: --limit must be a positive whole number, got "ten"$/m);
+      expect(serverValue.stderr).toMatch(
+        /^error: --http-port \(LOCALLMARKET_HTTP_PORT\) must be an integer from 0 to 65535, got "70000"$/m,
+      );
+      expect(serverOption.stderr).toMatch(
+        /^error: unknown option '--http-prot' \(Did you mean --http-port\?\)$/m,
+      );
+      expect(workerValue.stderr).toContain(
+        'locallmarket worker: --tps (LOCALLMARKET_TPS): "fast" must be a positive number of tokens per second',
+      );
+    },
+    CLI_TEST_TIMEOUT_MS,
+  );
+});
+
 describe("locallmarket admin against a running control plane", () => {
   let market: TestMarket;
 
@@ -40,8 +151,8 @@ describe("locallmarket admin against a running control plane", () => {
         LOCALLMARKET_SERVER: market.plane.grpcUrl,
       },
     }).then(
-      ({ stdout, stderr }) => ({ code: 0, stdout, stderr }),
-      (error: { code: number; stdout: string; stderr: string }) => error,
+      ({ stdout, stderr }) => withoutLauncherNote({ code: 0, stdout, stderr }),
+      (error: { code: number; stdout: string; stderr: string }) => withoutLauncherNote(error),
     );
   }
 

@@ -3,7 +3,8 @@
  * dir with no DATABASE_URL. A second server refuses to start and names the dir and the holder
  * while the first keeps serving; the embedded PGlite is reachable only through a unix socket in a
  * 0700 directory, never a TCP port; a server killed with SIGKILL leaves a lock the next start takes
- * over.
+ * over. PGlite runs in a worker thread of the server's process, so its socket is the process's own;
+ * the first start says that it creates the database.
  */
 import { type ChildProcess, spawn } from "node:child_process";
 import { once } from "node:events";
@@ -126,6 +127,10 @@ describe.runIf(process.platform === "linux")("the embedded database is one serve
       const first = start(dataDir);
       const { httpUrl, grpcUrl } = await whenUp(first);
       const pid = first.child.pid as number;
+      // A fresh data dir takes seconds to create: the first start says what it is doing.
+      expect(first.output()).toContain(
+        `creating the embedded database in ${join(dataDir, "pgdata")} (first start; a few seconds)…`,
+      );
 
       // Only the two listeners the server announces: the database has no TCP port.
       const announced = [Number(new URL(httpUrl).port), Number(new URL(grpcUrl).port)].sort((a, b) => a - b);

@@ -827,6 +827,35 @@ describe("SqlMarketStore", () => {
     await expectMarketError(store.getStatement("acct_missing", { limit: 10 }), "not_found");
   });
 
+  it("opens and settles an order in one statement each, outside the ORM's unit of work", async () => {
+    const consumer = await newConsumer(5n * CREDIT);
+    const provider = await newProvider();
+    const input = orderInput(consumer, provider, CREDIT);
+    const connection = testStore.orm.em.getConnection();
+    const execute = vi.spyOn(connection, "execute");
+    const begin = vi.spyOn(connection, "begin");
+    try {
+      const order = await store.openOrder(input);
+      expect(execute).toHaveBeenCalledTimes(1);
+      const settled = await store.settleOrder(order.id, settlement(120, 345));
+      expect(execute).toHaveBeenCalledTimes(2);
+      // A settlement of a final order and a refused open are one statement too.
+      expect(await store.settleOrder(order.id, settlement(1, 1))).toEqual(settled);
+      await expectMarketError(
+        store.openOrder(orderInput(consumer, provider, 10n * CREDIT)),
+        "insufficient_credits",
+      );
+      expect(execute).toHaveBeenCalledTimes(4);
+      // Each statement is its own transaction: no BEGIN … COMMIT around it.
+      expect(begin).not.toHaveBeenCalled();
+      expect(settled).toMatchObject({ cost: COST_120_345, fee: FEE_120_345 });
+    } finally {
+      execute.mockRestore();
+      begin.mockRestore();
+    }
+    expect(await store.getBalance(consumer.accountId)).toEqual(balance(5n * CREDIT - COST_120_345));
+  });
+
   describe("auditLedger", () => {
     it("finds a consistent ledger after all of the above", async () => {
       const audit = await store.auditLedger();

@@ -73,6 +73,12 @@ export interface FakeEngineOptions {
   toolCallFragments?: number;
   /** The JSON text answered to a request with response_format json_object or json_schema. */
   jsonText?: string;
+  /**
+   * Asked once per completion request, when it arrives: "answer" (as the other options say),
+   * "blackhole" (never respond; the request stays open until the client closes it) or "fail"
+   * (HTTP 500 at once). Lets a test make an engine go dead and recover. Default: always "answer".
+   */
+  behaviour?: () => "answer" | "blackhole" | "fail";
 }
 
 export interface FakeEngine {
@@ -243,6 +249,12 @@ export async function startFakeEngine(options: FakeEngineOptions = {}): Promise<
     });
     arrivedEntry(index).resolve();
 
+    const behaviour = options.behaviour?.() ?? "answer";
+    if (behaviour === "blackhole") return;
+    if (behaviour === "fail") {
+      sendJson(res, 500, { error: { message: "fake engine failure", type: "fake_error", code: null } });
+      return;
+    }
     if (options.failWith) {
       sendJson(res, options.failWith.status, {
         error: { message: options.failWith.message ?? "fake engine failure", type: "fake_error", code: null },

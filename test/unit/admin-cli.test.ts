@@ -648,12 +648,15 @@ describe("authentication", () => {
 
 describe("usage", () => {
   it.each([
-    [["frobnicate"], /^error: unknown command "frobnicate"/],
-    [["account"], /^error: "account" needs a subcommand: create, list, get, defaults/],
+    [["frobnicate"], /^error: unknown command 'frobnicate'\n/],
+    [["balanse", "--account", "a"], /^error: unknown command 'balanse' \(Did you mean balance\?\)\n/],
+    [["account", "frob"], /^error: unknown command 'account frob'\n/],
     [["balance"], /^error: --account is required/],
-    [["balance", "--account", "a", "--bogus"], /^error: Unknown option '--bogus'/],
-    [["balance", "--account", "a", "extra"], /^error: Unexpected argument 'extra'/],
-    [["orders", "--limit", "-3"], /^error: /],
+    [["balance", "--account", "a", "--bogus"], /^error: unknown option '--bogus'\n/],
+    [["balance", "--acount", "a"], /^error: unknown option '--acount' \(Did you mean --account\?\)\n/],
+    [["balance", "--account"], /^error: option '--account <ID>' argument missing\n/],
+    [["balance", "--account", "a", "extra"], /^error: unexpected argument 'extra'\n/],
+    [["orders", "--limit", "-3"], /^error: --limit must be a positive whole number, got "-3"/],
     [["orders", "--limit", "ten"], /^error: --limit must be a positive whole number/],
     [["balance", "--account", "a", "--server", "ftp://x"], /^error: --server must be an http/],
   ])("%j exits 2", async (args, message) => {
@@ -668,7 +671,33 @@ describe("usage", () => {
     const result = await cli([]);
 
     expect(result.code).toBe(2);
+    expect(result.stdout).toBe("");
     expect(result.stderr).toContain("Usage: locallmarket admin <command>");
+  });
+
+  it("a group without its subcommand prints the group's help to stderr and exits 2", async () => {
+    const result = await cli(["account"]);
+
+    expect(result.code).toBe(2);
+    expect(result.stdout).toBe("");
+    expect(result.stderr).toContain("Usage: locallmarket admin account <subcommand>");
+    for (const command of COMMANDS.filter((name) => name.startsWith("account "))) {
+      expect(result.stderr).toContain(`  ${command} `);
+    }
+  });
+
+  it("takes the global options before or after the command", async () => {
+    const before = await cli(["--json", "--admin-token", ADMIN_TOKEN, "account", "list"], {
+      LOCALLMARKET_ADMIN_TOKEN: undefined,
+    });
+    const after = await cli(["account", "list", "--admin-token", ADMIN_TOKEN, "--json"], {
+      LOCALLMARKET_ADMIN_TOKEN: undefined,
+    });
+
+    expect(before.code).toBe(0);
+    expect(after.code).toBe(0);
+    expect(JSON.parse(before.stdout)).toHaveProperty("accounts");
+    expect(JSON.parse(after.stdout)).toEqual(JSON.parse(before.stdout));
   });
 
   it("--help lists every command and the global options, without needing a token", async () => {
@@ -687,14 +716,15 @@ describe("usage", () => {
 
     expect(result.code).toBe(0);
     expect(result.stdout).toContain(
-      "Usage: locallmarket admin account create --name NAME [--deposit CREDITS]",
+      "Usage: locallmarket admin account create --name <NAME> [--deposit <CREDITS>]",
     );
-    expect(result.stdout).toMatch(/--name NAME\s+a display name \(required\)/);
-    expect(result.stdout).toMatch(/--deposit CREDITS\s+.*\(default: 0\)/);
+    // Under each option's description, a line says whether it is required, its env var and default.
+    expect(result.stdout).toMatch(/\n {2}--name <NAME> +a display name\n +\(required\)\n/);
+    expect(result.stdout).toMatch(/\n {2}--deposit <CREDITS> +.*\n +\(default: 0\)\n/);
     expect(result.stdout).toMatch(
-      /--server URL\s+.*\(env: LOCALLMARKET_SERVER; default: http:\/\/127\.0\.0\.1:50051\)/,
+      /\n {2}--server <URL> +.*\n +\(env: LOCALLMARKET_SERVER; default: http:\/\/127\.0\.0\.1:50051\)\n/,
     );
-    expect(result.stdout).toMatch(/--admin-token TOKEN\s+.*\(env: LOCALLMARKET_ADMIN_TOKEN\)/);
+    expect(result.stdout).toMatch(/--admin-token <TOKEN> [\s\S]*?\(env: LOCALLMARKET_ADMIN_TOKEN\)/);
     expect(result.stdout).toMatch(/--json\s+/);
     expect(result.stdout).toMatch(/-h, --help\s+/);
     expect(result.stdout).toContain('{"accountId":"…","apiKey":"…"');
@@ -711,12 +741,14 @@ describe("usage", () => {
   it("the money commands document their idempotency key and the balance's three books", async () => {
     for (const command of [["deposit"], ["withdraw"], ["account", "create"]]) {
       const help = (await cli([...command, "--help"])).stdout;
-      expect(help).toMatch(/--idempotency-key KEY\s+.*same key with other values is refused/);
+      expect(help.replace(/\s+/g, " ")).toMatch(
+        /--idempotency-key <KEY> .*same key with other values is refused/,
+      );
     }
     expect((await cli(["balance", "--help"])).stdout).toContain(
       'With --json, prints: {"available":"µc","held":"µc","pending":"µc"}',
     );
-    expect((await cli(["statement", "--help"])).stdout).toMatch(/--limit N\s+.*\(default: 50\)/);
+    expect((await cli(["statement", "--help"])).stdout).toMatch(/--limit <N> +.*\n +\(default: 50\)/);
     expect((await cli(["audit-ledger", "--help"])).stdout).toContain(
       "Exit codes: 0 ledger OK, 1 a violated invariant or a server error, 2 usage error.",
     );
@@ -729,7 +761,7 @@ describe("usage", () => {
     expect(group.code).toBe(0);
     expect(group.stdout).toContain("key revoke");
     expect(named.code).toBe(0);
-    expect(named.stdout).toContain("--account ACCOUNT_ID");
+    expect(named.stdout).toContain("--account <ACCOUNT_ID>");
     expect(named.stdout).toContain('{"workerToken":"…","workerId":"…"');
   });
 });

@@ -1,6 +1,7 @@
 import { describe, expect, it } from "vitest";
 import { pickWorkers, type RoutingConstraints } from "../../server/market/matcher.js";
 import { NO_CAPABILITIES, type WorkerConnection, WorkerRegistry } from "../../server/market/registry.js";
+import { ADVERTISED_DISCOUNT } from "../../server/market/reputation.js";
 
 function connection(workerId: string, price: bigint, tps: number, maxConcurrency = 1): WorkerConnection {
   return {
@@ -56,12 +57,62 @@ describe("pickWorkers", () => {
     ]);
   });
 
-  it("prefers measured throughput over the advertised figure", () => {
-    const registry = new WorkerRegistry();
+  it("prefers measured throughput over the advertised figure, which counts discounted", () => {
+    let now = 0;
+    const registry = new WorkerRegistry({ now: () => now });
     registry.register(connection("liar", 5n, 1000));
     registry.register(connection("honest", 5n, 50));
-    registry.recordJob("liar", { tokens: 11, generationMs: 1000, timeToFirstTokenMs: 5 });
-    expect(pickWorkers(registry, request).map((c) => c.connection.workerId)).toEqual(["honest", "liar"]);
+    // The liar streams 20 tokens after its first at 10 tokens/s.
+    const watch = registry.reputation.watch("liar", "m");
+    for (let i = 0; i <= 20; i++) {
+      now += 100;
+      watch.chunk(1);
+    }
+    watch.end("success");
+    const candidates = pickWorkers(registry, request);
+    expect(candidates.map((c) => c.connection.workerId)).toEqual(["honest", "liar"]);
+    expect(candidates[0]?.tokensPerSecond).toBe(50 * ADVERTISED_DISCOUNT);
+    expect(candidates[1]?.tokensPerSecond).toBeCloseTo(10, 5);
+    expect(candidates[1]?.timeToFirstTokenMs).toBe(100);
+  });
+
+  it("skips a cooling worker while another can serve, even a busy one, and uses it when none can", () => {
+    const registry = new WorkerRegistry();
+    registry.register(connection("hole", 1n, 10));
+    registry.register({ ...connection("busy", 5n, 10), activeJobs: 1 });
+    registry.reputation.watch("hole", "m").end("timeout");
+    expect(pickWorkers(registry, request).map((c) => c.connection.workerId)).toEqual(["busy"]);
+    expect(
+      pickWorkers(registry, { ...request, constraints: { ...constraints, order: ["hole"] } }).map(
+        (c) => c.connection.workerId,
+      ),
+    ).toEqual(["busy"]);
+    registry.unregister(registry.get("busy") as WorkerConnection);
+    const lastResort = pickWorkers(registry, request);
+    expect(lastResort.map((c) => c.connection.workerId)).toEqual(["hole"]);
+    expect(lastResort[0]?.cooling).toBe(true);
+  });
+
+  it("keeps a worker's cooldown when it reconnects (reputation is per worker, not per stream)", () => {
+    const registry = new WorkerRegistry();
+    registry.register(connection("hole", 1n, 10));
+    registry.register(connection("other", 5n, 10));
+    registry.reputation.watch("hole", "m").end("timeout");
+    registry.unregister(registry.get("hole") as WorkerConnection);
+    registry.register(connection("hole", 1n, 10));
+    expect(pickWorkers(registry, request).map((c) => c.connection.workerId)).toEqual(["other"]);
+  });
+
+  it("never offers a suspended worker and says so when it was the only one", () => {
+    const registry = new WorkerRegistry();
+    registry.register(connection("banned", 1n, 10));
+    registry.register(connection("ok", 5n, 10));
+    registry.reputation.setSuspended("banned", true);
+    expect(pickWorkers(registry, request).map((c) => c.connection.workerId)).toEqual(["ok"]);
+    registry.unregister(registry.get("ok") as WorkerConnection);
+    expect(() => pickWorkers(registry, request)).toThrow(
+      expect.objectContaining({ code: "no_capacity", message: expect.stringContaining("1 suspended") }),
+    );
   });
 
   it("ranks busy workers too (the marketplace reserves a slot or queues) and skips draining ones", () => {

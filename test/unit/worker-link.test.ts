@@ -625,6 +625,41 @@ describe("JobOutbox", () => {
     expect(sent.map((c) => c.toolCalls)).toEqual([[], [{ index: 0, arguments: "0123456789" }]]);
   });
 
+  it("with maxWaitingForLink, merges what comes while the link has not taken the last chunk, and sends a lone piece at once", () => {
+    const sent: OutgoingChunk[] = [];
+    const box = new JobOutbox({
+      window: 4,
+      maxChunkBytes: 0,
+      bufferBytes: 1 << 16,
+      maxWaitingForLink: 1,
+      send: (c) => sent.push(c),
+    });
+    box.push({ text: "a", tokenCount: 1 });
+    expect(sent.map((c) => c.text)).toEqual(["a"]);
+    box.push({ text: "b", tokenCount: 1 });
+    box.push({ text: "c", tokenCount: 1 });
+    expect(sent.map((c) => c.text)).toEqual(["a"]);
+    box.taken();
+    expect(sent.map((c) => [c.sequence, c.text, c.tokenCount])).toEqual([
+      [1n, "a", 1],
+      [2n, "bc", 2],
+    ]);
+    // The link is idle again: the next piece leaves at once, alone.
+    box.taken();
+    box.push({ text: "d", tokenCount: 1 });
+    expect(sent.map((c) => c.text)).toEqual(["a", "bc", "d"]);
+    // The window still bounds what leaves: with chunks 1..3 unacknowledged and a window of 4,
+    // chunk 4 may leave once taken, and chunk 5 only after an acknowledgement.
+    box.taken();
+    box.push({ text: "e", tokenCount: 1 });
+    box.taken();
+    box.push({ text: "f", tokenCount: 1 });
+    box.taken();
+    expect(sent.map((c) => c.text)).toEqual(["a", "bc", "d", "e"]);
+    box.acknowledge(1n);
+    expect(sent.map((c) => c.text)).toEqual(["a", "bc", "d", "e", "f"]);
+  });
+
   it("ignores an acknowledgement lower than one already received", () => {
     const { box, sent } = outbox(1);
     box.push({ text: "a", tokenCount: 1 });
@@ -1538,7 +1573,7 @@ describe("runWorkerCli", () => {
           model: "cli-model",
           messages: [{ role: "user", content: "Once upon a time" }],
           maxTokens: 20,
-          audit: true,
+          sampling: { temperature: 0, stop: [] },
         },
       });
       await stream.next("jobAccepted");

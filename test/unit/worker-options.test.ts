@@ -304,11 +304,22 @@ describe("parseWorkerArgs", () => {
 
   it("documents every option with its environment variable and default in --help", () => {
     const usage = workerUsage();
+    // Help wraps long lines; what it says is compared with the spaces and line breaks folded.
+    const folded = usage.replace(/\s+/g, " ");
     for (const spec of WORKER_OPTION_SPECS) {
       expect(usage).toContain(`--${spec.flag}`);
       expect(usage).toContain(spec.env);
-      expect(usage).toContain(`default: ${spec.defaultText}`);
+      // "required…" is said as such, anything else is the default.
+      expect(folded).toContain(
+        spec.defaultText.startsWith("required")
+          ? `(${spec.defaultText}; env: ${spec.env})`
+          : `default: ${spec.defaultText}`,
+      );
     }
+    expect(usage).toMatch(
+      /\n {2}--model <NAME> +Model name offered on the market \(what consumers ask for\)\n +\(required; env: LOCALLMARKET_MODEL\)\n/,
+    );
+    expect(usage).toMatch(/-h, --help\s+show this help/);
     for (const flag of [
       "--server",
       "--token",
@@ -327,7 +338,7 @@ describe("parseWorkerArgs", () => {
     expect(usage.replace(/\s+/g, " ")).toContain(
       "With --engine openai, narrow it to what the engine honours",
     );
-    expect(usage).toContain("default: tools,json_schema,logprobs,completions");
+    expect(folded).toContain("default: tools,json_schema,logprobs,completions");
   });
 
   const without = (flag: string) => {
@@ -350,17 +361,18 @@ describe("parseWorkerArgs", () => {
   it.each([
     [["--price-in", "0.1234567"], /--price-in .*more than 6 decimals/],
     [["--price-out=-1"], /--price-out .*"-1" is not a non-negative decimal/],
-    [["--price-out", "-1"], /--price-out' argument is ambiguous/],
+    [["--price-out", "-1"], /--price-out .*"-1" is not a non-negative decimal/],
     [["--tps", "0"], /--tps .*positive/],
     [["--tps", "fast"], /--tps .*positive/],
     [["--concurrency", "0"], /--concurrency .*from 1 to 1024/],
     [["--concurrency", "1.5"], /--concurrency .*whole number/],
     [["--context-length=-5"], /--context-length .*whole number from 0 to 4294967295/],
-    [["--token"], /--token <value>' argument missing/],
+    [["--token"], /option '--token <TOKEN>' argument missing/],
     [["--server", "not a url"], /--server .*not a valid URL/],
     [["--server", "ftp://x"], /--server .*http:\/\/ or https:\/\//],
     [["--engine", "vllm"], /--engine .*"vllm" is not one of: openai, llama-cpp/],
-    [["--bogus", "1"], /unknown option --bogus/],
+    [["--bogus", "1"], /^unknown option '--bogus'$/],
+    [["--modle", "m"], /^unknown option '--modle' \(Did you mean --model\?\)$/],
   ])("rejects %j", (extra, pattern) => {
     expect(parseError([...base, ...extra])).toMatch(pattern);
   });

@@ -38,6 +38,40 @@ export interface EnginePiece {
   toolCalls?: ToolCallDelta[];
   /** With GenerateRequest.logprobs: one entry per token of this piece, in order. */
   logprobs?: TokenLogprob[];
+  /**
+   * With GenerateRequest.tokenDetail: every token generated since the previous piece (including
+   * tokens whose text a stop sequence cut), by id, with its log-probability and alternatives.
+   */
+  tokenDetails?: TokenDetail[];
+}
+
+/** One generated token by id (JobChunk.token_details on the wire). */
+export interface TokenDetail {
+  tokenId: number;
+  /** In the distribution the token was sampled from (the job's temperature; raw softmax at 0). */
+  logprob: number;
+  /** The most likely tokens of that distribution, most likely first. */
+  top: { tokenId: number; logprob: number }[];
+}
+
+/** A verifier job: score `tokenIds` after the prompt of `request`, teacher-forced (ScoreAssign). */
+export interface ScoreRequest {
+  /** The audited job as assigned: its prompt (messages or raw prompt) and sampling temperature. */
+  request: Omit<GenerateRequest, "signal">;
+  tokenIds: number[];
+  /** Ascending indexes into tokenIds to score; undefined or empty: every token. */
+  positions?: number[];
+  /** Alternatives to return per position. */
+  topK: number;
+  signal: AbortSignal;
+}
+
+/** The reference's view of each scored token. */
+export interface ScoreOutcome {
+  scores: { logprob: number; rank: number; top: { tokenId: number; logprob: number }[] }[];
+  promptTokens: number;
+  /** The token ids detokenized. */
+  text: string;
 }
 
 /** The outcome of a generation, the return value of {@link Engine.generate}'s generator. */
@@ -106,6 +140,8 @@ export interface GenerateRequest {
   responseFormat?: EngineResponseFormat;
   /** Per-token log-probabilities with `top` alternatives (0–20) each; undefined when not wanted. */
   logprobs?: { top: number };
+  /** Token ids with logprobs and `topK` alternatives by id (JobAssign.token_detail); undefined when not asked. */
+  tokenDetail?: { topK: number };
   sampling: EngineSampling;
   /** The most completion tokens to generate; 0 means no explicit limit (engine / context bound). */
   maxTokens: number;
@@ -124,6 +160,13 @@ export interface Engine {
   generate(request: GenerateRequest): Generation;
   /** Releases resources (models, connections). Running generations are cancelled. */
   close(): Promise<void>;
+  /**
+   * Scores tokens teacher-forced (one prefill pass); only engines that can serve as trusted
+   * verifiers implement it. Throws an {@link EngineError} ("invalid_input") for tokens it cannot score.
+   */
+  score?(request: ScoreRequest): Promise<ScoreOutcome>;
+  /** The engine's version for Offer.engine_version, e.g. "node-llama-cpp 3.21.1". */
+  readonly version?: string;
 }
 
 /** How an engine failure maps to a JobFailed code. */

@@ -61,6 +61,9 @@ import {
   type GenerateRequest,
   type Generation,
   type GenerationResult,
+  type ScoreOutcome,
+  type ScoreRequest,
+  type TokenDetail,
 } from "./engine.js";
 
 /**
@@ -126,6 +129,8 @@ interface PhaseOptions {
   grammar?: LlamaGrammar | undefined;
   /** Alternatives per token for logprobs; undefined when logprobs are not wanted. */
   top?: number | undefined;
+  /** Alternatives per token for token details (ids); undefined when token detail is not asked. */
+  detail?: number | undefined;
   /** The most tokens to generate. */
   limit: number;
   stopTokens: ReadonlySet<Token>;
@@ -163,6 +168,8 @@ const NO_PARAMETERS: GbnfJsonSchema = { type: "object", properties: {} };
 export class LlamaCppEngine implements Engine {
   readonly name = "llama.cpp";
   readonly modelPath: string;
+  /** "node-llama-cpp <version> (llama.cpp <release>)", for Offer.engine_version. */
+  version = "node-llama-cpp";
   private readonly free: LlamaContextSequence[];
   private readonly waiters: Array<(sequence: LlamaContextSequence) => void> = [];
   private readonly closeController = new AbortController();
@@ -211,7 +218,10 @@ export class LlamaCppEngine implements Engine {
         contextSize,
         ...(threads !== undefined ? { threads } : {}),
       });
-      return new LlamaCppEngine(lib, llama, model, context, options.modelPath);
+      const engine = new LlamaCppEngine(lib, llama, model, context, options.modelPath);
+      const moduleVersion = await lib.getModuleVersion().catch(() => "unknown");
+      engine.version = `node-llama-cpp ${moduleVersion} (llama.cpp ${llama.llamaCppRelease.release})`;
+      return engine;
     } catch (error) {
       await model?.dispose().catch(() => undefined);
       await llama?.dispose().catch(() => undefined);
@@ -326,6 +336,7 @@ export class LlamaCppEngine implements Engine {
           tokens: [...prompt.tokens],
           evaluate: evaluateOptions(request.sampling, sequence),
           top: request.logprobs?.top,
+          detail: request.tokenDetail?.topK,
           limit,
           stopTokens: prompt.stopTokens,
           signal,
@@ -352,6 +363,91 @@ export class LlamaCppEngine implements Engine {
       if (error instanceof EngineError) throw error;
       const message = error instanceof Error ? error.message : String(error);
       throw new EngineError("engine_error", `llama.cpp generation failed: ${message}`, { cause: error });
+    } finally {
+      this.release(sequence);
+    }
+  }
+
+  /**
+   * A verifier's job: the prompt of `request.request` rendered as for a generation, followed by the
+   * audited tokens, evaluated in one pass (controlledEvaluate, a prefill: nothing is sampled). Each
+   * token gets its log-probability in the distribution at the job's temperature and top_p (the raw
+   * softmax at temperature 0), its rank and the top alternatives.
+   */
+  async score(request: ScoreRequest): Promise<ScoreOutcome> {
+    const signal = AbortSignal.any([request.signal, this.closeController.signal]);
+    const job = request.request;
+    const raw = job.messages.length === 0;
+    const prompt = raw ? this.renderText(job.prompt ?? "") : this.renderPrompt(job.messages);
+    const vocabulary = this.model.fileInfo.metadata.tokenizer.ggml.tokens.length;
+    const bad = request.tokenIds.find((id) => !Number.isInteger(id) || id < 0 || id >= vocabulary);
+    if (bad !== undefined) {
+      throw new EngineError(
+        "invalid_input",
+        `token id ${bad} is outside the vocabulary (${vocabulary} tokens)`,
+      );
+    }
+    const all = [...prompt.tokens, ...request.tokenIds] as Token[];
+    if (all.length > this.context.contextSize) {
+      throw new EngineError(
+        "invalid_input",
+        `prompt and tokens are ${all.length} tokens, the context window is ${this.context.contextSize}`,
+      );
+    }
+    const temperature = job.sampling.temperature ?? 1;
+    // The distribution the worker sampled from: tempered and top_p-cut as the job asked; at
+    // temperature 0 (greedy) the raw softmax, which is what a generation reports then.
+    const options = temperature > 0 ? { temperature, topP: job.sampling.topP ?? 1, topK: 0 } : undefined;
+    const first = prompt.tokens.length - 1;
+    const positions =
+      request.positions && request.positions.length > 0
+        ? request.positions
+        : request.tokenIds.map((_, index) => index);
+    if (
+      positions.some(
+        (p, i) =>
+          !Number.isInteger(p) ||
+          p < 0 ||
+          p >= request.tokenIds.length ||
+          (i > 0 && p <= (positions[i - 1] as number)),
+      )
+    ) {
+      throw new EngineError("invalid_input", "positions must be ascending indexes into the token ids");
+    }
+    // Only the scored positions ask for a distribution: node-llama-cpp builds a map over the whole
+    // vocabulary for each, which costs more than the evaluation itself on a large vocabulary.
+    const wanted = new Set(positions.map((p) => first + p));
+    const items = all.map((token, index) =>
+      wanted.has(index)
+        ? ([token, { generateNext: { probabilities: true, ...(options ? { options } : {}) } }] as const)
+        : token,
+    );
+    const sequence = await this.acquire(signal);
+    if (!sequence) throw new EngineError("engine_error", "scoring was cancelled");
+    try {
+      await sequence.clearHistory();
+      const results = await sequence.controlledEvaluate(
+        items as Parameters<LlamaContextSequence["controlledEvaluate"]>[0],
+      );
+      const scores = positions.map((j) => {
+        const id = request.tokenIds[j] as number;
+        const probabilities = results[first + j]?.next?.probabilities ?? new Map<Token, number>();
+        const p = probabilities.get(id as Token) ?? 0;
+        let rank = 0;
+        for (const value of probabilities.values()) if (value > p) rank += 1;
+        const detail = tokenDetail(id as Token, probabilities, request.topK);
+        return { logprob: detail.logprob, rank, top: detail.top };
+      });
+      const text = this.model.detokenize(
+        request.tokenIds as Token[],
+        false,
+        prompt.tokens.slice(-DETOKENIZER_HISTORY),
+      );
+      return { scores, promptTokens: prompt.tokens.length, text };
+    } catch (error) {
+      if (error instanceof EngineError) throw error;
+      const message = error instanceof Error ? error.message : String(error);
+      throw new EngineError("engine_error", `llama.cpp scoring failed: ${message}`, { cause: error });
     } finally {
       this.release(sequence);
     }
@@ -407,17 +503,21 @@ export class LlamaCppEngine implements Engine {
     const json = options.json ? new JsonEndDetector() : undefined;
     let unreported = 0;
     let logprobs: TokenLogprob[] = [];
+    let details: TokenDetail[] = [];
     let generated = 0;
     let jsonEnded = false;
     let finishReason: PhaseEnd["finishReason"] = "stop";
     const piece = (text: string): EnginePiece => {
       const out: EnginePiece = { text, tokenCount: unreported };
       if (options.top !== undefined) out.logprobs = logprobs;
+      if (options.detail !== undefined) out.tokenDetails = details;
       unreported = 0;
       logprobs = [];
+      details = [];
       return out;
     };
-    for await (const step of this.steps(sequence, input, evaluate, options.top !== undefined)) {
+    const withProbabilities = options.top !== undefined || options.detail !== undefined;
+    for await (const step of this.steps(sequence, input, evaluate, withProbabilities)) {
       if (signal.aborted) {
         finishReason = "cancelled";
         break;
@@ -429,6 +529,9 @@ export class LlamaCppEngine implements Engine {
       unreported += 1;
       if (options.top !== undefined && step.probabilities) {
         logprobs.push(this.logprob(step.token, step.probabilities, options.top, previous));
+      }
+      if (options.detail !== undefined && step.probabilities) {
+        details.push(tokenDetail(step.token, step.probabilities, options.detail));
       }
       let text = decoder.push(step.token);
       if (json && text) {
@@ -819,11 +922,31 @@ function naturalLog(probability: number): number {
   return probability > 0 ? Math.max(Math.log(probability), MIN_LOGPROB) : MIN_LOGPROB;
 }
 
-/** Two consecutive pieces as one (their texts, token counts and logprobs joined). */
+/** Two consecutive pieces as one (their texts, token counts, logprobs and token details joined). */
 function mergePieces(a: EnginePiece, b: EnginePiece): EnginePiece {
   const merged: EnginePiece = { text: a.text + b.text, tokenCount: a.tokenCount + b.tokenCount };
   if (a.logprobs || b.logprobs) merged.logprobs = [...(a.logprobs ?? []), ...(b.logprobs ?? [])];
+  if (a.tokenDetails || b.tokenDetails)
+    merged.tokenDetails = [...(a.tokenDetails ?? []), ...(b.tokenDetails ?? [])];
   return merged;
+}
+
+/** A token by id with its log-probability and the `topK` most likely alternatives of `probabilities`. */
+function tokenDetail(token: Token, probabilities: ReadonlyMap<Token, number>, topK: number): TokenDetail {
+  // One pass keeping the best `topK` (insertion into a short sorted list): the map may not be
+  // sorted, and sorting a 32,000-token vocabulary per position would cost more than the prefill.
+  const best: [Token, number][] = [];
+  if (topK > 0) {
+    for (const entry of probabilities) {
+      if (best.length === topK && entry[1] <= (best[topK - 1] as [Token, number])[1]) continue;
+      let at = best.length;
+      while (at > 0 && (best[at - 1] as [Token, number])[1] < entry[1]) at -= 1;
+      best.splice(at, 0, entry);
+      if (best.length > topK) best.pop();
+    }
+  }
+  const top = best.map(([tokenId, probability]) => ({ tokenId, logprob: naturalLog(probability) }));
+  return { tokenId: token, logprob: naturalLog(probabilities.get(token) ?? 0), top };
 }
 
 /**

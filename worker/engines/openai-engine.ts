@@ -165,9 +165,9 @@ export class OpenAiEngine implements Engine {
       params.logprobs = true;
       if (request.logprobs.top > 0) params.top_logprobs = request.logprobs.top;
     }
-    const stream = await this.client.chat.completions.create(params, { signal });
-    for await (const chunk of stream) {
-      const choice = chunk.choices.find((c) => c.index === 0);
+    const response = await this.client.chat.completions.create(params, { signal }).asResponse();
+    for await (const chunk of sseEvents<ChatCompletionChunk>(response)) {
+      const choice = chunk.choices?.find((c) => c.index === 0);
       yield {
         ...(choice ? { piece: chatPiece(choice), finishReason: choice.finish_reason } : {}),
         usage: chunk.usage,
@@ -185,15 +185,92 @@ export class OpenAiEngine implements Engine {
       ...commonParams(request),
     };
     if (request.logprobs) params.logprobs = request.logprobs.top;
-    const stream = await this.client.completions.create(params, { signal });
-    for await (const chunk of stream) {
-      const choice = chunk.choices.find((c) => c.index === 0);
+    const response = await this.client.completions.create(params, { signal }).asResponse();
+    for await (const chunk of sseEvents<Completion>(response)) {
+      const choice = chunk.choices?.find((c) => c.index === 0);
       yield {
         ...(choice ? { piece: completionPiece(choice), finishReason: choice.finish_reason } : {}),
         usage: chunk.usage,
       };
     }
   }
+}
+
+/**
+ * The JSON events of a streamed answer, parsed as its bytes arrive. The SDK's own stream (its
+ * status checks and errors still apply: `asResponse()` resolves only for a 2xx answer) reads
+ * through several async generators and a line decoder per event, which the worker would pay for
+ * every token; this reader is one loop. As the SDK does, it ends at `[DONE]`, throws the engine's
+ * in-band `error` as an APIError, and ends quietly when the request is aborted (the caller tells
+ * a cancellation by its signal). Leaving the loop early cancels the response body.
+ */
+async function* sseEvents<Event>(response: Response): AsyncGenerator<Event> {
+  const body = response.body;
+  if (!body) return;
+  const reader = body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  let finished = false;
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) {
+        finished = true;
+        buffer += decoder.decode();
+        // A last event without its blank line still counts, as in the SDK.
+        buffer += "\n\n";
+      } else {
+        buffer += decoder.decode(value, { stream: true });
+      }
+      if (buffer.includes("\r")) {
+        // CR and CRLF line ends; a CR at the very end may be the first half of a CRLF.
+        const keep = !finished && buffer.endsWith("\r") ? 1 : 0;
+        buffer = buffer.slice(0, buffer.length - keep).replace(/\r\n?/g, "\n") + (keep ? "\r" : "");
+      }
+      let start = 0;
+      for (let end = buffer.indexOf("\n\n"); end !== -1; end = buffer.indexOf("\n\n", start)) {
+        const data = sseData(buffer, start, end);
+        start = end + 2;
+        if (data === null) continue;
+        if (data.startsWith("[DONE]")) {
+          finished = true;
+          return;
+        }
+        const event = JSON.parse(data) as { error?: object } | null;
+        if (event?.error) {
+          finished = true;
+          throw new APIError(undefined, event.error, undefined, response.headers);
+        }
+        yield event as Event;
+      }
+      buffer = buffer.slice(start);
+      if (finished) return;
+    }
+  } catch (error) {
+    if (isAbortError(error)) return;
+    throw error;
+  } finally {
+    if (!finished) await reader.cancel().catch(() => {});
+  }
+}
+
+/** The data of the SSE event in `buffer` from `start` to `end` (its `data:` lines joined), or null. */
+function sseData(buffer: string, start: number, end: number): string | null {
+  // The usual event is a single `data: ...` line.
+  if (buffer.startsWith("data: ", start) && buffer.indexOf("\n", start) === end) {
+    return buffer.slice(start + 6, end);
+  }
+  let data: string | null = null;
+  for (const line of buffer.slice(start, end).split("\n")) {
+    if (!line.startsWith("data:")) continue; // comments, `event:`, `id:`, `retry:`
+    const value = line.charCodeAt(5) === 32 ? line.slice(6) : line.slice(5);
+    data = data === null ? value : `${data}\n${value}`;
+  }
+  return data;
+}
+
+function isAbortError(error: unknown): boolean {
+  return typeof error === "object" && error !== null && "name" in error && error.name === "AbortError";
 }
 
 function commonParams({ maxTokens, sampling }: GenerateRequest): CommonParams {

@@ -27,7 +27,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file locallmarket/v1/admin.proto.
  */
 export const file_locallmarket_v1_admin: GenFile = /*@__PURE__*/
-  fileDesc("Chtsb2NhbGxtYXJrZXQvdjEvYWRtaW4ucHJvdG8SD2xvY2FsbG1hcmtldC52MSJzCgdBY2NvdW50EgoKAmlkGAEgASgJEgwKBG5hbWUYAiABKAkSGgoSY3JlYXRlZF9hdF91bml4X21zGAMgASgDEjIKCGRlZmF1bHRzGAQgASgLMiAubG9jYWxsbWFya2V0LnYxLlJvdXRpbmdEZWZhdWx0cyLlAQoPUm91dGluZ0RlZmF1bHRzEigKG21heF9wcmljZV9wZXJfbWlsbGlvbl9pbnB1dBgBIAEoA0gAiAEBEikKHG1heF9wcmljZV9wZXJfbWlsbGlvbl9vdXRwdXQYAiABKANIAYgBARIiChVtaW5fdG9rZW5zX3Blcl9zZWNvbmQYAyABKAFIAogBAUIeChxfbWF4X3ByaWNlX3Blcl9taWxsaW9uX2lucHV0Qh8KHV9tYXhfcHJpY2VfcGVyX21pbGxpb25fb3V0cHV0QhgKFl9taW5fdG9rZW5zX3Blcl9zZWNvbmQiOwoHQmFsYW5jZRIRCglhdmFpbGFibGUYASABKAMSDAoEaGVsZBgCIAEoAxIPCgdwZW5kaW5nGAMgASgDIlYKFENyZWF0ZUFjY291bnRSZXF1ZXN0EgwKBG5hbWUYASABKAkSFwoPaW5pdGlhbF9kZXBvc2l0GAIgASgDEhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCSKQAQoVQ3JlYXRlQWNjb3VudFJlc3BvbnNlEikKB2FjY291bnQYASABKAsyGC5sb2NhbGxtYXJrZXQudjEuQWNjb3VudBIPCgdhcGlfa2V5GAIgASgJEikKB2JhbGFuY2UYAyABKAsyGC5sb2NhbGxtYXJrZXQudjEuQmFsYW5jZRIQCghyZXBsYXllZBgEIAEoCCInChFHZXRBY2NvdW50UmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJImoKEkdldEFjY291bnRSZXNwb25zZRIpCgdhY2NvdW50GAEgASgLMhgubG9jYWxsbWFya2V0LnYxLkFjY291bnQSKQoHYmFsYW5jZRgCIAEoCzIYLmxvY2FsbG1hcmtldC52MS5CYWxhbmNlIhUKE0xpc3RBY2NvdW50c1JlcXVlc3QiQgoUTGlzdEFjY291bnRzUmVzcG9uc2USKgoIYWNjb3VudHMYASADKAsyGC5sb2NhbGxtYXJrZXQudjEuQWNjb3VudCJmChxVcGRhdGVBY2NvdW50RGVmYXVsdHNSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkSMgoIZGVmYXVsdHMYAiABKAsyIC5sb2NhbGxtYXJrZXQudjEuUm91dGluZ0RlZmF1bHRzIkoKHVVwZGF0ZUFjY291bnREZWZhdWx0c1Jlc3BvbnNlEikKB2FjY291bnQYASABKAsyGC5sb2NhbGxtYXJrZXQudjEuQWNjb3VudCJ/CgZBcGlLZXkSCgoCaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRINCgVsYWJlbBgDIAEoCRIOCgZwcmVmaXgYBCABKAkSGgoSY3JlYXRlZF9hdF91bml4X21zGAUgASgDEhoKEnJldm9rZWRfYXRfdW5peF9tcxgGIAEoAyI4ChNDcmVhdGVBcGlLZXlSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkSDQoFbGFiZWwYAiABKAkiTQoUQ3JlYXRlQXBpS2V5UmVzcG9uc2USJAoDa2V5GAEgASgLMhcubG9jYWxsbWFya2V0LnYxLkFwaUtleRIPCgdhcGlfa2V5GAIgASgJIigKEkxpc3RBcGlLZXlzUmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJIjwKE0xpc3RBcGlLZXlzUmVzcG9uc2USJQoEa2V5cxgBIAMoCzIXLmxvY2FsbG1hcmtldC52MS5BcGlLZXkiJQoTUmV2b2tlQXBpS2V5UmVxdWVzdBIOCgZrZXlfaWQYASABKAkiPAoUUmV2b2tlQXBpS2V5UmVzcG9uc2USJAoDa2V5GAEgASgLMhcubG9jYWxsbWFya2V0LnYxLkFwaUtleSI9ChhDcmVhdGVXb3JrZXJUb2tlblJlcXVlc3QSEgoKYWNjb3VudF9pZBgBIAEoCRINCgVsYWJlbBgCIAEoCSJEChlDcmVhdGVXb3JrZXJUb2tlblJlc3BvbnNlEhEKCXdvcmtlcl9pZBgBIAEoCRIUCgx3b3JrZXJfdG9rZW4YAiABKAkiTQoORGVwb3NpdFJlcXVlc3QSEgoKYWNjb3VudF9pZBgBIAEoCRIOCgZhbW91bnQYAiABKAMSFwoPaWRlbXBvdGVuY3lfa2V5GAMgASgJIjwKD0RlcG9zaXRSZXNwb25zZRIpCgdiYWxhbmNlGAEgASgLMhgubG9jYWxsbWFya2V0LnYxLkJhbGFuY2UiTgoPV2l0aGRyYXdSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkSDgoGYW1vdW50GAIgASgDEhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCSI9ChBXaXRoZHJhd1Jlc3BvbnNlEikKB2JhbGFuY2UYASABKAsyGC5sb2NhbGxtYXJrZXQudjEuQmFsYW5jZSInChFHZXRCYWxhbmNlUmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJIj8KEkdldEJhbGFuY2VSZXNwb25zZRIpCgdiYWxhbmNlGAEgASgLMhgubG9jYWxsbWFya2V0LnYxLkJhbGFuY2UiOAoTR2V0U3RhdGVtZW50UmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJEg0KBWxpbWl0GAIgASgNIrABCg5TdGF0ZW1lbnRFbnRyeRIWCg50cmFuc2FjdGlvbl9pZBgBIAEoCRIMCgRraW5kGAIgASgJEhAKCG9yZGVyX2lkGAMgASgJEiMKBGJvb2sYBCABKA4yFS5sb2NhbGxtYXJrZXQudjEuQm9vaxIOCgZhbW91bnQYBSABKAMSFQoNYmFsYW5jZV9hZnRlchgGIAEoAxIaChJjcmVhdGVkX2F0X3VuaXhfbXMYByABKAMixgEKFEdldFN0YXRlbWVudFJlc3BvbnNlEikKB2FjY291bnQYASABKAsyGC5sb2NhbGxtYXJrZXQudjEuQWNjb3VudBIpCgdiYWxhbmNlGAIgASgLMhgubG9jYWxsbWFya2V0LnYxLkJhbGFuY2USMAoHZW50cmllcxgDIAMoCzIfLmxvY2FsbG1hcmtldC52MS5TdGF0ZW1lbnRFbnRyeRImCgZvcmRlcnMYBCADKAsyFi5sb2NhbGxtYXJrZXQudjEuT3JkZXIi/AMKBU9yZGVyEgoKAmlkGAEgASgJEhsKE2NvbnN1bWVyX2FjY291bnRfaWQYAiABKAkSEQoJd29ya2VyX2lkGAMgASgJEg0KBW1vZGVsGAQgASgJEiwKBnN0YXR1cxgFIAEoDjIcLmxvY2FsbG1hcmtldC52MS5PcmRlclN0YXR1cxIVCg1wcm9tcHRfdG9rZW5zGAYgASgNEhkKEWNvbXBsZXRpb25fdG9rZW5zGAcgASgNEgwKBGNvc3QYCCABKAMSCwoDZmVlGAkgASgDEgwKBGhvbGQYCiABKAMSGgoSY3JlYXRlZF9hdF91bml4X21zGAsgASgDEh4KFnRpbWVfdG9fZmlyc3RfdG9rZW5fbXMYDCABKA0SEwoLZHVyYXRpb25fbXMYDSABKA0SDQoFZXJyb3IYDiABKAkSHwoXcHJpY2VfcGVyX21pbGxpb25faW5wdXQYDyABKAMSIAoYcHJpY2VfcGVyX21pbGxpb25fb3V0cHV0GBAgASgDEhoKEnByb21wdF90b2tlbl9ib3VuZBgRIAEoDRIYChBmZWVfYmFzaXNfcG9pbnRzGBIgASgNEhUKDXRydXN0X3NpZ25hbHMYEyADKAkSGwoTcHJvdmlkZXJfYWNjb3VudF9pZBgUIAEoCRISCgptYXhfdG9rZW5zGBUgASgNIjYKEUxpc3RPcmRlcnNSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkSDQoFbGltaXQYAiABKA0iPAoSTGlzdE9yZGVyc1Jlc3BvbnNlEiYKBm9yZGVycxgBIAMoCzIWLmxvY2FsbG1hcmtldC52MS5PcmRlciIjCg9HZXRPcmRlclJlcXVlc3QSEAoIb3JkZXJfaWQYASABKAkiOQoQR2V0T3JkZXJSZXNwb25zZRIlCgVvcmRlchgBIAEoCzIWLmxvY2FsbG1hcmtldC52MS5PcmRlciK1AQoGV29ya2VyEgoKAmlkGAEgASgJEhIKCmFjY291bnRfaWQYAiABKAkSDAoEbmFtZRgDIAEoCRIOCgZvbmxpbmUYBCABKAgSJgoGb2ZmZXJzGAUgAygLMhYubG9jYWxsbWFya2V0LnYxLk9mZmVyEhMKC2FjdGl2ZV9qb2JzGAYgASgNEhkKEWxhc3Rfc2Vlbl91bml4X21zGAcgASgDEhUKDWFnZW50X3ZlcnNpb24YCCABKAkiFAoSTGlzdFdvcmtlcnNSZXF1ZXN0Ij8KE0xpc3RXb3JrZXJzUmVzcG9uc2USKAoHd29ya2VycxgBIAMoCzIXLmxvY2FsbG1hcmtldC52MS5Xb3JrZXIiFAoSQXVkaXRMZWRnZXJSZXF1ZXN0Il0KE0F1ZGl0TGVkZ2VyUmVzcG9uc2USCgoCb2sYASABKAgSEwoLZW50cmllc19zdW0YAiABKAMSEwoLZW50cnlfY291bnQYAyABKAQSEAoIcHJvYmxlbXMYBCADKAkqUQoEQm9vaxIUChBCT09LX1VOU1BFQ0lGSUVEEAASEgoOQk9PS19BVkFJTEFCTEUQARINCglCT09LX0hFTEQQAhIQCgxCT09LX1BFTkRJTkcQAyqWAQoLT3JkZXJTdGF0dXMSHAoYT1JERVJfU1RBVFVTX1VOU1BFQ0lGSUVEEAASGAoUT1JERVJfU1RBVFVTX1JVTk5JTkcQARIaChZPUkRFUl9TVEFUVVNfQ09NUExFVEVEEAISFwoTT1JERVJfU1RBVFVTX0ZBSUxFRBADEhoKFk9SREVSX1NUQVRVU19DQU5DRUxMRUQQBDLJCwoMQWRtaW5TZXJ2aWNlEl4KDUNyZWF0ZUFjY291bnQSJS5sb2NhbGxtYXJrZXQudjEuQ3JlYXRlQWNjb3VudFJlcXVlc3QaJi5sb2NhbGxtYXJrZXQudjEuQ3JlYXRlQWNjb3VudFJlc3BvbnNlElUKCkdldEFjY291bnQSIi5sb2NhbGxtYXJrZXQudjEuR2V0QWNjb3VudFJlcXVlc3QaIy5sb2NhbGxtYXJrZXQudjEuR2V0QWNjb3VudFJlc3BvbnNlElsKDExpc3RBY2NvdW50cxIkLmxvY2FsbG1hcmtldC52MS5MaXN0QWNjb3VudHNSZXF1ZXN0GiUubG9jYWxsbWFya2V0LnYxLkxpc3RBY2NvdW50c1Jlc3BvbnNlEnYKFVVwZGF0ZUFjY291bnREZWZhdWx0cxItLmxvY2FsbG1hcmtldC52MS5VcGRhdGVBY2NvdW50RGVmYXVsdHNSZXF1ZXN0Gi4ubG9jYWxsbWFya2V0LnYxLlVwZGF0ZUFjY291bnREZWZhdWx0c1Jlc3BvbnNlElsKDENyZWF0ZUFwaUtleRIkLmxvY2FsbG1hcmtldC52MS5DcmVhdGVBcGlLZXlSZXF1ZXN0GiUubG9jYWxsbWFya2V0LnYxLkNyZWF0ZUFwaUtleVJlc3BvbnNlElgKC0xpc3RBcGlLZXlzEiMubG9jYWxsbWFya2V0LnYxLkxpc3RBcGlLZXlzUmVxdWVzdBokLmxvY2FsbG1hcmtldC52MS5MaXN0QXBpS2V5c1Jlc3BvbnNlElsKDFJldm9rZUFwaUtleRIkLmxvY2FsbG1hcmtldC52MS5SZXZva2VBcGlLZXlSZXF1ZXN0GiUubG9jYWxsbWFya2V0LnYxLlJldm9rZUFwaUtleVJlc3BvbnNlEmoKEUNyZWF0ZVdvcmtlclRva2VuEikubG9jYWxsbWFya2V0LnYxLkNyZWF0ZVdvcmtlclRva2VuUmVxdWVzdBoqLmxvY2FsbG1hcmtldC52MS5DcmVhdGVXb3JrZXJUb2tlblJlc3BvbnNlEkwKB0RlcG9zaXQSHy5sb2NhbGxtYXJrZXQudjEuRGVwb3NpdFJlcXVlc3QaIC5sb2NhbGxtYXJrZXQudjEuRGVwb3NpdFJlc3BvbnNlEk8KCFdpdGhkcmF3EiAubG9jYWxsbWFya2V0LnYxLldpdGhkcmF3UmVxdWVzdBohLmxvY2FsbG1hcmtldC52MS5XaXRoZHJhd1Jlc3BvbnNlElUKCkdldEJhbGFuY2USIi5sb2NhbGxtYXJrZXQudjEuR2V0QmFsYW5jZVJlcXVlc3QaIy5sb2NhbGxtYXJrZXQudjEuR2V0QmFsYW5jZVJlc3BvbnNlElsKDEdldFN0YXRlbWVudBIkLmxvY2FsbG1hcmtldC52MS5HZXRTdGF0ZW1lbnRSZXF1ZXN0GiUubG9jYWxsbWFya2V0LnYxLkdldFN0YXRlbWVudFJlc3BvbnNlElUKCkxpc3RPcmRlcnMSIi5sb2NhbGxtYXJrZXQudjEuTGlzdE9yZGVyc1JlcXVlc3QaIy5sb2NhbGxtYXJrZXQudjEuTGlzdE9yZGVyc1Jlc3BvbnNlEk8KCEdldE9yZGVyEiAubG9jYWxsbWFya2V0LnYxLkdldE9yZGVyUmVxdWVzdBohLmxvY2FsbG1hcmtldC52MS5HZXRPcmRlclJlc3BvbnNlElgKC0xpc3RXb3JrZXJzEiMubG9jYWxsbWFya2V0LnYxLkxpc3RXb3JrZXJzUmVxdWVzdBokLmxvY2FsbG1hcmtldC52MS5MaXN0V29ya2Vyc1Jlc3BvbnNlElgKC0F1ZGl0TGVkZ2VyEiMubG9jYWxsbWFya2V0LnYxLkF1ZGl0TGVkZ2VyUmVxdWVzdBokLmxvY2FsbG1hcmtldC52MS5BdWRpdExlZGdlclJlc3BvbnNlYgZwcm90bzM", [file_locallmarket_v1_common]);
+  fileDesc("Chtsb2NhbGxtYXJrZXQvdjEvYWRtaW4ucHJvdG8SD2xvY2FsbG1hcmtldC52MSJzCgdBY2NvdW50EgoKAmlkGAEgASgJEgwKBG5hbWUYAiABKAkSGgoSY3JlYXRlZF9hdF91bml4X21zGAMgASgDEjIKCGRlZmF1bHRzGAQgASgLMiAubG9jYWxsbWFya2V0LnYxLlJvdXRpbmdEZWZhdWx0cyLlAQoPUm91dGluZ0RlZmF1bHRzEigKG21heF9wcmljZV9wZXJfbWlsbGlvbl9pbnB1dBgBIAEoA0gAiAEBEikKHG1heF9wcmljZV9wZXJfbWlsbGlvbl9vdXRwdXQYAiABKANIAYgBARIiChVtaW5fdG9rZW5zX3Blcl9zZWNvbmQYAyABKAFIAogBAUIeChxfbWF4X3ByaWNlX3Blcl9taWxsaW9uX2lucHV0Qh8KHV9tYXhfcHJpY2VfcGVyX21pbGxpb25fb3V0cHV0QhgKFl9taW5fdG9rZW5zX3Blcl9zZWNvbmQiOwoHQmFsYW5jZRIRCglhdmFpbGFibGUYASABKAMSDAoEaGVsZBgCIAEoAxIPCgdwZW5kaW5nGAMgASgDIlYKFENyZWF0ZUFjY291bnRSZXF1ZXN0EgwKBG5hbWUYASABKAkSFwoPaW5pdGlhbF9kZXBvc2l0GAIgASgDEhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCSKQAQoVQ3JlYXRlQWNjb3VudFJlc3BvbnNlEikKB2FjY291bnQYASABKAsyGC5sb2NhbGxtYXJrZXQudjEuQWNjb3VudBIPCgdhcGlfa2V5GAIgASgJEikKB2JhbGFuY2UYAyABKAsyGC5sb2NhbGxtYXJrZXQudjEuQmFsYW5jZRIQCghyZXBsYXllZBgEIAEoCCInChFHZXRBY2NvdW50UmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJImoKEkdldEFjY291bnRSZXNwb25zZRIpCgdhY2NvdW50GAEgASgLMhgubG9jYWxsbWFya2V0LnYxLkFjY291bnQSKQoHYmFsYW5jZRgCIAEoCzIYLmxvY2FsbG1hcmtldC52MS5CYWxhbmNlIhUKE0xpc3RBY2NvdW50c1JlcXVlc3QiQgoUTGlzdEFjY291bnRzUmVzcG9uc2USKgoIYWNjb3VudHMYASADKAsyGC5sb2NhbGxtYXJrZXQudjEuQWNjb3VudCJmChxVcGRhdGVBY2NvdW50RGVmYXVsdHNSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkSMgoIZGVmYXVsdHMYAiABKAsyIC5sb2NhbGxtYXJrZXQudjEuUm91dGluZ0RlZmF1bHRzIkoKHVVwZGF0ZUFjY291bnREZWZhdWx0c1Jlc3BvbnNlEikKB2FjY291bnQYASABKAsyGC5sb2NhbGxtYXJrZXQudjEuQWNjb3VudCJ/CgZBcGlLZXkSCgoCaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRINCgVsYWJlbBgDIAEoCRIOCgZwcmVmaXgYBCABKAkSGgoSY3JlYXRlZF9hdF91bml4X21zGAUgASgDEhoKEnJldm9rZWRfYXRfdW5peF9tcxgGIAEoAyI4ChNDcmVhdGVBcGlLZXlSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkSDQoFbGFiZWwYAiABKAkiTQoUQ3JlYXRlQXBpS2V5UmVzcG9uc2USJAoDa2V5GAEgASgLMhcubG9jYWxsbWFya2V0LnYxLkFwaUtleRIPCgdhcGlfa2V5GAIgASgJIigKEkxpc3RBcGlLZXlzUmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJIjwKE0xpc3RBcGlLZXlzUmVzcG9uc2USJQoEa2V5cxgBIAMoCzIXLmxvY2FsbG1hcmtldC52MS5BcGlLZXkiJQoTUmV2b2tlQXBpS2V5UmVxdWVzdBIOCgZrZXlfaWQYASABKAkiPAoUUmV2b2tlQXBpS2V5UmVzcG9uc2USJAoDa2V5GAEgASgLMhcubG9jYWxsbWFya2V0LnYxLkFwaUtleSI9ChhDcmVhdGVXb3JrZXJUb2tlblJlcXVlc3QSEgoKYWNjb3VudF9pZBgBIAEoCRINCgVsYWJlbBgCIAEoCSJEChlDcmVhdGVXb3JrZXJUb2tlblJlc3BvbnNlEhEKCXdvcmtlcl9pZBgBIAEoCRIUCgx3b3JrZXJfdG9rZW4YAiABKAkiTQoORGVwb3NpdFJlcXVlc3QSEgoKYWNjb3VudF9pZBgBIAEoCRIOCgZhbW91bnQYAiABKAMSFwoPaWRlbXBvdGVuY3lfa2V5GAMgASgJIjwKD0RlcG9zaXRSZXNwb25zZRIpCgdiYWxhbmNlGAEgASgLMhgubG9jYWxsbWFya2V0LnYxLkJhbGFuY2UiTgoPV2l0aGRyYXdSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkSDgoGYW1vdW50GAIgASgDEhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCSI9ChBXaXRoZHJhd1Jlc3BvbnNlEikKB2JhbGFuY2UYASABKAsyGC5sb2NhbGxtYXJrZXQudjEuQmFsYW5jZSInChFHZXRCYWxhbmNlUmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJIj8KEkdldEJhbGFuY2VSZXNwb25zZRIpCgdiYWxhbmNlGAEgASgLMhgubG9jYWxsbWFya2V0LnYxLkJhbGFuY2UiOAoTR2V0U3RhdGVtZW50UmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJEg0KBWxpbWl0GAIgASgNIrABCg5TdGF0ZW1lbnRFbnRyeRIWCg50cmFuc2FjdGlvbl9pZBgBIAEoCRIMCgRraW5kGAIgASgJEhAKCG9yZGVyX2lkGAMgASgJEiMKBGJvb2sYBCABKA4yFS5sb2NhbGxtYXJrZXQudjEuQm9vaxIOCgZhbW91bnQYBSABKAMSFQoNYmFsYW5jZV9hZnRlchgGIAEoAxIaChJjcmVhdGVkX2F0X3VuaXhfbXMYByABKAMixgEKFEdldFN0YXRlbWVudFJlc3BvbnNlEikKB2FjY291bnQYASABKAsyGC5sb2NhbGxtYXJrZXQudjEuQWNjb3VudBIpCgdiYWxhbmNlGAIgASgLMhgubG9jYWxsbWFya2V0LnYxLkJhbGFuY2USMAoHZW50cmllcxgDIAMoCzIfLmxvY2FsbG1hcmtldC52MS5TdGF0ZW1lbnRFbnRyeRImCgZvcmRlcnMYBCADKAsyFi5sb2NhbGxtYXJrZXQudjEuT3JkZXIi/AMKBU9yZGVyEgoKAmlkGAEgASgJEhsKE2NvbnN1bWVyX2FjY291bnRfaWQYAiABKAkSEQoJd29ya2VyX2lkGAMgASgJEg0KBW1vZGVsGAQgASgJEiwKBnN0YXR1cxgFIAEoDjIcLmxvY2FsbG1hcmtldC52MS5PcmRlclN0YXR1cxIVCg1wcm9tcHRfdG9rZW5zGAYgASgNEhkKEWNvbXBsZXRpb25fdG9rZW5zGAcgASgNEgwKBGNvc3QYCCABKAMSCwoDZmVlGAkgASgDEgwKBGhvbGQYCiABKAMSGgoSY3JlYXRlZF9hdF91bml4X21zGAsgASgDEh4KFnRpbWVfdG9fZmlyc3RfdG9rZW5fbXMYDCABKA0SEwoLZHVyYXRpb25fbXMYDSABKA0SDQoFZXJyb3IYDiABKAkSHwoXcHJpY2VfcGVyX21pbGxpb25faW5wdXQYDyABKAMSIAoYcHJpY2VfcGVyX21pbGxpb25fb3V0cHV0GBAgASgDEhoKEnByb21wdF90b2tlbl9ib3VuZBgRIAEoDRIYChBmZWVfYmFzaXNfcG9pbnRzGBIgASgNEhUKDXRydXN0X3NpZ25hbHMYEyADKAkSGwoTcHJvdmlkZXJfYWNjb3VudF9pZBgUIAEoCRISCgptYXhfdG9rZW5zGBUgASgNIjYKEUxpc3RPcmRlcnNSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkSDQoFbGltaXQYAiABKA0iPAoSTGlzdE9yZGVyc1Jlc3BvbnNlEiYKBm9yZGVycxgBIAMoCzIWLmxvY2FsbG1hcmtldC52MS5PcmRlciIjCg9HZXRPcmRlclJlcXVlc3QSEAoIb3JkZXJfaWQYASABKAkiOQoQR2V0T3JkZXJSZXNwb25zZRIlCgVvcmRlchgBIAEoCzIWLmxvY2FsbG1hcmtldC52MS5PcmRlciL+AQoGV29ya2VyEgoKAmlkGAEgASgJEhIKCmFjY291bnRfaWQYAiABKAkSDAoEbmFtZRgDIAEoCRIOCgZvbmxpbmUYBCABKAgSJgoGb2ZmZXJzGAUgAygLMhYubG9jYWxsbWFya2V0LnYxLk9mZmVyEhMKC2FjdGl2ZV9qb2JzGAYgASgNEhkKEWxhc3Rfc2Vlbl91bml4X21zGAcgASgDEhUKDWFnZW50X3ZlcnNpb24YCCABKAkSNAoKcmVwdXRhdGlvbhgJIAMoCzIgLmxvY2FsbG1hcmtldC52MS5Nb2RlbFJlcHV0YXRpb24SEQoJc3VzcGVuZGVkGAogASgIIpYFCg9Nb2RlbFJlcHV0YXRpb24SDQoFbW9kZWwYASABKAkSLwoFc3RhdGUYAiABKA4yIC5sb2NhbGxtYXJrZXQudjEuUmVwdXRhdGlvblN0YXRlEh0KFWNvb2xpbmdfdW50aWxfdW5peF9tcxgDIAEoAxInChptZWFzdXJlZF90b2tlbnNfcGVyX3NlY29uZBgEIAEoAUgAiAEBEiIKFXRva2Vuc19wZXJfc2Vjb25kX3A1MBgFIAEoAUgBiAEBEiIKFXRva2Vuc19wZXJfc2Vjb25kX3A5MBgGIAEoAUgCiAEBEiMKFnRpbWVfdG9fZmlyc3RfdG9rZW5fbXMYByABKAFIA4gBARInChp0aW1lX3RvX2ZpcnN0X3Rva2VuX3A1MF9tcxgIIAEoAUgEiAEBEicKGnRpbWVfdG9fZmlyc3RfdG9rZW5fcDkwX21zGAkgASgBSAWIAQESGQoMc3VjY2Vzc19yYXRlGAogASgBSAaIAQESEAoIYXR0ZW1wdHMYCyABKA0SEAoIZmFpbHVyZXMYDCABKA0SFQoNYXVkaXRzX3Bhc3NlZBgNIAEoDRIVCg1hdWRpdHNfZmFpbGVkGA4gASgNEhIKCnJlcHV0YXRpb24YDyABKAFCHQobX21lYXN1cmVkX3Rva2Vuc19wZXJfc2Vjb25kQhgKFl90b2tlbnNfcGVyX3NlY29uZF9wNTBCGAoWX3Rva2Vuc19wZXJfc2Vjb25kX3A5MEIZChdfdGltZV90b19maXJzdF90b2tlbl9tc0IdChtfdGltZV90b19maXJzdF90b2tlbl9wNTBfbXNCHQobX3RpbWVfdG9fZmlyc3RfdG9rZW5fcDkwX21zQg8KDV9zdWNjZXNzX3JhdGUiFAoSTGlzdFdvcmtlcnNSZXF1ZXN0Ij8KE0xpc3RXb3JrZXJzUmVzcG9uc2USKAoHd29ya2VycxgBIAMoCzIXLmxvY2FsbG1hcmtldC52MS5Xb3JrZXIiFAoSQXVkaXRMZWRnZXJSZXF1ZXN0Ij0KF1NldFdvcmtlclRydXN0ZWRSZXF1ZXN0EhEKCXdvcmtlcl9pZBgBIAEoCRIPCgd0cnVzdGVkGAIgASgIIj4KGFNldFdvcmtlclRydXN0ZWRSZXNwb25zZRIRCgl3b3JrZXJfaWQYASABKAkSDwoHdHJ1c3RlZBgCIAEoCCJdChNBdWRpdExlZGdlclJlc3BvbnNlEgoKAm9rGAEgASgIEhMKC2VudHJpZXNfc3VtGAIgASgDEhMKC2VudHJ5X2NvdW50GAMgASgEEhAKCHByb2JsZW1zGAQgAygJKlEKBEJvb2sSFAoQQk9PS19VTlNQRUNJRklFRBAAEhIKDkJPT0tfQVZBSUxBQkxFEAESDQoJQk9PS19IRUxEEAISEAoMQk9PS19QRU5ESU5HEAMqlgEKC09yZGVyU3RhdHVzEhwKGE9SREVSX1NUQVRVU19VTlNQRUNJRklFRBAAEhgKFE9SREVSX1NUQVRVU19SVU5OSU5HEAESGgoWT1JERVJfU1RBVFVTX0NPTVBMRVRFRBACEhcKE09SREVSX1NUQVRVU19GQUlMRUQQAxIaChZPUkRFUl9TVEFUVVNfQ0FOQ0VMTEVEEAQqjwEKD1JlcHV0YXRpb25TdGF0ZRIgChxSRVBVVEFUSU9OX1NUQVRFX1VOU1BFQ0lGSUVEEAASHAoYUkVQVVRBVElPTl9TVEFURV9IRUFMVEhZEAESHAoYUkVQVVRBVElPTl9TVEFURV9DT09MSU5HEAISHgoaUkVQVVRBVElPTl9TVEFURV9QUk9CQVRJT04QAzKyDAoMQWRtaW5TZXJ2aWNlEl4KDUNyZWF0ZUFjY291bnQSJS5sb2NhbGxtYXJrZXQudjEuQ3JlYXRlQWNjb3VudFJlcXVlc3QaJi5sb2NhbGxtYXJrZXQudjEuQ3JlYXRlQWNjb3VudFJlc3BvbnNlElUKCkdldEFjY291bnQSIi5sb2NhbGxtYXJrZXQudjEuR2V0QWNjb3VudFJlcXVlc3QaIy5sb2NhbGxtYXJrZXQudjEuR2V0QWNjb3VudFJlc3BvbnNlElsKDExpc3RBY2NvdW50cxIkLmxvY2FsbG1hcmtldC52MS5MaXN0QWNjb3VudHNSZXF1ZXN0GiUubG9jYWxsbWFya2V0LnYxLkxpc3RBY2NvdW50c1Jlc3BvbnNlEnYKFVVwZGF0ZUFjY291bnREZWZhdWx0cxItLmxvY2FsbG1hcmtldC52MS5VcGRhdGVBY2NvdW50RGVmYXVsdHNSZXF1ZXN0Gi4ubG9jYWxsbWFya2V0LnYxLlVwZGF0ZUFjY291bnREZWZhdWx0c1Jlc3BvbnNlElsKDENyZWF0ZUFwaUtleRIkLmxvY2FsbG1hcmtldC52MS5DcmVhdGVBcGlLZXlSZXF1ZXN0GiUubG9jYWxsbWFya2V0LnYxLkNyZWF0ZUFwaUtleVJlc3BvbnNlElgKC0xpc3RBcGlLZXlzEiMubG9jYWxsbWFya2V0LnYxLkxpc3RBcGlLZXlzUmVxdWVzdBokLmxvY2FsbG1hcmtldC52MS5MaXN0QXBpS2V5c1Jlc3BvbnNlElsKDFJldm9rZUFwaUtleRIkLmxvY2FsbG1hcmtldC52MS5SZXZva2VBcGlLZXlSZXF1ZXN0GiUubG9jYWxsbWFya2V0LnYxLlJldm9rZUFwaUtleVJlc3BvbnNlEmoKEUNyZWF0ZVdvcmtlclRva2VuEikubG9jYWxsbWFya2V0LnYxLkNyZWF0ZVdvcmtlclRva2VuUmVxdWVzdBoqLmxvY2FsbG1hcmtldC52MS5DcmVhdGVXb3JrZXJUb2tlblJlc3BvbnNlEkwKB0RlcG9zaXQSHy5sb2NhbGxtYXJrZXQudjEuRGVwb3NpdFJlcXVlc3QaIC5sb2NhbGxtYXJrZXQudjEuRGVwb3NpdFJlc3BvbnNlEk8KCFdpdGhkcmF3EiAubG9jYWxsbWFya2V0LnYxLldpdGhkcmF3UmVxdWVzdBohLmxvY2FsbG1hcmtldC52MS5XaXRoZHJhd1Jlc3BvbnNlElUKCkdldEJhbGFuY2USIi5sb2NhbGxtYXJrZXQudjEuR2V0QmFsYW5jZVJlcXVlc3QaIy5sb2NhbGxtYXJrZXQudjEuR2V0QmFsYW5jZVJlc3BvbnNlElsKDEdldFN0YXRlbWVudBIkLmxvY2FsbG1hcmtldC52MS5HZXRTdGF0ZW1lbnRSZXF1ZXN0GiUubG9jYWxsbWFya2V0LnYxLkdldFN0YXRlbWVudFJlc3BvbnNlElUKCkxpc3RPcmRlcnMSIi5sb2NhbGxtYXJrZXQudjEuTGlzdE9yZGVyc1JlcXVlc3QaIy5sb2NhbGxtYXJrZXQudjEuTGlzdE9yZGVyc1Jlc3BvbnNlEk8KCEdldE9yZGVyEiAubG9jYWxsbWFya2V0LnYxLkdldE9yZGVyUmVxdWVzdBohLmxvY2FsbG1hcmtldC52MS5HZXRPcmRlclJlc3BvbnNlElgKC0xpc3RXb3JrZXJzEiMubG9jYWxsbWFya2V0LnYxLkxpc3RXb3JrZXJzUmVxdWVzdBokLmxvY2FsbG1hcmtldC52MS5MaXN0V29ya2Vyc1Jlc3BvbnNlElgKC0F1ZGl0TGVkZ2VyEiMubG9jYWxsbWFya2V0LnYxLkF1ZGl0TGVkZ2VyUmVxdWVzdBokLmxvY2FsbG1hcmtldC52MS5BdWRpdExlZGdlclJlc3BvbnNlEmcKEFNldFdvcmtlclRydXN0ZWQSKC5sb2NhbGxtYXJrZXQudjEuU2V0V29ya2VyVHJ1c3RlZFJlcXVlc3QaKS5sb2NhbGxtYXJrZXQudjEuU2V0V29ya2VyVHJ1c3RlZFJlc3BvbnNlYgZwcm90bzM", [file_locallmarket_v1_common]);
 
 /**
  * An account. One account can both consume (with API keys) and provide (with worker tokens).
@@ -1234,6 +1234,22 @@ export type Worker = Message<"locallmarket.v1.Worker"> & {
    * @generated from field: string agent_version = 8;
    */
   agentVersion: string;
+
+  /**
+   * What the platform measured of it, one entry per model it offers now (or offered at its last
+   * connection) and per model it served since the control plane started. Kept in the control
+   * plane's memory: it survives the worker's reconnects, not a restart of the control plane.
+   *
+   * @generated from field: repeated locallmarket.v1.ModelReputation reputation = 9;
+   */
+  reputation: ModelReputation[];
+
+  /**
+   * Whether it is suspended: never matched, not even when no other worker can serve.
+   *
+   * @generated from field: bool suspended = 10;
+   */
+  suspended: boolean;
 };
 
 /**
@@ -1242,6 +1258,133 @@ export type Worker = Message<"locallmarket.v1.Worker"> & {
  */
 export const WorkerSchema: GenMessage<Worker> = /*@__PURE__*/
   messageDesc(file_locallmarket_v1_admin, 34);
+
+/**
+ * What the platform measured of one worker serving one model. Speeds and latencies are timed by
+ * the control plane from chunk arrival, never taken from the worker's word.
+ *
+ * @generated from message locallmarket.v1.ModelReputation
+ */
+export type ModelReputation = Message<"locallmarket.v1.ModelReputation"> & {
+  /**
+   * The model.
+   *
+   * @generated from field: string model = 1;
+   */
+  model: string;
+
+  /**
+   * Where the worker stands with the matcher for this model.
+   *
+   * @generated from field: locallmarket.v1.ReputationState state = 2;
+   */
+  state: ReputationState;
+
+  /**
+   * While cooling: when the cooldown ends, Unix milliseconds; 0 otherwise.
+   *
+   * @generated from field: int64 cooling_until_unix_ms = 3;
+   */
+  coolingUntilUnixMs: bigint;
+
+  /**
+   * Sustained tokens per second after the first token: per job, the median of the token rates of
+   * eight equal time windows between the first token and the last chunk (so a burst of tokens at
+   * the end earns nothing), as a decaying average over jobs (newest weighs 0.3). Unset before a job
+   * long enough to time (16 tokens after the first).
+   *
+   * @generated from field: optional double measured_tokens_per_second = 4;
+   */
+  measuredTokensPerSecond?: number | undefined;
+
+  /**
+   * The median of the last 32 jobs' sustained tokens per second.
+   *
+   * @generated from field: optional double tokens_per_second_p50 = 5;
+   */
+  tokensPerSecondP50?: number | undefined;
+
+  /**
+   * The 90th percentile of the last 32 jobs' sustained tokens per second.
+   *
+   * @generated from field: optional double tokens_per_second_p90 = 6;
+   */
+  tokensPerSecondP90?: number | undefined;
+
+  /**
+   * Time from dispatch to the first chunk, milliseconds, as a decaying average (newest weighs
+   * 0.3). Unset before a first token.
+   *
+   * @generated from field: optional double time_to_first_token_ms = 7;
+   */
+  timeToFirstTokenMs?: number | undefined;
+
+  /**
+   * The median of the last 32 times to first token, milliseconds.
+   *
+   * @generated from field: optional double time_to_first_token_p50_ms = 8;
+   */
+  timeToFirstTokenP50Ms?: number | undefined;
+
+  /**
+   * The 90th percentile of the last 32 times to first token, milliseconds.
+   *
+   * @generated from field: optional double time_to_first_token_p90_ms = 9;
+   */
+  timeToFirstTokenP90Ms?: number | undefined;
+
+  /**
+   * The share of attempts that succeeded, 0 to 1, each older attempt weighing 0.9 times the next.
+   * Attempts ended by the consumer, by the worker being full or by a shutdown do not count. Unset
+   * before any attempt counted.
+   *
+   * @generated from field: optional double success_rate = 10;
+   */
+  successRate?: number | undefined;
+
+  /**
+   * Attempts counted (successes and failures) since the control plane started.
+   *
+   * @generated from field: uint32 attempts = 11;
+   */
+  attempts: number;
+
+  /**
+   * Failed attempts among them (errors, first-token timeouts, a stream that closed).
+   *
+   * @generated from field: uint32 failures = 12;
+   */
+  failures: number;
+
+  /**
+   * Audited jobs that passed.
+   *
+   * @generated from field: uint32 audits_passed = 13;
+   */
+  auditsPassed: number;
+
+  /**
+   * Audited jobs that failed.
+   *
+   * @generated from field: uint32 audits_failed = 14;
+   */
+  auditsFailed: number;
+
+  /**
+   * 0 to 1: the success rate with a prior worth two successes out of three attempts, times
+   * (passed + 1) / (passed + 1 + 4 × failed) audits; 0 when the worker is suspended.
+   *
+   * @generated from field: double reputation = 15;
+   */
+  reputation: number;
+};
+
+/**
+ * Describes the message locallmarket.v1.ModelReputation.
+ * Use `create(ModelReputationSchema)` to create a new message.
+ */
+export const ModelReputationSchema: GenMessage<ModelReputation> = /*@__PURE__*/
+  messageDesc(file_locallmarket_v1_admin, 35);
 
 /**
  * The request of ListWorkers.
@@ -1256,7 +1399,7 @@ export type ListWorkersRequest = Message<"locallmarket.v1.ListWorkersRequest"> &
  * Use `create(ListWorkersRequestSchema)` to create a new message.
  */
 export const ListWorkersRequestSchema: GenMessage<ListWorkersRequest> = /*@__PURE__*/
-  messageDesc(file_locallmarket_v1_admin, 35);
+  messageDesc(file_locallmarket_v1_admin, 36);
 
 /**
  * The response of ListWorkers.
@@ -1277,7 +1420,7 @@ export type ListWorkersResponse = Message<"locallmarket.v1.ListWorkersResponse">
  * Use `create(ListWorkersResponseSchema)` to create a new message.
  */
 export const ListWorkersResponseSchema: GenMessage<ListWorkersResponse> = /*@__PURE__*/
-  messageDesc(file_locallmarket_v1_admin, 36);
+  messageDesc(file_locallmarket_v1_admin, 37);
 
 /**
  * The request of AuditLedger.
@@ -1292,7 +1435,63 @@ export type AuditLedgerRequest = Message<"locallmarket.v1.AuditLedgerRequest"> &
  * Use `create(AuditLedgerRequestSchema)` to create a new message.
  */
 export const AuditLedgerRequestSchema: GenMessage<AuditLedgerRequest> = /*@__PURE__*/
-  messageDesc(file_locallmarket_v1_admin, 37);
+  messageDesc(file_locallmarket_v1_admin, 38);
+
+/**
+ * The request of SetWorkerTrusted.
+ *
+ * @generated from message locallmarket.v1.SetWorkerTrustedRequest
+ */
+export type SetWorkerTrustedRequest = Message<"locallmarket.v1.SetWorkerTrustedRequest"> & {
+  /**
+   * The worker's id (from CreateWorkerToken or ListWorkers).
+   *
+   * @generated from field: string worker_id = 1;
+   */
+  workerId: string;
+
+  /**
+   * True to trust the worker as a reference verifier, false to withdraw that trust.
+   *
+   * @generated from field: bool trusted = 2;
+   */
+  trusted: boolean;
+};
+
+/**
+ * Describes the message locallmarket.v1.SetWorkerTrustedRequest.
+ * Use `create(SetWorkerTrustedRequestSchema)` to create a new message.
+ */
+export const SetWorkerTrustedRequestSchema: GenMessage<SetWorkerTrustedRequest> = /*@__PURE__*/
+  messageDesc(file_locallmarket_v1_admin, 39);
+
+/**
+ * The response of SetWorkerTrusted.
+ *
+ * @generated from message locallmarket.v1.SetWorkerTrustedResponse
+ */
+export type SetWorkerTrustedResponse = Message<"locallmarket.v1.SetWorkerTrustedResponse"> & {
+  /**
+   * The worker's id.
+   *
+   * @generated from field: string worker_id = 1;
+   */
+  workerId: string;
+
+  /**
+   * Whether the worker is trusted now.
+   *
+   * @generated from field: bool trusted = 2;
+   */
+  trusted: boolean;
+};
+
+/**
+ * Describes the message locallmarket.v1.SetWorkerTrustedResponse.
+ * Use `create(SetWorkerTrustedResponseSchema)` to create a new message.
+ */
+export const SetWorkerTrustedResponseSchema: GenMessage<SetWorkerTrustedResponse> = /*@__PURE__*/
+  messageDesc(file_locallmarket_v1_admin, 40);
 
 /**
  * The response of AuditLedger. The audit checks that: all ledger entries sum to zero, and so do
@@ -1339,7 +1538,7 @@ export type AuditLedgerResponse = Message<"locallmarket.v1.AuditLedgerResponse">
  * Use `create(AuditLedgerResponseSchema)` to create a new message.
  */
 export const AuditLedgerResponseSchema: GenMessage<AuditLedgerResponse> = /*@__PURE__*/
-  messageDesc(file_locallmarket_v1_admin, 38);
+  messageDesc(file_locallmarket_v1_admin, 41);
 
 /**
  * A book of an account (see Balance).
@@ -1429,6 +1628,53 @@ export enum OrderStatus {
  */
 export const OrderStatusSchema: GenEnum<OrderStatus> = /*@__PURE__*/
   enumDesc(file_locallmarket_v1_admin, 1);
+
+/**
+ * Where a worker stands with the matcher for one model.
+ *
+ * @generated from enum locallmarket.v1.ReputationState
+ */
+export enum ReputationState {
+  /**
+   * Not set.
+   *
+   * @generated from enum value: REPUTATION_STATE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Matched on its prices and measured figures. Until it first shows a first token for the model,
+   * it is given one request at a time while another worker can serve; so it is while one of its
+   * requests has waited for a first token longer than three times its p90 time to first token
+   * (and at least two seconds).
+   *
+   * @generated from enum value: REPUTATION_STATE_HEALTHY = 1;
+   */
+  HEALTHY = 1,
+
+  /**
+   * It missed a first-token timeout, or failed several times in a row: skipped while any other
+   * worker can serve the model (even a busy one), until `cooling_until_unix_ms`.
+   *
+   * @generated from enum value: REPUTATION_STATE_COOLING = 2;
+   */
+  COOLING = 2,
+
+  /**
+   * Its cooldown ended: the next request matched to it is a probe, and no other request is sent to
+   * it while the probe runs. A first token restores it to healthy; a failure cools it again, for
+   * twice as long as the previous cooldown (up to the server's --max-cooldown-ms).
+   *
+   * @generated from enum value: REPUTATION_STATE_PROBATION = 3;
+   */
+  PROBATION = 3,
+}
+
+/**
+ * Describes the enum locallmarket.v1.ReputationState.
+ */
+export const ReputationStateSchema: GenEnum<ReputationState> = /*@__PURE__*/
+  enumDesc(file_locallmarket_v1_admin, 2);
 
 /**
  * Administration of the market.
@@ -1598,6 +1844,19 @@ export const AdminService: GenService<{
     methodKind: "unary";
     input: typeof AuditLedgerRequestSchema;
     output: typeof AuditLedgerResponseSchema;
+  },
+  /**
+   * Marks a worker as a trusted reference verifier, or with `trusted` false withdraws the mark.
+   * Audits send their teacher-forced scoring jobs (worker.proto ScoreAssign) only to connected
+   * trusted workers serving the audited offer's weights hash. The mark survives restarts.
+   * NOT_FOUND for an unknown worker id.
+   *
+   * @generated from rpc locallmarket.v1.AdminService.SetWorkerTrusted
+   */
+  setWorkerTrusted: {
+    methodKind: "unary";
+    input: typeof SetWorkerTrustedRequestSchema;
+    output: typeof SetWorkerTrustedResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_locallmarket_v1_admin, 0);

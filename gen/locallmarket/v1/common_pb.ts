@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file locallmarket/v1/common.proto.
  */
 export const file_locallmarket_v1_common: GenFile = /*@__PURE__*/
-  fileDesc("Chxsb2NhbGxtYXJrZXQvdjEvY29tbW9uLnByb3RvEg9sb2NhbGxtYXJrZXQudjEikwEKC0NoYXRNZXNzYWdlEgwKBHJvbGUYASABKAkSDwoHY29udGVudBgCIAEoCRIMCgRuYW1lGAMgASgJEi0KCnRvb2xfY2FsbHMYBCADKAsyGS5sb2NhbGxtYXJrZXQudjEuVG9vbENhbGwSFAoMdG9vbF9jYWxsX2lkGAUgASgJEhIKCmltYWdlX3VybHMYBiADKAkiNwoIVG9vbENhbGwSCgoCaWQYASABKAkSDAoEbmFtZRgCIAEoCRIRCglhcmd1bWVudHMYAyABKAkiXAoOVG9vbERlZmluaXRpb24SDAoEbmFtZRgBIAEoCRITCgtkZXNjcmlwdGlvbhgCIAEoCRIXCg9wYXJhbWV0ZXJzX2pzb24YAyABKAkSDgoGc3RyaWN0GAQgASgIIjEKClRvb2xDaG9pY2USDAoEbW9kZRgBIAEoCRIVCg1mdW5jdGlvbl9uYW1lGAIgASgJItABCg5SZXNwb25zZUZvcm1hdBIyCgR0eXBlGAEgASgOMiQubG9jYWxsbWFya2V0LnYxLlJlc3BvbnNlRm9ybWF0LlR5cGUSDAoEbmFtZRgCIAEoCRITCgtzY2hlbWFfanNvbhgDIAEoCRIOCgZzdHJpY3QYBCABKAgiVwoEVHlwZRIUChBUWVBFX1VOU1BFQ0lGSUVEEAASDQoJVFlQRV9URVhUEAESFAoQVFlQRV9KU09OX09CSkVDVBACEhQKEFRZUEVfSlNPTl9TQ0hFTUEQAyLsAQoOU2FtcGxpbmdQYXJhbXMSGAoLdGVtcGVyYXR1cmUYASABKAFIAIgBARISCgV0b3BfcBgCIAEoAUgBiAEBEgwKBHN0b3AYAyADKAkSEQoEc2VlZBgEIAEoA0gCiAEBEh0KEHByZXNlbmNlX3BlbmFsdHkYBSABKAFIA4gBARIeChFmcmVxdWVuY3lfcGVuYWx0eRgGIAEoAUgEiAEBQg4KDF90ZW1wZXJhdHVyZUIICgZfdG9wX3BCBwoFX3NlZWRCEwoRX3ByZXNlbmNlX3BlbmFsdHlCFAoSX2ZyZXF1ZW5jeV9wZW5hbHR5ImkKDENhcGFiaWxpdGllcxINCgV0b29scxgBIAEoCBITCgtqc29uX3NjaGVtYRgCIAEoCBIQCghsb2dwcm9icxgDIAEoCBIOCgZ2aXNpb24YBCABKAgSEwoLY29tcGxldGlvbnMYBSABKAgiOQoFVXNhZ2USFQoNcHJvbXB0X3Rva2VucxgBIAEoDRIZChFjb21wbGV0aW9uX3Rva2VucxgCIAEoDSKLAgoFT2ZmZXISDQoFbW9kZWwYASABKAkSHwoXcHJpY2VfcGVyX21pbGxpb25faW5wdXQYAiABKAMSIAoYcHJpY2VfcGVyX21pbGxpb25fb3V0cHV0GAMgASgDEiQKHGFkdmVydGlzZWRfdG9rZW5zX3Blcl9zZWNvbmQYBCABKAESFwoPbWF4X2NvbmN1cnJlbmN5GAUgASgNEhYKDmNvbnRleHRfbGVuZ3RoGAYgASgNEhQKDHF1YW50aXphdGlvbhgHIAEoCRIOCgZlbmdpbmUYCCABKAkSMwoMY2FwYWJpbGl0aWVzGAkgASgLMh0ubG9jYWxsbWFya2V0LnYxLkNhcGFiaWxpdGllcyq8AQoMRmluaXNoUmVhc29uEh0KGUZJTklTSF9SRUFTT05fVU5TUEVDSUZJRUQQABIWChJGSU5JU0hfUkVBU09OX1NUT1AQARIYChRGSU5JU0hfUkVBU09OX0xFTkdUSBACEiAKHEZJTklTSF9SRUFTT05fQ09OVEVOVF9GSUxURVIQAxIbChdGSU5JU0hfUkVBU09OX0NBTkNFTExFRBAEEhwKGEZJTklTSF9SRUFTT05fVE9PTF9DQUxMUxAFYgZwcm90bzM");
+  fileDesc("Chxsb2NhbGxtYXJrZXQvdjEvY29tbW9uLnByb3RvEg9sb2NhbGxtYXJrZXQudjEikwEKC0NoYXRNZXNzYWdlEgwKBHJvbGUYASABKAkSDwoHY29udGVudBgCIAEoCRIMCgRuYW1lGAMgASgJEi0KCnRvb2xfY2FsbHMYBCADKAsyGS5sb2NhbGxtYXJrZXQudjEuVG9vbENhbGwSFAoMdG9vbF9jYWxsX2lkGAUgASgJEhIKCmltYWdlX3VybHMYBiADKAkiNwoIVG9vbENhbGwSCgoCaWQYASABKAkSDAoEbmFtZRgCIAEoCRIRCglhcmd1bWVudHMYAyABKAkiXAoOVG9vbERlZmluaXRpb24SDAoEbmFtZRgBIAEoCRITCgtkZXNjcmlwdGlvbhgCIAEoCRIXCg9wYXJhbWV0ZXJzX2pzb24YAyABKAkSDgoGc3RyaWN0GAQgASgIIjEKClRvb2xDaG9pY2USDAoEbW9kZRgBIAEoCRIVCg1mdW5jdGlvbl9uYW1lGAIgASgJItABCg5SZXNwb25zZUZvcm1hdBIyCgR0eXBlGAEgASgOMiQubG9jYWxsbWFya2V0LnYxLlJlc3BvbnNlRm9ybWF0LlR5cGUSDAoEbmFtZRgCIAEoCRITCgtzY2hlbWFfanNvbhgDIAEoCRIOCgZzdHJpY3QYBCABKAgiVwoEVHlwZRIUChBUWVBFX1VOU1BFQ0lGSUVEEAASDQoJVFlQRV9URVhUEAESFAoQVFlQRV9KU09OX09CSkVDVBACEhQKEFRZUEVfSlNPTl9TQ0hFTUEQAyLsAQoOU2FtcGxpbmdQYXJhbXMSGAoLdGVtcGVyYXR1cmUYASABKAFIAIgBARISCgV0b3BfcBgCIAEoAUgBiAEBEgwKBHN0b3AYAyADKAkSEQoEc2VlZBgEIAEoA0gCiAEBEh0KEHByZXNlbmNlX3BlbmFsdHkYBSABKAFIA4gBARIeChFmcmVxdWVuY3lfcGVuYWx0eRgGIAEoAUgEiAEBQg4KDF90ZW1wZXJhdHVyZUIICgZfdG9wX3BCBwoFX3NlZWRCEwoRX3ByZXNlbmNlX3BlbmFsdHlCFAoSX2ZyZXF1ZW5jeV9wZW5hbHR5In8KDENhcGFiaWxpdGllcxINCgV0b29scxgBIAEoCBITCgtqc29uX3NjaGVtYRgCIAEoCBIQCghsb2dwcm9icxgDIAEoCBIOCgZ2aXNpb24YBCABKAgSEwoLY29tcGxldGlvbnMYBSABKAgSFAoMdG9rZW5fZGV0YWlsGAYgASgIIjkKBVVzYWdlEhUKDXByb21wdF90b2tlbnMYASABKA0SGQoRY29tcGxldGlvbl90b2tlbnMYAiABKA0iuwIKBU9mZmVyEg0KBW1vZGVsGAEgASgJEh8KF3ByaWNlX3Blcl9taWxsaW9uX2lucHV0GAIgASgDEiAKGHByaWNlX3Blcl9taWxsaW9uX291dHB1dBgDIAEoAxIkChxhZHZlcnRpc2VkX3Rva2Vuc19wZXJfc2Vjb25kGAQgASgBEhcKD21heF9jb25jdXJyZW5jeRgFIAEoDRIWCg5jb250ZXh0X2xlbmd0aBgGIAEoDRIUCgxxdWFudGl6YXRpb24YByABKAkSDgoGZW5naW5lGAggASgJEjMKDGNhcGFiaWxpdGllcxgJIAEoCzIdLmxvY2FsbG1hcmtldC52MS5DYXBhYmlsaXRpZXMSFgoOd2VpZ2h0c19zaGEyNTYYCiABKAkSFgoOZW5naW5lX3ZlcnNpb24YCyABKAkqvAEKDEZpbmlzaFJlYXNvbhIdChlGSU5JU0hfUkVBU09OX1VOU1BFQ0lGSUVEEAASFgoSRklOSVNIX1JFQVNPTl9TVE9QEAESGAoURklOSVNIX1JFQVNPTl9MRU5HVEgQAhIgChxGSU5JU0hfUkVBU09OX0NPTlRFTlRfRklMVEVSEAMSGwoXRklOSVNIX1JFQVNPTl9DQU5DRUxMRUQQBBIcChhGSU5JU0hfUkVBU09OX1RPT0xfQ0FMTFMQBWIGcHJvdG8z");
 
 /**
  * One message of a chat conversation, as in the OpenAI chat completions API.
@@ -293,7 +293,9 @@ export type SamplingParams = Message<"locallmarket.v1.SamplingParams"> & {
   stop: string[];
 
   /**
-   * Seed for reproducible sampling, when the engine supports it.
+   * Seed for reproducible sampling. On the worker link it is always set: the consumer's seed when
+   * it gave one, else one the control plane draws for the job; the worker's engine must sample with
+   * it, so that a job's tokens are a function of the weights, the prompt and the seed.
    *
    * @generated from field: optional int64 seed = 4;
    */
@@ -362,6 +364,15 @@ export type Capabilities = Message<"locallmarket.v1.Capabilities"> & {
    * @generated from field: bool completions = 5;
    */
   completions: boolean;
+
+  /**
+   * Token detail (JobAssign.token_detail: token ids with log-probabilities in
+   * JobChunk.token_details) is honoured. Only offers declaring it are asked for token detail, and so
+   * only they can be audited; `--engine llama-cpp` declares it.
+   *
+   * @generated from field: bool token_detail = 6;
+   */
+  tokenDetail: boolean;
 };
 
 /**
@@ -468,6 +479,24 @@ export type Offer = Message<"locallmarket.v1.Offer"> & {
    * @generated from field: locallmarket.v1.Capabilities capabilities = 9;
    */
   capabilities?: Capabilities | undefined;
+
+  /**
+   * The exact build of the weights: the SHA-256 of the model file (the GGUF, so the quantization is
+   * included), 64 lowercase hex digits; "" when undeclared. `--engine llama-cpp` computes it from
+   * the file. Shown publicly in /v1/models and the worker list. Audits score a worker's tokens on a
+   * trusted verifier serving the same hash, so a worker declaring the reference's hash while running
+   * other weights is what audits catch. Anything but "" or 64 hex digits is rejected with INVALID_HELLO.
+   *
+   * @generated from field: string weights_sha256 = 10;
+   */
+  weightsSha256: string;
+
+  /**
+   * The engine's version, free text such as "node-llama-cpp 3.21.1". Informational, shown publicly.
+   *
+   * @generated from field: string engine_version = 11;
+   */
+  engineVersion: string;
 };
 
 /**

@@ -68,7 +68,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file locallmarket/v1/worker.proto.
  */
 export const file_locallmarket_v1_worker: GenFile = /*@__PURE__*/
-  fileDesc("Chxsb2NhbGxtYXJrZXQvdjEvd29ya2VyLnByb3RvEg9sb2NhbGxtYXJrZXQudjEingMKDkNvbm5lY3RSZXF1ZXN0EicKBWhlbGxvGAEgASgLMhYubG9jYWxsbWFya2V0LnYxLkhlbGxvSAASLwoJaGVhcnRiZWF0GAIgASgLMhoubG9jYWxsbWFya2V0LnYxLkhlYXJ0YmVhdEgAEjQKDG9mZmVyX3VwZGF0ZRgDIAEoCzIcLmxvY2FsbG1hcmtldC52MS5PZmZlclVwZGF0ZUgAEjQKDGpvYl9hY2NlcHRlZBgEIAEoCzIcLmxvY2FsbG1hcmtldC52MS5Kb2JBY2NlcHRlZEgAEi4KCWpvYl9jaHVuaxgFIAEoCzIZLmxvY2FsbG1hcmtldC52MS5Kb2JDaHVua0gAEiwKCGpvYl9kb25lGAYgASgLMhgubG9jYWxsbWFya2V0LnYxLkpvYkRvbmVIABIwCgpqb2JfZmFpbGVkGAcgASgLMhoubG9jYWxsbWFya2V0LnYxLkpvYkZhaWxlZEgAEisKB2dvb2RieWUYCCABKAsyGC5sb2NhbGxtYXJrZXQudjEuR29vZGJ5ZUgAQgkKB21lc3NhZ2Ui2gIKD0Nvbm5lY3RSZXNwb25zZRIrCgd3ZWxjb21lGAEgASgLMhgubG9jYWxsbWFya2V0LnYxLldlbGNvbWVIABIwCgpqb2JfYXNzaWduGAIgASgLMhoubG9jYWxsbWFya2V0LnYxLkpvYkFzc2lnbkgAEjAKCmpvYl9jYW5jZWwYAyABKAsyGi5sb2NhbGxtYXJrZXQudjEuSm9iQ2FuY2VsSAASJwoFZHJhaW4YBCABKAsyFi5sb2NhbGxtYXJrZXQudjEuRHJhaW5IABIlCgRwaW5nGAUgASgLMhUubG9jYWxsbWFya2V0LnYxLlBpbmdIABIpCgZyZWplY3QYBiABKAsyFy5sb2NhbGxtYXJrZXQudjEuUmVqZWN0SAASMAoKam9iX3dpbmRvdxgHIAEoCzIaLmxvY2FsbG1hcmtldC52MS5Kb2JXaW5kb3dIAEIJCgdtZXNzYWdlIosBCgVIZWxsbxIUCgx3b3JrZXJfdG9rZW4YASABKAkSFQoNYWdlbnRfdmVyc2lvbhgCIAEoCRITCgt3b3JrZXJfbmFtZRgDIAEoCRImCgZvZmZlcnMYBCADKAsyFi5sb2NhbGxtYXJrZXQudjEuT2ZmZXISGAoQcHJvdG9jb2xfdmVyc2lvbhgFIAEoDSK0AQoHV2VsY29tZRIRCgl3b3JrZXJfaWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIdChVoZWFydGJlYXRfaW50ZXJ2YWxfbXMYAyABKA0SFwoPbWF4X2NodW5rX2J5dGVzGAQgASgNEi8KD2FjY2VwdGVkX29mZmVycxgFIAMoCzIWLmxvY2FsbG1hcmtldC52MS5PZmZlchIZChFqb2Jfd2luZG93X2NodW5rcxgGIAEoDSJyCglIZWFydGJlYXQSEwoLYWN0aXZlX2pvYnMYASABKA0SEwoLcXVldWVkX2pvYnMYAiABKA0SEgoKcGluZ19ub25jZRgDIAEoBBInCgRncHVzGAQgAygLMhkubG9jYWxsbWFya2V0LnYxLkdwdVN0YXRzImwKCEdwdVN0YXRzEgwKBG5hbWUYASABKAkSGwoTdXRpbGl6YXRpb25fcGVyY2VudBgCIAEoARIZChFtZW1vcnlfdXNlZF9ieXRlcxgDIAEoBBIaChJtZW1vcnlfdG90YWxfYnl0ZXMYBCABKAQiNQoLT2ZmZXJVcGRhdGUSJgoGb2ZmZXJzGAEgAygLMhYubG9jYWxsbWFya2V0LnYxLk9mZmVyIsADCglKb2JBc3NpZ24SDgoGam9iX2lkGAEgASgJEg0KBW1vZGVsGAIgASgJEi4KCG1lc3NhZ2VzGAMgAygLMhwubG9jYWxsbWFya2V0LnYxLkNoYXRNZXNzYWdlEjEKCHNhbXBsaW5nGAQgASgLMh8ubG9jYWxsbWFya2V0LnYxLlNhbXBsaW5nUGFyYW1zEhIKCm1heF90b2tlbnMYBSABKA0SGAoQZGVhZGxpbmVfdW5peF9tcxgGIAEoAxIVCg13YW50X2xvZ3Byb2JzGAcgASgIEg0KBWF1ZGl0GAggASgIEi4KBXRvb2xzGAkgAygLMh8ubG9jYWxsbWFya2V0LnYxLlRvb2xEZWZpbml0aW9uEjAKC3Rvb2xfY2hvaWNlGAogASgLMhsubG9jYWxsbWFya2V0LnYxLlRvb2xDaG9pY2USGwoTcGFyYWxsZWxfdG9vbF9jYWxscxgLIAEoCBI4Cg9yZXNwb25zZV9mb3JtYXQYDCABKAsyHy5sb2NhbGxtYXJrZXQudjEuUmVzcG9uc2VGb3JtYXQSFAoMdG9wX2xvZ3Byb2JzGA0gASgNEg4KBnByb21wdBgOIAEoCSIdCgtKb2JBY2NlcHRlZBIOCgZqb2JfaWQYASABKAkitAEKCEpvYkNodW5rEg4KBmpvYl9pZBgBIAEoCRIQCghzZXF1ZW5jZRgCIAEoBBIMCgR0ZXh0GAMgASgJEhMKC3Rva2VuX2NvdW50GAQgASgNEi8KCGxvZ3Byb2JzGAUgAygLMh0ubG9jYWxsbWFya2V0LnYxLlRva2VuTG9ncHJvYhIyCgp0b29sX2NhbGxzGAYgAygLMh4ubG9jYWxsbWFya2V0LnYxLlRvb2xDYWxsRGVsdGEiSwoNVG9vbENhbGxEZWx0YRINCgVpbmRleBgBIAEoDRIKCgJpZBgCIAEoCRIMCgRuYW1lGAMgASgJEhEKCWFyZ3VtZW50cxgEIAEoCSJhCgxUb2tlbkxvZ3Byb2ISDQoFdG9rZW4YASABKAkSDwoHbG9ncHJvYhgCIAEoARIxCgx0b3BfbG9ncHJvYnMYAyADKAsyGy5sb2NhbGxtYXJrZXQudjEuVG9wTG9ncHJvYiIsCgpUb3BMb2dwcm9iEg0KBXRva2VuGAEgASgJEg8KB2xvZ3Byb2IYAiABKAEijQEKB0pvYkRvbmUSDgoGam9iX2lkGAEgASgJEjQKDWZpbmlzaF9yZWFzb24YAiABKA4yHS5sb2NhbGxtYXJrZXQudjEuRmluaXNoUmVhc29uEiUKBXVzYWdlGAMgASgLMhYubG9jYWxsbWFya2V0LnYxLlVzYWdlEhUKDWxhc3Rfc2VxdWVuY2UYBCABKAQiWwoJSm9iRmFpbGVkEg4KBmpvYl9pZBgBIAEoCRItCgRjb2RlGAIgASgOMh8ubG9jYWxsbWFya2V0LnYxLkpvYkZhaWx1cmVDb2RlEg8KB21lc3NhZ2UYAyABKAkiGQoHR29vZGJ5ZRIOCgZyZWFzb24YASABKAkiKwoJSm9iQ2FuY2VsEg4KBmpvYl9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiFwoFRHJhaW4SDgoGcmVhc29uGAEgASgJIhUKBFBpbmcSDQoFbm9uY2UYASABKAQiRAoGUmVqZWN0EikKBGNvZGUYASABKA4yGy5sb2NhbGxtYXJrZXQudjEuUmVqZWN0Q29kZRIPCgdtZXNzYWdlGAIgASgJIjoKCUpvYldpbmRvdxIOCgZqb2JfaWQYASABKAkSHQoVYWNrbm93bGVkZ2VkX3NlcXVlbmNlGAIgASgEKuABCg5Kb2JGYWlsdXJlQ29kZRIgChxKT0JfRkFJTFVSRV9DT0RFX1VOU1BFQ0lGSUVEEAASIQodSk9CX0ZBSUxVUkVfQ09ERV9FTkdJTkVfRVJST1IQARImCiJKT0JfRkFJTFVSRV9DT0RFX01PREVMX1VOQVZBSUxBQkxFEAISHwobSk9CX0ZBSUxVUkVfQ09ERV9PVkVSTE9BREVEEAMSIgoeSk9CX0ZBSUxVUkVfQ09ERV9JTlZBTElEX0lOUFVUEAQSHAoYSk9CX0ZBSUxVUkVfQ09ERV9USU1FT1VUEAUq2gEKClJlamVjdENvZGUSGwoXUkVKRUNUX0NPREVfVU5TUEVDSUZJRUQQABIfChtSRUpFQ1RfQ09ERV9VTkFVVEhFTlRJQ0FURUQQARIdChlSRUpFQ1RfQ09ERV9JTlZBTElEX0hFTExPEAISGAoUUkVKRUNUX0NPREVfUkVQTEFDRUQQAxIWChJSRUpFQ1RfQ09ERV9CQU5ORUQQBBIdChlSRUpFQ1RfQ09ERV9TSFVUVElOR19ET1dOEAUSHgoaUkVKRUNUX0NPREVfUFJPVE9DT0xfRVJST1IQBjJhCg1Xb3JrZXJTZXJ2aWNlElAKB0Nvbm5lY3QSHy5sb2NhbGxtYXJrZXQudjEuQ29ubmVjdFJlcXVlc3QaIC5sb2NhbGxtYXJrZXQudjEuQ29ubmVjdFJlc3BvbnNlKAEwAWIGcHJvdG8z", [file_locallmarket_v1_common]);
+  fileDesc("Chxsb2NhbGxtYXJrZXQvdjEvd29ya2VyLnByb3RvEg9sb2NhbGxtYXJrZXQudjEi1AMKDkNvbm5lY3RSZXF1ZXN0EicKBWhlbGxvGAEgASgLMhYubG9jYWxsbWFya2V0LnYxLkhlbGxvSAASLwoJaGVhcnRiZWF0GAIgASgLMhoubG9jYWxsbWFya2V0LnYxLkhlYXJ0YmVhdEgAEjQKDG9mZmVyX3VwZGF0ZRgDIAEoCzIcLmxvY2FsbG1hcmtldC52MS5PZmZlclVwZGF0ZUgAEjQKDGpvYl9hY2NlcHRlZBgEIAEoCzIcLmxvY2FsbG1hcmtldC52MS5Kb2JBY2NlcHRlZEgAEi4KCWpvYl9jaHVuaxgFIAEoCzIZLmxvY2FsbG1hcmtldC52MS5Kb2JDaHVua0gAEiwKCGpvYl9kb25lGAYgASgLMhgubG9jYWxsbWFya2V0LnYxLkpvYkRvbmVIABIwCgpqb2JfZmFpbGVkGAcgASgLMhoubG9jYWxsbWFya2V0LnYxLkpvYkZhaWxlZEgAEisKB2dvb2RieWUYCCABKAsyGC5sb2NhbGxtYXJrZXQudjEuR29vZGJ5ZUgAEjQKDHNjb3JlX3Jlc3VsdBgJIAEoCzIcLmxvY2FsbG1hcmtldC52MS5TY29yZVJlc3VsdEgAQgkKB21lc3NhZ2UikAMKD0Nvbm5lY3RSZXNwb25zZRIrCgd3ZWxjb21lGAEgASgLMhgubG9jYWxsbWFya2V0LnYxLldlbGNvbWVIABIwCgpqb2JfYXNzaWduGAIgASgLMhoubG9jYWxsbWFya2V0LnYxLkpvYkFzc2lnbkgAEjAKCmpvYl9jYW5jZWwYAyABKAsyGi5sb2NhbGxtYXJrZXQudjEuSm9iQ2FuY2VsSAASJwoFZHJhaW4YBCABKAsyFi5sb2NhbGxtYXJrZXQudjEuRHJhaW5IABIlCgRwaW5nGAUgASgLMhUubG9jYWxsbWFya2V0LnYxLlBpbmdIABIpCgZyZWplY3QYBiABKAsyFy5sb2NhbGxtYXJrZXQudjEuUmVqZWN0SAASMAoKam9iX3dpbmRvdxgHIAEoCzIaLmxvY2FsbG1hcmtldC52MS5Kb2JXaW5kb3dIABI0CgxzY29yZV9hc3NpZ24YCCABKAsyHC5sb2NhbGxtYXJrZXQudjEuU2NvcmVBc3NpZ25IAEIJCgdtZXNzYWdlIosBCgVIZWxsbxIUCgx3b3JrZXJfdG9rZW4YASABKAkSFQoNYWdlbnRfdmVyc2lvbhgCIAEoCRITCgt3b3JrZXJfbmFtZRgDIAEoCRImCgZvZmZlcnMYBCADKAsyFi5sb2NhbGxtYXJrZXQudjEuT2ZmZXISGAoQcHJvdG9jb2xfdmVyc2lvbhgFIAEoDSK0AQoHV2VsY29tZRIRCgl3b3JrZXJfaWQYASABKAkSEgoKc2Vzc2lvbl9pZBgCIAEoCRIdChVoZWFydGJlYXRfaW50ZXJ2YWxfbXMYAyABKA0SFwoPbWF4X2NodW5rX2J5dGVzGAQgASgNEi8KD2FjY2VwdGVkX29mZmVycxgFIAMoCzIWLmxvY2FsbG1hcmtldC52MS5PZmZlchIZChFqb2Jfd2luZG93X2NodW5rcxgGIAEoDSJyCglIZWFydGJlYXQSEwoLYWN0aXZlX2pvYnMYASABKA0SEwoLcXVldWVkX2pvYnMYAiABKA0SEgoKcGluZ19ub25jZRgDIAEoBBInCgRncHVzGAQgAygLMhkubG9jYWxsbWFya2V0LnYxLkdwdVN0YXRzImwKCEdwdVN0YXRzEgwKBG5hbWUYASABKAkSGwoTdXRpbGl6YXRpb25fcGVyY2VudBgCIAEoARIZChFtZW1vcnlfdXNlZF9ieXRlcxgDIAEoBBIaChJtZW1vcnlfdG90YWxfYnl0ZXMYBCABKAQiNQoLT2ZmZXJVcGRhdGUSJgoGb2ZmZXJzGAEgAygLMhYubG9jYWxsbWFya2V0LnYxLk9mZmVyIvkDCglKb2JBc3NpZ24SDgoGam9iX2lkGAEgASgJEg0KBW1vZGVsGAIgASgJEi4KCG1lc3NhZ2VzGAMgAygLMhwubG9jYWxsbWFya2V0LnYxLkNoYXRNZXNzYWdlEjEKCHNhbXBsaW5nGAQgASgLMh8ubG9jYWxsbWFya2V0LnYxLlNhbXBsaW5nUGFyYW1zEhIKCm1heF90b2tlbnMYBSABKA0SGAoQZGVhZGxpbmVfdW5peF9tcxgGIAEoAxIVCg13YW50X2xvZ3Byb2JzGAcgASgIEi4KBXRvb2xzGAkgAygLMh8ubG9jYWxsbWFya2V0LnYxLlRvb2xEZWZpbml0aW9uEjAKC3Rvb2xfY2hvaWNlGAogASgLMhsubG9jYWxsbWFya2V0LnYxLlRvb2xDaG9pY2USGwoTcGFyYWxsZWxfdG9vbF9jYWxscxgLIAEoCBI4Cg9yZXNwb25zZV9mb3JtYXQYDCABKAsyHy5sb2NhbGxtYXJrZXQudjEuUmVzcG9uc2VGb3JtYXQSFAoMdG9wX2xvZ3Byb2JzGA0gASgNEg4KBnByb21wdBgOIAEoCRI5Cgx0b2tlbl9kZXRhaWwYDyABKAsyIy5sb2NhbGxtYXJrZXQudjEuVG9rZW5EZXRhaWxSZXF1ZXN0SgQICBAJUgVhdWRpdCIjChJUb2tlbkRldGFpbFJlcXVlc3QSDQoFdG9wX2sYASABKA0iYAoLVG9rZW5EZXRhaWwSEAoIdG9rZW5faWQYASABKA0SDwoHbG9ncHJvYhgCIAEoARIuCgN0b3AYAyADKAsyIS5sb2NhbGxtYXJrZXQudjEuVG9rZW5BbHRlcm5hdGl2ZSI1ChBUb2tlbkFsdGVybmF0aXZlEhAKCHRva2VuX2lkGAEgASgNEg8KB2xvZ3Byb2IYAiABKAEiHQoLSm9iQWNjZXB0ZWQSDgoGam9iX2lkGAEgASgJIukBCghKb2JDaHVuaxIOCgZqb2JfaWQYASABKAkSEAoIc2VxdWVuY2UYAiABKAQSDAoEdGV4dBgDIAEoCRITCgt0b2tlbl9jb3VudBgEIAEoDRIvCghsb2dwcm9icxgFIAMoCzIdLmxvY2FsbG1hcmtldC52MS5Ub2tlbkxvZ3Byb2ISMgoKdG9vbF9jYWxscxgGIAMoCzIeLmxvY2FsbG1hcmtldC52MS5Ub29sQ2FsbERlbHRhEjMKDXRva2VuX2RldGFpbHMYByADKAsyHC5sb2NhbGxtYXJrZXQudjEuVG9rZW5EZXRhaWwiSwoNVG9vbENhbGxEZWx0YRINCgVpbmRleBgBIAEoDRIKCgJpZBgCIAEoCRIMCgRuYW1lGAMgASgJEhEKCWFyZ3VtZW50cxgEIAEoCSJhCgxUb2tlbkxvZ3Byb2ISDQoFdG9rZW4YASABKAkSDwoHbG9ncHJvYhgCIAEoARIxCgx0b3BfbG9ncHJvYnMYAyADKAsyGy5sb2NhbGxtYXJrZXQudjEuVG9wTG9ncHJvYiIsCgpUb3BMb2dwcm9iEg0KBXRva2VuGAEgASgJEg8KB2xvZ3Byb2IYAiABKAEijQEKB0pvYkRvbmUSDgoGam9iX2lkGAEgASgJEjQKDWZpbmlzaF9yZWFzb24YAiABKA4yHS5sb2NhbGxtYXJrZXQudjEuRmluaXNoUmVhc29uEiUKBXVzYWdlGAMgASgLMhYubG9jYWxsbWFya2V0LnYxLlVzYWdlEhUKDWxhc3Rfc2VxdWVuY2UYBCABKAQiWwoJSm9iRmFpbGVkEg4KBmpvYl9pZBgBIAEoCRItCgRjb2RlGAIgASgOMh8ubG9jYWxsbWFya2V0LnYxLkpvYkZhaWx1cmVDb2RlEg8KB21lc3NhZ2UYAyABKAkiGQoHR29vZGJ5ZRIOCgZyZWFzb24YASABKAkiKwoJSm9iQ2FuY2VsEg4KBmpvYl9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiFwoFRHJhaW4SDgoGcmVhc29uGAEgASgJIhUKBFBpbmcSDQoFbm9uY2UYASABKAQiRAoGUmVqZWN0EikKBGNvZGUYASABKA4yGy5sb2NhbGxtYXJrZXQudjEuUmVqZWN0Q29kZRIPCgdtZXNzYWdlGAIgASgJIm4KC1Njb3JlQXNzaWduEhAKCHNjb3JlX2lkGAEgASgJEicKA2pvYhgCIAEoCzIaLmxvY2FsbG1hcmtldC52MS5Kb2JBc3NpZ24SEQoJdG9rZW5faWRzGAMgAygNEhEKCXBvc2l0aW9ucxgEIAMoDSJbCgpUb2tlblNjb3JlEg8KB2xvZ3Byb2IYASABKAESDAoEcmFuaxgCIAEoDRIuCgN0b3AYAyADKAsyIS5sb2NhbGxtYXJrZXQudjEuVG9rZW5BbHRlcm5hdGl2ZSKpAQoLU2NvcmVSZXN1bHQSEAoIc2NvcmVfaWQYASABKAkSKwoGc2NvcmVzGAIgAygLMhsubG9jYWxsbWFya2V0LnYxLlRva2VuU2NvcmUSFQoNcHJvbXB0X3Rva2VucxgDIAEoDRIMCgR0ZXh0GAQgASgJEg0KBWVycm9yGAUgASgJEhIKCmVsYXBzZWRfbXMYBiABKAESEwoLdW5zdXBwb3J0ZWQYByABKAgiOgoJSm9iV2luZG93Eg4KBmpvYl9pZBgBIAEoCRIdChVhY2tub3dsZWRnZWRfc2VxdWVuY2UYAiABKAQq4AEKDkpvYkZhaWx1cmVDb2RlEiAKHEpPQl9GQUlMVVJFX0NPREVfVU5TUEVDSUZJRUQQABIhCh1KT0JfRkFJTFVSRV9DT0RFX0VOR0lORV9FUlJPUhABEiYKIkpPQl9GQUlMVVJFX0NPREVfTU9ERUxfVU5BVkFJTEFCTEUQAhIfChtKT0JfRkFJTFVSRV9DT0RFX09WRVJMT0FERUQQAxIiCh5KT0JfRkFJTFVSRV9DT0RFX0lOVkFMSURfSU5QVVQQBBIcChhKT0JfRkFJTFVSRV9DT0RFX1RJTUVPVVQQBSraAQoKUmVqZWN0Q29kZRIbChdSRUpFQ1RfQ09ERV9VTlNQRUNJRklFRBAAEh8KG1JFSkVDVF9DT0RFX1VOQVVUSEVOVElDQVRFRBABEh0KGVJFSkVDVF9DT0RFX0lOVkFMSURfSEVMTE8QAhIYChRSRUpFQ1RfQ09ERV9SRVBMQUNFRBADEhYKElJFSkVDVF9DT0RFX0JBTk5FRBAEEh0KGVJFSkVDVF9DT0RFX1NIVVRUSU5HX0RPV04QBRIeChpSRUpFQ1RfQ09ERV9QUk9UT0NPTF9FUlJPUhAGMmEKDVdvcmtlclNlcnZpY2USUAoHQ29ubmVjdBIfLmxvY2FsbG1hcmtldC52MS5Db25uZWN0UmVxdWVzdBogLmxvY2FsbG1hcmtldC52MS5Db25uZWN0UmVzcG9uc2UoATABYgZwcm90bzM", [file_locallmarket_v1_common]);
 
 /**
  * A message from the worker to the control plane. Exactly one field is set.
@@ -145,6 +145,14 @@ export type ConnectRequest = Message<"locallmarket.v1.ConnectRequest"> & {
      */
     value: Goodbye;
     case: "goodbye";
+  } | {
+    /**
+     * The answer to a ScoreAssign (verifier workers only).
+     *
+     * @generated from field: locallmarket.v1.ScoreResult score_result = 9;
+     */
+    value: ScoreResult;
+    case: "scoreResult";
   } | { case: undefined; value?: undefined };
 };
 
@@ -222,6 +230,15 @@ export type ConnectResponse = Message<"locallmarket.v1.ConnectResponse"> & {
      */
     value: JobWindow;
     case: "jobWindow";
+  } | {
+    /**
+     * Score another worker's output teacher-forced (sent only to workers the operator marked as
+     * trusted verifiers).
+     *
+     * @generated from field: locallmarket.v1.ScoreAssign score_assign = 8;
+     */
+    value: ScoreAssign;
+    case: "scoreAssign";
   } | { case: undefined; value?: undefined };
 };
 
@@ -499,13 +516,6 @@ export type JobAssign = Message<"locallmarket.v1.JobAssign"> & {
   wantLogprobs: boolean;
 
   /**
-   * Audit flags: when set, the worker must decode greedily and deterministically.
-   *
-   * @generated from field: bool audit = 8;
-   */
-  audit: boolean;
-
-  /**
    * Functions the model may call. Only sent to offers with Capabilities.tools.
    *
    * @generated from field: repeated locallmarket.v1.ToolDefinition tools = 9;
@@ -549,6 +559,16 @@ export type JobAssign = Message<"locallmarket.v1.JobAssign"> & {
    * @generated from field: string prompt = 14;
    */
   prompt: string;
+
+  /**
+   * When set, the worker must report every generated token's id and log-probability in
+   * JobChunk.token_details. The platform asks for it on a random share of all jobs and checks a
+   * random part of those afterwards (a trusted verifier scores the tokens under the model whose
+   * weights the offer declares); nothing in the job says whether it will be checked.
+   *
+   * @generated from field: locallmarket.v1.TokenDetailRequest token_detail = 15;
+   */
+  tokenDetail?: TokenDetailRequest | undefined;
 };
 
 /**
@@ -557,6 +577,93 @@ export type JobAssign = Message<"locallmarket.v1.JobAssign"> & {
  */
 export const JobAssignSchema: GenMessage<JobAssign> = /*@__PURE__*/
   messageDesc(file_locallmarket_v1_worker, 7);
+
+/**
+ * Asks for per-token detail on a job (JobAssign.token_detail).
+ *
+ * @generated from message locallmarket.v1.TokenDetailRequest
+ */
+export type TokenDetailRequest = Message<"locallmarket.v1.TokenDetailRequest"> & {
+  /**
+   * How many most likely alternatives (by token id) to report per generated token, 0 to 20.
+   *
+   * @generated from field: uint32 top_k = 1;
+   */
+  topK: number;
+};
+
+/**
+ * Describes the message locallmarket.v1.TokenDetailRequest.
+ * Use `create(TokenDetailRequestSchema)` to create a new message.
+ */
+export const TokenDetailRequestSchema: GenMessage<TokenDetailRequest> = /*@__PURE__*/
+  messageDesc(file_locallmarket_v1_worker, 8);
+
+/**
+ * One generated token, exactly as the engine produced it.
+ *
+ * @generated from message locallmarket.v1.TokenDetail
+ */
+export type TokenDetail = Message<"locallmarket.v1.TokenDetail"> & {
+  /**
+   * The token's id in the vocabulary of the offered weights (Offer.weights_sha256).
+   *
+   * @generated from field: uint32 token_id = 1;
+   */
+  tokenId: number;
+
+  /**
+   * Natural-log probability of the token in the distribution it was sampled from: the model's
+   * softmax at the job's temperature and top_p (the raw softmax when the temperature is 0),
+   * before any penalty or grammar (jobs with those are never asked for token detail). Never
+   * positive.
+   *
+   * @generated from field: double logprob = 2;
+   */
+  logprob: number;
+
+  /**
+   * The top_k most likely tokens of that distribution, most likely first.
+   *
+   * @generated from field: repeated locallmarket.v1.TokenAlternative top = 3;
+   */
+  top: TokenAlternative[];
+};
+
+/**
+ * Describes the message locallmarket.v1.TokenDetail.
+ * Use `create(TokenDetailSchema)` to create a new message.
+ */
+export const TokenDetailSchema: GenMessage<TokenDetail> = /*@__PURE__*/
+  messageDesc(file_locallmarket_v1_worker, 9);
+
+/**
+ * An alternative at a token position, by id.
+ *
+ * @generated from message locallmarket.v1.TokenAlternative
+ */
+export type TokenAlternative = Message<"locallmarket.v1.TokenAlternative"> & {
+  /**
+   * The token's id.
+   *
+   * @generated from field: uint32 token_id = 1;
+   */
+  tokenId: number;
+
+  /**
+   * Its natural-log probability, as in TokenDetail.logprob.
+   *
+   * @generated from field: double logprob = 2;
+   */
+  logprob: number;
+};
+
+/**
+ * Describes the message locallmarket.v1.TokenAlternative.
+ * Use `create(TokenAlternativeSchema)` to create a new message.
+ */
+export const TokenAlternativeSchema: GenMessage<TokenAlternative> = /*@__PURE__*/
+  messageDesc(file_locallmarket_v1_worker, 10);
 
 /**
  * The worker has started the job (or queued it). Sent once per job, before any JobChunk.
@@ -577,7 +684,7 @@ export type JobAccepted = Message<"locallmarket.v1.JobAccepted"> & {
  * Use `create(JobAcceptedSchema)` to create a new message.
  */
 export const JobAcceptedSchema: GenMessage<JobAccepted> = /*@__PURE__*/
-  messageDesc(file_locallmarket_v1_worker, 8);
+  messageDesc(file_locallmarket_v1_worker, 11);
 
 /**
  * A piece of a job's output, in order. A worker may merge several tokens into one chunk (and
@@ -633,6 +740,17 @@ export type JobChunk = Message<"locallmarket.v1.JobChunk"> & {
    * @generated from field: repeated locallmarket.v1.ToolCallDelta tool_calls = 6;
    */
   toolCalls: ToolCallDelta[];
+
+  /**
+   * When JobAssign.token_detail was set: the tokens generated since the previous chunk, in order.
+   * Over a job, the token_details of its chunks, concatenated, are every token the engine generated
+   * (including tokens whose text a stop sequence cut), their count equals the sum of token_count,
+   * and their detokenized text begins with the job's streamed text. A job that was asked for token
+   * detail and sends none, or whose counts differ, fails its audit if it is audited.
+   *
+   * @generated from field: repeated locallmarket.v1.TokenDetail token_details = 7;
+   */
+  tokenDetails: TokenDetail[];
 };
 
 /**
@@ -640,7 +758,7 @@ export type JobChunk = Message<"locallmarket.v1.JobChunk"> & {
  * Use `create(JobChunkSchema)` to create a new message.
  */
 export const JobChunkSchema: GenMessage<JobChunk> = /*@__PURE__*/
-  messageDesc(file_locallmarket_v1_worker, 9);
+  messageDesc(file_locallmarket_v1_worker, 12);
 
 /**
  * A fragment of a tool call being streamed.
@@ -682,7 +800,7 @@ export type ToolCallDelta = Message<"locallmarket.v1.ToolCallDelta"> & {
  * Use `create(ToolCallDeltaSchema)` to create a new message.
  */
 export const ToolCallDeltaSchema: GenMessage<ToolCallDelta> = /*@__PURE__*/
-  messageDesc(file_locallmarket_v1_worker, 10);
+  messageDesc(file_locallmarket_v1_worker, 13);
 
 /**
  * The log-probability of one generated token.
@@ -718,7 +836,7 @@ export type TokenLogprob = Message<"locallmarket.v1.TokenLogprob"> & {
  * Use `create(TokenLogprobSchema)` to create a new message.
  */
 export const TokenLogprobSchema: GenMessage<TokenLogprob> = /*@__PURE__*/
-  messageDesc(file_locallmarket_v1_worker, 11);
+  messageDesc(file_locallmarket_v1_worker, 14);
 
 /**
  * One alternative at a token position.
@@ -746,7 +864,7 @@ export type TopLogprob = Message<"locallmarket.v1.TopLogprob"> & {
  * Use `create(TopLogprobSchema)` to create a new message.
  */
 export const TopLogprobSchema: GenMessage<TopLogprob> = /*@__PURE__*/
-  messageDesc(file_locallmarket_v1_worker, 12);
+  messageDesc(file_locallmarket_v1_worker, 15);
 
 /**
  * The job finished. The last message about a job.
@@ -791,7 +909,7 @@ export type JobDone = Message<"locallmarket.v1.JobDone"> & {
  * Use `create(JobDoneSchema)` to create a new message.
  */
 export const JobDoneSchema: GenMessage<JobDone> = /*@__PURE__*/
-  messageDesc(file_locallmarket_v1_worker, 13);
+  messageDesc(file_locallmarket_v1_worker, 16);
 
 /**
  * The job could not be completed. The last message about a job. OVERLOADED means the worker could
@@ -828,7 +946,7 @@ export type JobFailed = Message<"locallmarket.v1.JobFailed"> & {
  * Use `create(JobFailedSchema)` to create a new message.
  */
 export const JobFailedSchema: GenMessage<JobFailed> = /*@__PURE__*/
-  messageDesc(file_locallmarket_v1_worker, 14);
+  messageDesc(file_locallmarket_v1_worker, 17);
 
 /**
  * The worker is disconnecting on purpose.
@@ -849,7 +967,7 @@ export type Goodbye = Message<"locallmarket.v1.Goodbye"> & {
  * Use `create(GoodbyeSchema)` to create a new message.
  */
 export const GoodbyeSchema: GenMessage<Goodbye> = /*@__PURE__*/
-  messageDesc(file_locallmarket_v1_worker, 15);
+  messageDesc(file_locallmarket_v1_worker, 18);
 
 /**
  * Asks the worker to stop a job. The worker answers with JobDone (FINISH_REASON_CANCELLED) or
@@ -880,7 +998,7 @@ export type JobCancel = Message<"locallmarket.v1.JobCancel"> & {
  * Use `create(JobCancelSchema)` to create a new message.
  */
 export const JobCancelSchema: GenMessage<JobCancel> = /*@__PURE__*/
-  messageDesc(file_locallmarket_v1_worker, 16);
+  messageDesc(file_locallmarket_v1_worker, 19);
 
 /**
  * Asks the worker to finish its running jobs and accept no new ones, typically because the control
@@ -905,7 +1023,7 @@ export type Drain = Message<"locallmarket.v1.Drain"> & {
  * Use `create(DrainSchema)` to create a new message.
  */
 export const DrainSchema: GenMessage<Drain> = /*@__PURE__*/
-  messageDesc(file_locallmarket_v1_worker, 17);
+  messageDesc(file_locallmarket_v1_worker, 20);
 
 /**
  * A liveness probe. The worker answers with a Heartbeat whose ping_nonce is this nonce.
@@ -926,7 +1044,7 @@ export type Ping = Message<"locallmarket.v1.Ping"> & {
  * Use `create(PingSchema)` to create a new message.
  */
 export const PingSchema: GenMessage<Ping> = /*@__PURE__*/
-  messageDesc(file_locallmarket_v1_worker, 18);
+  messageDesc(file_locallmarket_v1_worker, 21);
 
 /**
  * Sent just before the control plane closes the stream. See the header of this file for what the
@@ -955,7 +1073,160 @@ export type Reject = Message<"locallmarket.v1.Reject"> & {
  * Use `create(RejectSchema)` to create a new message.
  */
 export const RejectSchema: GenMessage<Reject> = /*@__PURE__*/
-  messageDesc(file_locallmarket_v1_worker, 19);
+  messageDesc(file_locallmarket_v1_worker, 22);
+
+/**
+ * A verifier job: score the tokens another worker returned for a job, teacher-forced, under this
+ * worker's weights (which the platform checked are the ones the audited offer declared). The
+ * verifier renders the prompt of `job` exactly as for a generation, appends `token_ids`, evaluates
+ * it in one pass (a prefill, no sampling) and answers with one ScoreResult. A ScoreAssign takes no
+ * slot and is never billed to anyone.
+ *
+ * @generated from message locallmarket.v1.ScoreAssign
+ */
+export type ScoreAssign = Message<"locallmarket.v1.ScoreAssign"> & {
+  /**
+   * Identifies this scoring job in ScoreResult; unrelated to any JobAssign.job_id.
+   *
+   * @generated from field: string score_id = 1;
+   */
+  scoreId: string;
+
+  /**
+   * The audited job as it was assigned (model, messages or prompt, sampling); its token_detail
+   * says how many alternatives to return per position.
+   *
+   * @generated from field: locallmarket.v1.JobAssign job = 2;
+   */
+  job?: JobAssign | undefined;
+
+  /**
+   * The tokens the audited worker reported (TokenDetail.token_id), in order.
+   *
+   * @generated from field: repeated uint32 token_ids = 3;
+   */
+  tokenIds: number[];
+
+  /**
+   * Which tokens to score, as ascending indexes into token_ids; empty means every token. All of
+   * token_ids are still evaluated (they are the context of the later ones) and detokenized into
+   * ScoreResult.text; only the listed positions get a TokenScore, so a long answer costs a prefill
+   * plus a fixed number of distributions.
+   *
+   * @generated from field: repeated uint32 positions = 4;
+   */
+  positions: number[];
+};
+
+/**
+ * Describes the message locallmarket.v1.ScoreAssign.
+ * Use `create(ScoreAssignSchema)` to create a new message.
+ */
+export const ScoreAssignSchema: GenMessage<ScoreAssign> = /*@__PURE__*/
+  messageDesc(file_locallmarket_v1_worker, 23);
+
+/**
+ * The reference's view of one returned token.
+ *
+ * @generated from message locallmarket.v1.TokenScore
+ */
+export type TokenScore = Message<"locallmarket.v1.TokenScore"> & {
+  /**
+   * Natural-log probability of the returned token under the reference, at the job's temperature and
+   * top_p (as TokenDetail.logprob). A token the reference gives no probability gets -9999.
+   *
+   * @generated from field: double logprob = 1;
+   */
+  logprob: number;
+
+  /**
+   * How many tokens of the vocabulary the reference finds strictly more likely than the returned
+   * one: 0 for the reference's greedy choice.
+   *
+   * @generated from field: uint32 rank = 2;
+   */
+  rank: number;
+
+  /**
+   * The reference's most likely tokens at this position, most likely first (top_k of them).
+   *
+   * @generated from field: repeated locallmarket.v1.TokenAlternative top = 3;
+   */
+  top: TokenAlternative[];
+};
+
+/**
+ * Describes the message locallmarket.v1.TokenScore.
+ * Use `create(TokenScoreSchema)` to create a new message.
+ */
+export const TokenScoreSchema: GenMessage<TokenScore> = /*@__PURE__*/
+  messageDesc(file_locallmarket_v1_worker, 24);
+
+/**
+ * The answer to a ScoreAssign.
+ *
+ * @generated from message locallmarket.v1.ScoreResult
+ */
+export type ScoreResult = Message<"locallmarket.v1.ScoreResult"> & {
+  /**
+   * ScoreAssign.score_id.
+   *
+   * @generated from field: string score_id = 1;
+   */
+  scoreId: string;
+
+  /**
+   * One entry per scored position (ScoreAssign.positions, or every token when it is empty), in
+   * order. Empty when `error` is set.
+   *
+   * @generated from field: repeated locallmarket.v1.TokenScore scores = 2;
+   */
+  scores: TokenScore[];
+
+  /**
+   * Tokens of the rendered prompt (BOS and template included), as the reference counts them.
+   *
+   * @generated from field: uint32 prompt_tokens = 3;
+   */
+  promptTokens: number;
+
+  /**
+   * The token ids detokenized by the reference: the text they spell.
+   *
+   * @generated from field: string text = 4;
+   */
+  text: string;
+
+  /**
+   * Set when the tokens could not be scored (a token id outside the vocabulary, a prompt or
+   * sequence longer than the context): the audit then fails for the audited worker.
+   *
+   * @generated from field: string error = 5;
+   */
+  error: string;
+
+  /**
+   * Milliseconds the verifier spent scoring, as it measured them. Informational.
+   *
+   * @generated from field: double elapsed_ms = 6;
+   */
+  elapsedMs: number;
+
+  /**
+   * Set (with `error`) when this worker cannot score at all, e.g. its engine has no
+   * teacher-forced evaluation: the audit then gives no verdict on the audited worker.
+   *
+   * @generated from field: bool unsupported = 7;
+   */
+  unsupported: boolean;
+};
+
+/**
+ * Describes the message locallmarket.v1.ScoreResult.
+ * Use `create(ScoreResultSchema)` to create a new message.
+ */
+export const ScoreResultSchema: GenMessage<ScoreResult> = /*@__PURE__*/
+  messageDesc(file_locallmarket_v1_worker, 25);
 
 /**
  * Acknowledges a job's chunks (flow control, see the header of this file): the consumer has taken
@@ -986,7 +1257,7 @@ export type JobWindow = Message<"locallmarket.v1.JobWindow"> & {
  * Use `create(JobWindowSchema)` to create a new message.
  */
 export const JobWindowSchema: GenMessage<JobWindow> = /*@__PURE__*/
-  messageDesc(file_locallmarket_v1_worker, 20);
+  messageDesc(file_locallmarket_v1_worker, 26);
 
 /**
  * Why a job failed.

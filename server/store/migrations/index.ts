@@ -1,6 +1,8 @@
 import type { MigrationObject } from "@mikro-orm/core";
 import { Migration20250601000000_initial } from "./Migration20250601000000_initial.js";
 import { Migration20250801000000_exact_money } from "./Migration20250801000000_exact_money.js";
+import { Migration20251125000000_ledger_hot_path } from "./Migration20251125000000_ledger_hot_path.js";
+import { Migration20251125170000_trust } from "./Migration20251125170000_trust.js";
 
 /**
  * Every migration, oldest first. Listed explicitly (instead of globbed from disk) so they run the
@@ -10,4 +12,6 @@ import { Migration20250801000000_exact_money } from "./Migration20250801000000_e
 export const migrationsList: MigrationObject[] = [
   { name: "Migration20250601000000_initial", class: Migration20250601000000_initial },
   { name: "Migration20250801000000_exact_money", class: Migration20250801000000_exact_money },
+  { name: "Migration20251125000000_ledger_hot_path", class: Migration20251125000000_ledger_hot_path },
+  { name: "Migration20251125170000_trust", class: Migration20251125170000_trust },
 ];

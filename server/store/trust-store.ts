@@ -1,0 +1,188 @@
+/**
+ * Persistence of trust (server/trust/): the operator's trusted verifiers and the audits' records.
+ * Plain SQL on its own tables (Migration20251125170000_trust), one short statement per call, never
+ * inside another transaction (PGlite runs one connection).
+ */
+import type { MikroORM } from "@mikro-orm/core";
+import type { EntityManager } from "@mikro-orm/postgresql";
+import { PLATFORM_ACCOUNT_ID } from "../market/store-port.js";
+import type { AuditRecord } from "../trust/trust-service.js";
+import { newId } from "./secrets.js";
+
+/** What a claw-back did, or why it did nothing. */
+export type ClawBack =
+  | {
+      done: true;
+      providerAmount: bigint;
+      feeAmount: bigint;
+      consumerAccountId: string;
+      providerAccountId: string;
+    }
+  | { done: false; reason: "unknown_order" | "not_settled" | "no_pending_earning" | "already_clawed_back" };
+
+/** A worker's audit tally as stored. */
+export interface StoredAuditTally {
+  workerId: string;
+  auditsPassed: number;
+  auditsFailed: number;
+  auditsUndecided: number;
+}
+
+export class TrustStore {
+  constructor(private readonly orm: MikroORM) {}
+
+  private execute<T extends object>(sql: string, params: unknown[] = []): Promise<T[]> {
+    return this.orm.em.fork().getConnection().execute<T[]>(sql, params);
+  }
+
+  /** Marks (or unmarks) a worker as a trusted verifier. Idempotent. */
+  async setTrusted(workerId: string, trusted: boolean): Promise<void> {
+    if (trusted) {
+      await this.execute(
+        "insert into trusted_workers (worker_id) values (?) on conflict (worker_id) do nothing",
+        [workerId],
+      );
+    } else {
+      await this.execute("delete from trusted_workers where worker_id = ?", [workerId]);
+    }
+  }
+
+  /** Every trusted worker id. */
+  async trustedWorkers(): Promise<string[]> {
+    const rows = await this.execute<{ worker_id: string }>(
+      "select worker_id from trusted_workers order by worker_id",
+    );
+    return rows.map((row) => row.worker_id);
+  }
+
+  /** Records one audit (its statistics as JSON, without the per-token flags). */
+  async recordAudit(record: AuditRecord): Promise<void> {
+    const { flags: _flags, ...stats } = record.stats;
+    await this.execute(
+      `insert into audits (id, job_id, order_id, worker_id, verifier_id, weights_sha256, outcome, tokens,
+         anomalies, violations, stats, verify_ms, generation_ms, created_at)
+       values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?::jsonb, ?::jsonb, ?, ?, ?)
+       on conflict (id) do nothing`,
+      [
+        record.auditId,
+        record.jobId,
+        record.orderId || null,
+        record.workerId,
+        record.verifierId,
+        record.weightsSha256,
+        record.outcome,
+        record.stats.tokens,
+        record.stats.anomalies,
+        JSON.stringify(record.stats.violations),
+        JSON.stringify({ ...stats, llr: record.llr, tokensToDecide: record.tokensToDecide }),
+        record.verifyMs,
+        record.generationMs,
+        record.at,
+      ],
+    );
+  }
+
+  /**
+   * After a failed audit: takes the order's provider earning back out of `pending` (it has not
+   * matured: the settlement window is the audit window) and refunds it, with the platform's fee,
+   * to the consumer's `available` book. One transaction, idempotent (`clawback/<order id>`), locking
+   * the order, its pending earning, then the accounts in id order as every money operation does.
+   * The earning is marked released, so it never matures. No money is created or destroyed: the
+   * consumer gets back exactly what the provider and the platform lose (the fee only as far as the
+   * platform still has it available).
+   */
+  async clawBack(orderId: string): Promise<ClawBack> {
+    return this.orm.em.fork().transactional(async (em) => {
+      const exec = <T extends object>(sql: string, params: unknown[] = []) =>
+        (em as unknown as EntityManager).execute<T[]>(sql, params);
+      const [order] = await exec<{ consumer_account_id: string; status: string; fee: string | null }>(
+        "select consumer_account_id, status, fee::text as fee from orders where id = ? for update",
+        [orderId],
+      );
+      if (!order) return { done: false, reason: "unknown_order" };
+      if (order.status === "running") return { done: false, reason: "not_settled" };
+      const key = `clawback/${orderId}`;
+      const [already] = await exec<{ id: string }>(
+        "select id from ledger_transactions where idempotency_key = ?",
+        [key],
+      );
+      if (already) return { done: false, reason: "already_clawed_back" };
+      const [earning] = await exec<{ account_id: string; amount: string }>(
+        "select account_id, amount::text as amount from pending_earnings where order_id = ? and released_at is null for update",
+        [orderId],
+      );
+      if (!earning) return { done: false, reason: "no_pending_earning" };
+      const consumer = order.consumer_account_id;
+      const provider = earning.account_id;
+      const ids = [...new Set([consumer, provider, PLATFORM_ACCOUNT_ID])].sort();
+      const accounts = await exec<{ id: string; available: string }>(
+        `select id, available::text as available from accounts where id in (${ids.map(() => "?").join(", ")})
+         order by id for update`,
+        ids,
+      );
+      const platformAvailable = BigInt(accounts.find((a) => a.id === PLATFORM_ACCOUNT_ID)?.available ?? "0");
+      const providerAmount = BigInt(earning.amount);
+      const fee = BigInt(order.fee ?? "0");
+      const feeAmount = fee < platformAvailable ? fee : platformAvailable;
+      const transactionId = newId("ltx");
+      await exec(
+        "insert into ledger_transactions (id, kind, order_id, idempotency_key, created_at) values (?, 'clawback', ?, ?, now())",
+        [transactionId, orderId, key],
+      );
+      const postings: [string, "available" | "pending", bigint][] = [
+        [provider, "pending", -providerAmount],
+        [consumer, "available", providerAmount],
+      ];
+      if (feeAmount > 0n)
+        postings.push([PLATFORM_ACCOUNT_ID, "available", -feeAmount], [consumer, "available", feeAmount]);
+      for (const [account, book, amount] of postings) {
+        await exec(
+          "insert into ledger_entries (transaction_id, account_id, book, amount) values (?, ?, ?, ?)",
+          [transactionId, account, book, amount.toString()],
+        );
+        await exec(`update accounts set ${book} = ${book} + ?::bigint where id = ?`, [
+          amount.toString(),
+          account,
+        ]);
+      }
+      await exec("update pending_earnings set released_at = now() where order_id = ?", [orderId]);
+      return {
+        done: true,
+        providerAmount,
+        feeAmount,
+        consumerAccountId: consumer,
+        providerAccountId: provider,
+      };
+    });
+  }
+
+  /** Whether an order was audited, and the outcome; null when it was not. */
+  async auditOfOrder(
+    orderId: string,
+  ): Promise<{ auditId: string; outcome: string; violations: string[] } | null> {
+    const [row] = await this.execute<{ id: string; outcome: string; violations: string[] }>(
+      "select id, outcome, violations from audits where order_id = ? order by created_at desc limit 1",
+      [orderId],
+    );
+    return row ? { auditId: row.id, outcome: row.outcome, violations: row.violations } : null;
+  }
+
+  /** Audit tallies per worker (for the worker list), of the given workers or all. */
+  async tallies(workerIds?: readonly string[]): Promise<StoredAuditTally[]> {
+    const filter = workerIds ? `where worker_id in (${workerIds.map(() => "?").join(", ") || "null"})` : "";
+    const rows = await this.execute<{ worker_id: string; passed: string; failed: string; undecided: string }>(
+      `select worker_id,
+              count(*) filter (where outcome = 'passed') as passed,
+              count(*) filter (where outcome = 'failed') as failed,
+              count(*) filter (where outcome = 'undecided') as undecided
+         from audits ${filter} group by worker_id order by worker_id`,
+      [...(workerIds ?? [])],
+    );
+    return rows.map((row) => ({
+      workerId: row.worker_id,
+      auditsPassed: Number(row.passed),
+      auditsFailed: Number(row.failed),
+      auditsUndecided: Number(row.undecided),
+    }));
+  }
+}

@@ -1,0 +1,213 @@
+/**
+ * The embedded PGlite runs in a worker thread of its own: the main thread keeps running while the
+ * database works, closing ends the thread and frees the data dir, and a thread that dies on its own
+ * is reported (in a server process: one clear error line and exit status 1, from the compiled build
+ * and from the sources under tsx alike).
+ */
+import { spawn } from "node:child_process";
+import { once } from "node:events";
+import { access, mkdtemp, readdir, readFile, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { pathToFileURL } from "node:url";
+import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
+import { type Database, openDatabase } from "../../server/store/database.js";
+import { EmbeddedDatabaseCrashedError } from "../../server/store/embedded-database.js";
+import { REPO_ROOT } from "../support/market.js";
+
+/** Each test creates a fresh data dir (seconds of initdb), slower still on a busy machine. */
+const TIMEOUT_MS = 120_000;
+
+describe("the embedded database's thread", () => {
+  let dataDir: string;
+  let database: Database | undefined;
+
+  beforeEach(async () => {
+    dataDir = await mkdtemp(join(tmpdir(), "locallmarket-thread-"));
+  });
+
+  afterEach(async () => {
+    await database?.close();
+    database = undefined;
+    await rm(dataDir, { recursive: true, force: true });
+  });
+
+  it(
+    "keeps the main thread running while a query runs, and ends with close",
+    async () => {
+      const crashes: Error[] = [];
+      const progress: string[] = [];
+      database = await openDatabase({
+        dataDir,
+        onCrash: (error) => crashes.push(error),
+        progress: (message) => progress.push(message),
+      });
+      expect(progress).toEqual([
+        `creating the embedded database in ${join(dataDir, "pgdata")} (first start; a few seconds)…`,
+      ]);
+      const thread = database.thread;
+      expect(thread?.threadId).toBeGreaterThan(0);
+
+      // PGlite computes synchronously: on the main thread, no timer could fire while the query
+      // sleeps, only before the database picked it up or once it has answered (4 s after sending).
+      const connection = database.orm.em.fork().getConnection();
+      let pending = true;
+      const sent = performance.now();
+      const query = connection.execute("select pg_sleep(4) as slept").finally(() => {
+        pending = false;
+      });
+      const ticks: number[] = [];
+      const ticker = setInterval(() => {
+        if (pending) ticks.push(performance.now() - sent);
+      }, 20);
+      try {
+        expect(await query).toEqual([{ slept: "" }]);
+      } finally {
+        clearInterval(ticker);
+      }
+      // Well inside the sleep, the main thread was still turning.
+      expect(ticks.filter((elapsed) => elapsed > 1_000 && elapsed < 3_500).length).toBeGreaterThan(0);
+
+      await database.close();
+      database = undefined;
+      // -1 once the thread no longer runs; the lock and the socket are gone with it.
+      expect(thread?.threadId).toBe(-1);
+      await expect(access(join(dataDir, "lock"))).rejects.toThrow(/ENOENT/);
+      await expect(access(join(dataDir, "socket", ".s.PGSQL.5432"))).rejects.toThrow(/ENOENT/);
+      expect(crashes).toEqual([]);
+    },
+    TIMEOUT_MS,
+  );
+
+  it(
+    "opens an existing data dir without creating it again, its data kept",
+    async () => {
+      const first = await openDatabase({ dataDir, progress: () => {} });
+      await first.orm.em.fork().getConnection().execute("create table kept (v text)");
+      await first.orm.em.fork().getConnection().execute("insert into kept values ('still here')");
+      await first.close();
+
+      const progress: string[] = [];
+      database = await openDatabase({ dataDir, progress: (message) => progress.push(message) });
+      expect(progress).toEqual([]);
+      expect(await database.orm.em.fork().getConnection().execute("select v from kept")).toEqual([
+        { v: "still here" },
+      ]);
+    },
+    TIMEOUT_MS,
+  );
+
+  it(
+    "reports a thread that ends on its own, once, and still closes and frees the data dir",
+    async () => {
+      const crashes: Error[] = [];
+      database = await openDatabase({ dataDir, progress: () => {}, onCrash: (error) => crashes.push(error) });
+
+      await database.thread?.terminate();
+
+      await vi.waitFor(() => expect(crashes).toHaveLength(1), { timeout: 10_000 });
+      expect(crashes[0]).toBeInstanceOf(EmbeddedDatabaseCrashedError);
+      expect(crashes[0]?.message).toBe(
+        "the embedded database (PGlite) thread stopped unexpectedly: it exited with code 1",
+      );
+      await expect(database.orm.em.fork().getConnection().execute("select 1")).rejects.toThrow();
+      await database.close();
+      database = undefined;
+      await expect(access(join(dataDir, "lock"))).rejects.toThrow(/ENOENT/);
+      expect(crashes).toHaveLength(1);
+    },
+    TIMEOUT_MS,
+  );
+
+  it(
+    "creates a fresh data dir in a child process that stops when the server that started it dies",
+    async () => {
+      const pgdata = join(dataDir, "pgdata");
+      const module = pathToFileURL(join(REPO_ROOT, "dist/server/store/embedded-database.js")).href;
+      const script = `const { initEmbeddedDataDir } = await import(${JSON.stringify(module)}); await initEmbeddedDataDir(${JSON.stringify(pgdata)});`;
+      const server = spawn(process.execPath, ["--input-type=module", "-e", script], { stdio: "ignore" });
+      const serverExited = once(server, "exit");
+      // The child that runs initdb, found by its command line.
+      const creator = await vi.waitFor(
+        async () => {
+          const pid = await processWithArgument(pgdata);
+          expect(pid).toBeTypeOf("number");
+          return pid as number;
+        },
+        { timeout: 60_000, interval: 50 },
+      );
+
+      server.kill("SIGKILL");
+      await serverExited;
+
+      // No orphan keeps writing into a data dir whose lock is gone.
+      await vi.waitFor(async () => expect(await processWithArgument(pgdata)).toBeUndefined(), {
+        timeout: 60_000,
+        interval: 100,
+      });
+      expect(creator).toBeGreaterThan(0);
+      // It was killed while still loading PGlite, so it stopped before initdb wrote the data dir
+      // (an orphan would have gone on to create it).
+      await expect(access(join(pgdata, "PG_VERSION"))).rejects.toThrow(/ENOENT/);
+    },
+    TIMEOUT_MS,
+  );
+
+  // A process whose database thread dies prints one line and exits 1 (no hang, no stack trace).
+  // The module is loaded as each way the code runs loads it: compiled, and from sources under tsx.
+  const ways = [
+    { name: "compiled (dist/)", module: join(REPO_ROOT, "dist/server/store/database.js"), args: [] },
+    {
+      name: "from the sources under tsx",
+      module: join(REPO_ROOT, "server/store/database.ts"),
+      args: ["--import", "tsx"],
+    },
+  ];
+  for (const way of ways) {
+    it(
+      `ends the process with a clear error when its thread dies, ${way.name}`,
+      async () => {
+        const script = [
+          `const { openDatabase } = await import(${JSON.stringify(pathToFileURL(way.module).href)});`,
+          `const database = await openDatabase({ dataDir: ${JSON.stringify(dataDir)} });`,
+          `await database.orm.em.fork().getConnection().execute("select 1");`,
+          `process.stdout.write("open\\n");`,
+          "await database.thread.terminate();",
+        ].join("\n");
+        const child = spawn(process.execPath, [...way.args, "--input-type=module", "-e", script], {
+          cwd: REPO_ROOT,
+          stdio: ["ignore", "pipe", "pipe"],
+        });
+        let stdout = "";
+        let stderr = "";
+        child.stdout.on("data", (data: Buffer) => {
+          stdout += data.toString();
+        });
+        child.stderr.on("data", (data: Buffer) => {
+          stderr += data.toString();
+        });
+        const [code] = await once(child, "exit");
+
+        expect(stdout).toBe("open\n");
+        expect(code).toBe(1);
+        expect(stderr).toContain(
+          "error: the embedded database (PGlite) thread stopped unexpectedly: it exited with code 1\n",
+        );
+        expect(stderr).not.toMatch(/^\s+at /m);
+        // The exit hook removed the lock: the next server may start.
+        await expect(access(join(dataDir, "lock"))).rejects.toThrow(/ENOENT/);
+      },
+      TIMEOUT_MS,
+    );
+  }
+});
+
+/** The pid of a live process (Linux /proc) that has `argument` on its command line, if any. */
+async function processWithArgument(argument: string): Promise<number | undefined> {
+  for (const entry of await readdir("/proc")) {
+    if (!/^\d+$/.test(entry)) continue;
+    const cmdline = await readFile(`/proc/${entry}/cmdline`, "utf8").catch(() => "");
+    if (cmdline.split("\0").includes(argument)) return Number(entry);
+  }
+  return undefined;
+}
