@@ -5,6 +5,10 @@
  * command line are credits (decimals allowed); amounts printed with --json are micro-credits as
  * decimal strings. Exit codes: 0 success, 1 server error (or a failed ledger audit), 2 usage error.
  */
+import { createHash } from "node:crypto";
+import { createReadStream } from "node:fs";
+import { stat } from "node:fs/promises";
+import { isAbsolute, resolve } from "node:path";
 import { toJson } from "@bufbuild/protobuf";
 import type { Client } from "@connectrpc/connect";
 import type { Command as CommanderCommand } from "commander";
@@ -22,10 +26,13 @@ import {
   GetStatementResponseSchema,
   ListAccountsResponseSchema,
   ListApiKeysResponseSchema,
+  ListModelsResponseSchema,
   ListOrdersResponseSchema,
   ListWorkersResponseSchema,
   type Order,
   OrderStatus,
+  type RegisteredModel,
+  RegisterModelResponseSchema,
   RevokeApiKeyResponseSchema,
   type RoutingDefaults,
   type StatementEntry,
@@ -703,6 +710,130 @@ const COMMANDS: Command[] = [
     },
   },
   {
+    name: "worker suspend",
+    summary: "suspend a worker: never matched, its session ended (Reject BANNED), its token refused",
+    details: [
+      "Audits suspend a worker on their own after repeated failed tests; this does it by hand. The",
+      "worker process stops and does not reconnect; the suspension survives restarts until lifted",
+      "with `admin worker unsuspend`.",
+    ],
+    jsonOutput: '{"workerId":"…","suspended":true}',
+    options: {
+      worker: { type: "string", value: "WORKER_ID", description: "the worker's id", required: true },
+      reason: { type: "string", value: "TEXT", description: "why (shown in the worker list)" },
+    },
+    async run(ctx) {
+      const res = await ctx.client.setWorkerSuspended({
+        workerId: ctx.required("worker"),
+        suspended: true,
+        reason: ctx.text("reason") ?? "",
+      });
+      ctx.print(
+        () => [`Worker ${res.workerId} is suspended.`],
+        () => ({ workerId: res.workerId, suspended: res.suspended }),
+      );
+      return 0;
+    },
+  },
+  {
+    name: "worker unsuspend",
+    summary: "lift a worker's suspension: its token is accepted again and it can be matched",
+    details: [
+      "The worker must be started again (a suspended worker stops instead of reconnecting). Its",
+      "audit record stays: it is audited at the new-worker rate until it has proven itself again.",
+    ],
+    jsonOutput: '{"workerId":"…","suspended":false}',
+    options: {
+      worker: { type: "string", value: "WORKER_ID", description: "the worker's id", required: true },
+    },
+    async run(ctx) {
+      const res = await ctx.client.setWorkerSuspended({ workerId: ctx.required("worker"), suspended: false });
+      ctx.print(
+        () => [`Worker ${res.workerId} is no longer suspended.`],
+        () => ({ workerId: res.workerId, suspended: res.suspended }),
+      );
+      return 0;
+    },
+  },
+  {
+    name: "model register",
+    summary: "register a model's tokenizer: the platform then counts and bills that model's tokens itself",
+    details: [
+      "FILE is a GGUF on the control plane's machine (only its vocabulary is loaded; a model is too big",
+      "to send over the admin API, and the server loads it again at every start). When this machine",
+      "can read FILE too (the usual case: the same machine or a shared disk), its SHA-256 is computed",
+      "here and the server refuses a file that differs. Orders for NAME are then billed by the",
+      "platform's own count of the prompt and of the delivered text; the worker's count is only",
+      "checked against it. Needs node-llama-cpp installed next to the control plane.",
+    ],
+    jsonOutput: `{"model":{"name","ggufPath","ggufSha256","tokenizerSha256","active",…}}, ${PROTO_JSON}`,
+    options: {
+      name: {
+        type: "string",
+        value: "NAME",
+        description: "the model name consumers request and workers offer",
+        required: true,
+      },
+      gguf: {
+        type: "string",
+        value: "FILE",
+        description: "the GGUF's path (as the control plane's machine sees it)",
+        required: true,
+      },
+    },
+    async run(ctx) {
+      const given = ctx.required("gguf");
+      const local = resolve(given);
+      const readable = await stat(local).then(
+        (file) => file.isFile(),
+        () => false,
+      );
+      if (!readable && !isAbsolute(given)) {
+        throw new UsageError(
+          `--gguf: no file ${local} here; give the absolute path on the control plane's machine`,
+        );
+      }
+      const path = readable ? local : given;
+      const res = await ctx.client.registerModel({
+        name: ctx.required("name"),
+        ggufPath: path,
+        expectedGgufSha256: readable ? await sha256OfFile(path) : "",
+      });
+      ctx.print(
+        () => (res.model ? describeModel(res.model) : ["No model."]),
+        () => toJson(RegisterModelResponseSchema, res, { alwaysEmitImplicit: true }),
+      );
+      return 0;
+    },
+  },
+  {
+    name: "model list",
+    summary: "list the registered models, their GGUF and tokenizer hashes, and whether they are active",
+    jsonOutput: `{"models":[…]}, ${PROTO_JSON}`,
+    options: {},
+    async run(ctx) {
+      const res = await ctx.client.listModels({});
+      ctx.print(
+        () =>
+          res.models.length === 0
+            ? ["No registered models: every order's token count is the worker's, byte-bounded (unverified)."]
+            : table(
+                ["NAME", "STATE", "TOKENIZER", "VOCAB", "GGUF SHA-256", "PATH"],
+                res.models.map((m) => [
+                  m.name,
+                  m.active ? "active" : `inactive (${m.problem})`,
+                  `${m.tokenizerModel} ${m.tokenizerSha256.slice(0, 16)}`,
+                  String(m.vocabularySize),
+                  m.ggufSha256,
+                  m.ggufPath,
+                ]),
+              ),
+        () => toJson(ListModelsResponseSchema, res, { alwaysEmitImplicit: true }),
+      );
+      return 0;
+    },
+  },
+  {
     name: "audit-ledger",
     summary: "check the ledger's invariants (exit code 1 when one is violated)",
     details: [
@@ -997,10 +1128,28 @@ function describeOrder(order: Order | undefined): string[] {
     `Hold:       ${formatCredits(order.hold)} credits`,
     `Cost:       ${formatCredits(order.cost)} credits (platform fee ${formatCredits(order.fee)}, ${order.feeBasisPoints} basis points)`,
     `Trust:      ${order.trustSignals.length > 0 ? order.trustSignals.join("; ") : "nothing noticed"}`,
+    `Counted:    ${order.tokenCountVerified ? `by the platform (tokenizer of GGUF ${order.tokenCountGgufSha256})` : "by the worker, bounded by bytes (unverified: no registered tokenizer)"}`,
+    `Audit:      ${order.auditOutcome ? `${order.auditOutcome} (${order.auditId})${order.auditViolations.length > 0 ? `: ${order.auditViolations.join("; ")}` : ""}` : "not audited"}`,
     `Created:    ${timestamp(order.createdAtUnixMs)}`,
     `First token: ${order.timeToFirstTokenMs > 0 ? `${order.timeToFirstTokenMs} ms` : "-"}`,
     `Duration:   ${order.durationMs > 0 ? `${order.durationMs} ms` : "-"}`,
   ];
+}
+
+function describeModel(model: RegisteredModel): string[] {
+  return [
+    `Model:      ${model.name} (${model.active ? "active: its orders are counted by the platform" : `inactive: ${model.problem}`})`,
+    `GGUF:       ${model.ggufPath} (${model.ggufBytes} bytes)`,
+    `SHA-256:    ${model.ggufSha256}`,
+    `Tokenizer:  ${model.tokenizerModel}, ${model.vocabularySize} tokens, ${model.chatTemplate ? "chat template" : "no chat template"}, SHA-256 ${model.tokenizerSha256}`,
+  ];
+}
+
+/** The SHA-256 of a local file, hex, read as a stream (a GGUF may be gigabytes). */
+async function sha256OfFile(path: string): Promise<string> {
+  const hash = createHash("sha256");
+  for await (const chunk of createReadStream(path)) hash.update(chunk as Buffer);
+  return hash.digest("hex");
 }
 
 function statusName(status: OrderStatus): string {

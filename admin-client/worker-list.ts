@@ -32,6 +32,8 @@ export interface WorkerListRow {
   auditsPassed: number;
   auditsFailed: number;
   suspended: boolean;
+  /** Why it is suspended (e.g. the failed audit tests); null when it is not. */
+  suspendedReason: string | null;
   /** While cooling, when the cooldown ends (ISO 8601); null otherwise. */
   coolingUntil: string | null;
   activeJobs: number;
@@ -78,6 +80,7 @@ export function workerListRows(res: ListWorkersResponse): WorkerListRow[] {
         auditsPassed: figures?.auditsPassed ?? 0,
         auditsFailed: figures?.auditsFailed ?? 0,
         suspended: worker.suspended,
+        suspendedReason: worker.suspended ? worker.suspendedReason || null : null,
         coolingUntil:
           figures && figures.coolingUntilUnixMs > 0n
             ? new Date(Number(figures.coolingUntilUnixMs)).toISOString()

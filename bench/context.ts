@@ -20,6 +20,8 @@ export interface BenchConfig {
   pipeStreams: number;
   ledgerOrders: number;
   ledgerLanes: number;
+  trustJobs: number;
+  trustTokens: number;
 }
 
 export class BenchContext {
@@ -85,7 +87,15 @@ export class BenchContext {
   }
 
   /** Kills every child process at once, for a run that must end now. */
+  private readonly killers: (() => void)[] = [];
+
+  /** Something of a benchmark's own to end at once when the run is killed (timeout or Ctrl-C). */
+  onKill(kill: () => void): void {
+    this.killers.push(kill);
+  }
+
   kill(): void {
+    for (const kill of this.killers) kill();
     for (const worker of this.workers) worker.kill();
     for (const engine of this.startedEngines) engine.kill();
   }

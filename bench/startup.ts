@@ -92,6 +92,8 @@ export async function startupBenchmark(context: BenchContext, report: Report): P
           "1",
           "--price-out",
           "1",
+          "--tps",
+          "100",
           "--engine",
           "openai",
           "--engine-url",
@@ -101,8 +103,11 @@ export async function startupBenchmark(context: BenchContext, report: Report): P
           await waitForOutput(worker, new RegExp(`connected as worker ${workerId}`));
           workerTimes.push(performance.now() - started);
         } finally {
-          worker.kill("SIGKILL");
-          await once(worker, "exit").catch(() => undefined);
+          if (worker.exitCode === null && worker.signalCode === null) {
+            const exited = once(worker, "exit");
+            worker.kill("SIGKILL");
+            await exited;
+          }
         }
       }
       report.add("startup", `worker connected, median of ${WORKER_RUNS}`, median(workerTimes), "ms", 0);

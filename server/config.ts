@@ -33,6 +33,8 @@ export interface ServerConfig {
   tokenDetailBasisPoints: number;
   /** Share of eligible jobs audited by a trusted verifier, in basis points (≤ the token-detail share). */
   auditBasisPoints: number;
+  /** Share of consumer orders followed by a blind canary, in basis points (server/trust/canary.ts). */
+  canaryBasisPoints: number;
   /** A streaming consumer that takes nothing for this long is ended with an error. */
   slowReaderTimeoutMs: number;
   /** How often running orders' relayed token counts are written (a crash loses at most this much). */
@@ -288,6 +290,19 @@ export const OPTIONS: readonly OptionSpec[] = [
     help:
       "Share of plain jobs audited by a trusted verifier (admin worker trust), in basis points " +
       "(200 = 2 %); at most --token-detail-rate.",
+  },
+  {
+    key: "canaryBasisPoints",
+    flag: "canary-rate",
+    env: "LOCALLMARKET_CANARY_RATE",
+    defaultValue: "50",
+    kind: "integer",
+    min: 0,
+    max: 10_000,
+    help:
+      "Share of consumer orders followed by a blind canary, in basis points (50 = 0.5 %): a " +
+      "platform prompt with a fresh nonce, sent to a worker of the same model like any job, whose " +
+      "temperature-0 answer a trusted verifier of the same weights reproduces; never billed.",
   },
   {
     key: "slowReaderTimeoutMs",

@@ -12,7 +12,7 @@ import { fastifyConnectPlugin } from "@connectrpc/connect-fastify";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import Fastify, { type FastifyBaseLogger, type FastifyInstance } from "fastify";
 import { AdminService } from "../gen/locallmarket/v1/admin_pb.js";
-import { WorkerService } from "../gen/locallmarket/v1/worker_pb.js";
+import { RejectCode, WorkerService } from "../gen/locallmarket/v1/worker_pb.js";
 import { adminAuthInterceptor, loadAdminToken } from "./admin/admin-auth.js";
 import { createAdminService } from "./admin/admin-service.js";
 import type { ServerConfig } from "./config.js";
@@ -28,9 +28,12 @@ import { WorkerSession } from "./link/worker-session.js";
 import { MarketError } from "./market/errors.js";
 import { Marketplace } from "./market/marketplace.js";
 import { WorkerRegistry } from "./market/registry.js";
+import { ModelRegistry } from "./models/model-registry.js";
 import { openDatabase } from "./store/database.js";
 import { SqlMarketStore } from "./store/market-store.js";
+import { ModelRegistryStore } from "./store/model-registry-store.js";
 import { TrustStore } from "./store/trust-store.js";
+import { CanaryService } from "./trust/canary.js";
 import { TrustService } from "./trust/trust-service.js";
 
 export interface ControlPlane {
@@ -45,6 +48,8 @@ export interface ControlPlane {
   marketplace: Marketplace;
   /** Audits and trusted verifiers (server/trust/). */
   trust: TrustService;
+  /** Blind canaries mixed into the traffic (server/trust/canary.ts). */
+  canaries: CanaryService;
   log: FastifyBaseLogger;
   /**
    * Stops gracefully: new requests get 503 with Retry-After, workers get Drain, running orders may
@@ -108,8 +113,27 @@ export async function startControlPlane(config: ServerConfig): Promise<ControlPl
     store: new TrustStore(database.orm),
     detailRate: config.tokenDetailBasisPoints / 10_000,
     auditRate: Math.min(config.auditBasisPoints, config.tokenDetailBasisPoints) / 10_000,
+    reputation: registry.reputation,
+    // A suspended worker's live session ends at once; its worker stops for good (worker.proto).
+    onSuspended: (workerId, reason) => {
+      const live = registry.get(workerId);
+      if (live instanceof WorkerSession) live.close(`suspended: ${reason}`, RejectCode.BANNED);
+    },
   });
   await trust.load();
+  const canaries = new CanaryService({
+    registry,
+    trust,
+    log,
+    rate: config.canaryBasisPoints / 10_000,
+    jobTimeoutMs: config.jobTimeoutMs,
+    slotTimeoutMs: config.queueTimeoutMs,
+  });
+  marketplace.onOrderDispatched = (order) => canaries.afterOrder(order);
+  // Registered models' tokenizers load before the first order, so their counting starts at once.
+  const models = new ModelRegistry(new ModelRegistryStore(database.orm), log);
+  await models.load();
+  marketplace.tokenCounts = models;
   await marketplace.settleAbandonedOrders();
 
   const admin = await loadAdminToken(config.dataDir, config.adminToken);
@@ -119,6 +143,7 @@ export async function startControlPlane(config: ServerConfig): Promise<ControlPl
     registry,
     onApiKeyRevoked: (keyId) => apiKeys.forgetKey(keyId),
     onAccountChanged: (accountId) => apiKeys.forgetAccount(accountId),
+    models,
     trust,
   });
   const adminInterceptors = [adminAuthInterceptor(admin.token)];
@@ -233,6 +258,7 @@ export async function startControlPlane(config: ServerConfig): Promise<ControlPl
     closing ??= (async () => {
       const graceMs = options.graceMs ?? config.shutdownGraceMs;
       marketplace.stopAdmitting();
+      canaries.stop();
       for (const connection of registry.list()) {
         if (connection instanceof WorkerSession) connection.drain("the control plane is stopping");
       }
@@ -261,6 +287,7 @@ export async function startControlPlane(config: ServerConfig): Promise<ControlPl
       await grpcClosed;
       await httpClosed;
       await database.close();
+      await models.close();
     })();
     return closing;
   };
@@ -279,6 +306,7 @@ export async function startControlPlane(config: ServerConfig): Promise<ControlPl
     registry,
     marketplace,
     trust,
+    canaries,
     log,
     close,
     forceClose,

@@ -230,6 +230,9 @@ export class WorkerLink extends EventEmitter<WorkerLinkEvents> {
   private readonly options: WorkerLinkOptions;
   private readonly concurrency: number;
   private readonly log: (line: string) => void;
+  private readonly writeLog: (line: string) => void;
+  /** Lines written at the end of the event-loop turn (see {@link logSoon}). */
+  private deferredLines: string[] = [];
   private readonly offeredModels: Set<string>;
   private readonly stopController = new AbortController();
   private currentState: WorkerLinkState = "idle";
@@ -244,7 +247,12 @@ export class WorkerLink extends EventEmitter<WorkerLinkEvents> {
     if (options.offers.length === 0) throw new Error("WorkerLink needs at least one offer");
     this.options = options;
     this.concurrency = Math.max(1, options.concurrency ?? 1);
-    this.log = options.log ?? ((line) => process.stderr.write(`${new Date().toISOString()} ${line}\n`));
+    this.writeLog = options.log ?? ((line) => process.stderr.write(`${new Date().toISOString()} ${line}\n`));
+    // Deferred lines first, so that the log keeps its order.
+    this.log = (line) => {
+      this.flushLog();
+      this.writeLog(line);
+    };
     this.offeredModels = new Set(options.offers.map((offer) => offer.model));
   }
 
@@ -586,7 +594,7 @@ export class WorkerLink extends EventEmitter<WorkerLinkEvents> {
     session.jobs.set(jobId, job);
     this.activeJobs += 1;
     this.send(session, { case: "jobAccepted", value: { jobId } });
-    this.log(`job ${jobId} started: model ${model}, ${describeJob(request)}`);
+    this.logSoon(`job ${jobId} started: model ${model}, ${describeJob(request)}`);
     this.emit("job-started", { jobId, model });
 
     const deadlineTimer =
@@ -603,6 +611,21 @@ export class WorkerLink extends EventEmitter<WorkerLinkEvents> {
       });
   }
 
+  /**
+   * A line written once this turn of the event loop ends: the log is written synchronously (a
+   * pipe, a terminal), which a job's start should not wait for before it asks its engine.
+   */
+  private logSoon(line: string): void {
+    if (this.deferredLines.push(line) === 1) setImmediate(() => this.flushLog());
+  }
+
+  private flushLog(): void {
+    if (this.deferredLines.length === 0) return;
+    const lines = this.deferredLines;
+    this.deferredLines = [];
+    for (const line of lines) this.writeLog(line);
+  }
+
   private async runJob(
     session: Session,
     job: RunningJob,
@@ -612,7 +635,16 @@ export class WorkerLink extends EventEmitter<WorkerLinkEvents> {
     let failure: unknown;
     try {
       const generation = this.options.engine.generate({ ...request, signal: job.controller.signal });
-      result = await runGeneration(generation, (piece) => job.outbox.push(piece));
+      let first = true;
+      result = await runGeneration(generation, (piece) => {
+        const waiting = job.outbox.push(piece);
+        if (!first) return waiting;
+        first = false;
+        // The first chunk's HTTP/2 frame leaves only when this turn of the event loop ends: an
+        // engine that answered in a burst would otherwise have the whole burst parsed and queued
+        // first. One turn per job lets the first token go out at once.
+        return waiting ?? new Promise<void>((resolve) => setImmediate(resolve));
+      });
       // JobDone names the last chunk, so every chunk goes out first; cancel releases this wait.
       await job.outbox.drained();
     } catch (error) {

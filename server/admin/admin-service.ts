@@ -4,7 +4,7 @@
  * failure leaves through toConnectError, so status codes are decided in one place.
  */
 import type { MessageInitShape } from "@bufbuild/protobuf";
-import type { ServiceImpl } from "@connectrpc/connect";
+import { Code, ConnectError, type ServiceImpl } from "@connectrpc/connect";
 import {
   type AccountSchema,
   type AdminService,
@@ -14,6 +14,7 @@ import {
   type ModelReputationSchema,
   type OrderSchema,
   OrderStatus,
+  type RegisteredModelSchema,
   ReputationState,
   type RoutingDefaultsSchema,
   type StatementEntrySchema,
@@ -35,6 +36,9 @@ import type {
   StatementEntry,
   WorkerRecord,
 } from "../market/store-port.js";
+import type { RegisteredModel } from "../models/model-registry.js";
+import { TokenizerUnavailableError } from "../models/token-counter.js";
+import type { OrderTokenCount } from "../store/model-registry-store.js";
 import { toConnectError } from "./connect-error.js";
 
 export interface AdminServiceDeps {
@@ -43,8 +47,24 @@ export interface AdminServiceDeps {
   /** Told when a key is revoked or an account's defaults change, so caches forget them at once. */
   onApiKeyRevoked?(keyId: string): void;
   onAccountChanged?(accountId: string): void;
-  /** Trusted verifiers (server/trust/); SetWorkerTrusted is unavailable without it. */
-  trust?: { setTrusted(workerId: string, trusted: boolean): Promise<void> };
+  /** The model registry (server/models/); RegisterModel and ListModels are unavailable without it. */
+  models?: AdminModels;
+  /** Trusted verifiers, suspensions and audits (server/trust/); their RPCs are unavailable without it. */
+  trust?: AdminTrust;
+}
+
+/** What the admin API asks of the trust service (TrustService implements it). */
+export interface AdminTrust {
+  setTrusted(workerId: string, trusted: boolean): Promise<void>;
+  setSuspended(workerId: string, suspended: boolean, reason?: string): Promise<void>;
+  suspendedReason(workerId: string): string | undefined;
+  readonly store?:
+    | {
+        auditOfOrder(
+          orderId: string,
+        ): Promise<{ auditId: string; outcome: string; violations: string[] } | null>;
+      }
+    | undefined;
 }
 
 /** The page size of ListOrders and GetStatement when the request says 0, and the most they return. */
@@ -186,7 +206,15 @@ export function createAdminService(deps: AdminServiceDeps): ServiceImpl<typeof A
       const orderId = requireText(req.orderId, "order_id");
       const order = await store.getOrder(orderId);
       if (!order) throw new MarketError("not_found", `order ${orderId} not found`, "order_id");
-      return { order: orderMessage(order) };
+      const audit = (await deps.trust?.store?.auditOfOrder(orderId)) ?? null;
+      return {
+        order: {
+          ...orderMessage(order),
+          auditOutcome: audit?.outcome ?? "",
+          auditId: audit?.auditId ?? "",
+          auditViolations: audit?.violations ?? [],
+        },
+      };
     },
 
     async listWorkers() {
@@ -200,6 +228,8 @@ export function createAdminService(deps: AdminServiceDeps): ServiceImpl<typeof A
       for (const live of registry.list()) {
         if (!known.has(live.workerId)) workers.push(liveOnlyWorkerMessage(live, registry.reputation));
       }
+      for (const worker of workers)
+        worker.suspendedReason = deps.trust?.suspendedReason(worker.id ?? "") ?? "";
       return { workers };
     },
 
@@ -214,6 +244,40 @@ export function createAdminService(deps: AdminServiceDeps): ServiceImpl<typeof A
       return { workerId, trusted: req.trusted };
     },
 
+    async setWorkerSuspended(req) {
+      const workerId = requireText(req.workerId, "worker_id");
+      const reason = req.reason.trim() || "suspended by the operator";
+      if (reason.length > MAX_LABEL_LENGTH) {
+        throw invalid(`reason must be at most ${MAX_LABEL_LENGTH} characters`, "reason");
+      }
+      const { trust } = deps;
+      if (!trust) throw new MarketError("not_found", "this control plane runs no audits", "worker_id");
+      const known =
+        registry.get(workerId) !== undefined || (await store.listWorkers()).some((w) => w.id === workerId);
+      if (!known) throw new MarketError("not_found", `worker ${workerId} not found`, "worker_id");
+      await trust.setSuspended(workerId, req.suspended, reason);
+      return { workerId, suspended: req.suspended };
+    },
+
+    async registerModel(req) {
+      const models = requireModels(deps.models);
+      const name = requireText(req.name, "name");
+      const path = requireText(req.ggufPath, "gguf_path", 4096);
+      const expected = req.expectedGgufSha256.trim().toLowerCase();
+      try {
+        return { model: registeredModelMessage(await models.register(name, path, expected || undefined)) };
+      } catch (error) {
+        if (error instanceof TokenizerUnavailableError)
+          throw new ConnectError(error.message, Code.FailedPrecondition);
+        throw error;
+      }
+    },
+
+    async listModels() {
+      const models = requireModels(deps.models);
+      return { models: (await models.list()).map(registeredModelMessage) };
+    },
+
     async auditLedger() {
       const audit = await store.auditLedger();
       return {
@@ -225,7 +289,7 @@ export function createAdminService(deps: AdminServiceDeps): ServiceImpl<typeof A
     },
   };
 
-  return withConnectErrors(impl);
+  return withConnectErrors(withTokenCounts(impl, deps.models));
 }
 
 /** Wraps every method so that whatever it throws reaches the client through toConnectError. */
@@ -490,4 +554,76 @@ function modelReputationMessage(
     auditsFailed: figures.auditsFailed,
     reputation: figures.reputation,
   };
+}
+
+// --- the model registry -----------------------------------------------------------------------
+
+/** What the admin API asks of the model registry (ModelRegistry implements it). */
+export interface AdminModels {
+  register(name: string, path: string, expectedSha256: string | undefined): Promise<RegisteredModel>;
+  list(): Promise<RegisteredModel[]>;
+  orderCounts(orderIds: readonly string[]): Promise<Map<string, OrderTokenCount>>;
+}
+
+function requireModels(models: AdminModels | undefined): AdminModels {
+  if (!models) throw new ConnectError("this control plane has no model registry", Code.FailedPrecondition);
+  return models;
+}
+
+function registeredModelMessage(model: RegisteredModel): MessageInitShape<typeof RegisteredModelSchema> {
+  return {
+    name: model.name,
+    ggufPath: model.ggufPath,
+    ggufSha256: model.ggufSha256,
+    ggufBytes: BigInt(model.ggufBytes),
+    tokenizerSha256: model.tokenizerSha256,
+    tokenizerModel: model.tokenizerModel,
+    vocabularySize: model.vocabularySize,
+    chatTemplate: model.chatTemplate,
+    registeredAtUnixMs: unixMs(model.registeredAt),
+    active: model.active,
+    problem: model.problem,
+  };
+}
+
+type OrderInit = MessageInitShape<typeof OrderSchema>;
+
+/**
+ * Adds to every order the handlers return (GetOrder, ListOrders, GetStatement) whether its token
+ * count is the platform's own: from the model registry's per-order table, read in one query per
+ * call. An order without a row there (served before the registry existed, or never settled) is
+ * unverified.
+ */
+function withTokenCounts(
+  impl: ServiceImpl<typeof AdminService>,
+  models: AdminModels | undefined,
+): ServiceImpl<typeof AdminService> {
+  const decorate = async (orders: OrderInit[]) => {
+    const ids = orders.map((order) => order.id ?? "").filter((id) => id !== "");
+    const counts = models ? await models.orderCounts(ids) : new Map<string, OrderTokenCount>();
+    for (const order of orders) {
+      const count = counts.get(order.id ?? "");
+      order.tokenCountVerified = count?.verified ?? false;
+      order.tokenCountGgufSha256 = count?.verified ? (count.ggufSha256 ?? "") : "";
+    }
+  };
+  const { getOrder, listOrders, getStatement } = impl;
+  return {
+    ...impl,
+    async getOrder(req, context) {
+      const res = (await getOrder.call(impl, req, context)) as { order?: OrderInit };
+      if (res.order) await decorate([res.order]);
+      return res;
+    },
+    async listOrders(req, context) {
+      const res = (await listOrders.call(impl, req, context)) as { orders?: OrderInit[] };
+      await decorate(res.orders ?? []);
+      return res;
+    },
+    async getStatement(req, context) {
+      const res = (await getStatement.call(impl, req, context)) as { orders?: OrderInit[] };
+      await decorate(res.orders ?? []);
+      return res;
+    },
+  } as ServiceImpl<typeof AdminService>;
 }

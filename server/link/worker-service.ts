@@ -74,6 +74,13 @@ export function createWorkerService(options: WorkerServiceOptions): ServiceImpl<
         yield reject(RejectCode.UNAUTHENTICATED, "unknown or revoked worker token");
         throw new ConnectError("unknown or revoked worker token", Code.Unauthenticated);
       }
+      const suspended = options.trust?.suspendedReason?.(worker.id);
+      if (suspended !== undefined) {
+        // The token is refused while the suspension lasts (admin worker unsuspend lifts it).
+        const message = `worker ${worker.id} is suspended: ${suspended}; only the operator can lift it (admin worker unsuspend)`;
+        yield reject(RejectCode.BANNED, message);
+        throw new ConnectError(message, Code.PermissionDenied);
+      }
       let offers: ReturnType<typeof offersFromWire>;
       try {
         offers = offersFromWire(hello.offers, { allowEmpty: false });

@@ -60,6 +60,8 @@ export interface SessionTrustHooks {
   prepare(job: JobSpec, tokenDetail: boolean): JobTrustExtras;
   /** A job that carried token detail ended with JobDone. */
   finished(job: FinishedDetailJob): void;
+  /** Why the worker is suspended (its token is then refused with Reject BANNED); undefined when it is not. */
+  suspendedReason?(workerId: string): string | undefined;
 }
 
 const FINISH_REASONS: Record<WireFinishReason, FinishReason> = {

@@ -9,6 +9,7 @@
  * is placed at the reserved worker's prices; no hold, no dispatch.
  */
 import { randomBytes } from "node:crypto";
+import type { TokenCountSource } from "../models/model-registry.js";
 import { AdmissionQueue } from "./admission-queue.js";
 import { isMarketError, MarketError } from "./errors.js";
 import { type MatchRequest, pickWorkers, type RoutingConstraints } from "./matcher.js";
@@ -83,6 +84,10 @@ export class Marketplace {
   private readonly checkpointTimer: NodeJS.Timeout;
   private checkpointing: Promise<void> = Promise.resolve();
   private admitting = true;
+  /** The model registry: registered models' orders are counted by the platform (order-run.ts). */
+  tokenCounts: TokenCountSource | undefined;
+  /** Called after each consumer order is dispatched (server/trust/canary.ts mixes canaries in). */
+  onOrderDispatched: ((order: { model: string; maxTokens: number }) => void) | undefined;
 
   constructor(
     private readonly store: MarketStore,
@@ -255,6 +260,7 @@ export class Marketplace {
           jobTimeoutMs: this.options.jobTimeoutMs,
           // A fallback keeps the order's max_tokens, so its hold is computed for the same limit.
           acquireFallback: (skip) => this.acquire(model, match(order.maxTokens), skip, signal),
+          ...(this.tokenCounts ? { tokenCounts: this.tokenCounts } : {}),
         },
         {
           order,
@@ -275,6 +281,7 @@ export class Marketplace {
       }
       signal?.addEventListener("abort", () => run.cancel("consumer disconnected"), { once: true });
       run.start();
+      this.onOrderDispatched?.({ model, maxTokens: order.maxTokens });
       return run;
     }
   }

@@ -16,9 +16,15 @@
  * Billing never takes a worker's word: a chunk counts min(token_count, UTF-8 bytes of its text)
  * tokens, capped in total at max_tokens; a streamed order bills the tokens the consumer actually
  * took (chunks handed to the consumer's socket), a non-streamed one bills only when completed.
+ * For a model with a registered tokenizer (server/models/) the platform's own count replaces the
+ * chunk's token_count: the prompt as the engine renders it, and the delivered text counted exactly
+ * at settlement, still bounded by its UTF-8 bytes and max_tokens; the worker's counts only raise
+ * trust signals, and the order is recorded as verified.
  */
 import { randomBytes } from "node:crypto";
 import type { TokenLogprob, ToolCallDelta } from "../../common/generation.js";
+import type { TokenCountSource } from "../models/model-registry.js";
+import { TokenCounter } from "../models/token-counter.js";
 import { MarketError } from "./errors.js";
 import type { Candidate } from "./matcher.js";
 import type { FinishReason, JobPiece, JobSink, JobSpec, SlotLease, WorkerRegistry } from "./registry.js";
@@ -64,6 +70,11 @@ export interface OrderRunDeps {
    * skipping `excluded`. Rejects when none is left.
    */
   acquireFallback(excluded: ReadonlySet<string>): Promise<Acquired>;
+  /**
+   * The model registry: for a registered model the platform counts the prompt and the delivered
+   * text itself and bills by that count; without one (or for another model) the order is unverified.
+   */
+  tokenCounts?: TokenCountSource;
 }
 
 export interface OrderRunInput {
@@ -92,6 +103,9 @@ interface Delta {
   tokens: number;
   sequence: bigint;
   attempt: Attempt;
+  /** With a registered tokenizer: the text the platform counts (tool calls included) and its bytes. */
+  countedText?: string;
+  bytes?: number;
 }
 
 interface Outcome {
@@ -143,6 +157,17 @@ export class OrderRun implements AsyncIterable<RunEvent> {
   private reportedUsage: { promptTokens: number; completionTokens: number } | null = null;
   private claimedTokens = 0;
   private readonly trustSignals: string[] = [];
+  /** The registered model's tokenizer when the platform counts this order itself; null: unverified. */
+  private counter: TokenCounter | null = null;
+  /** With a counter: the prompt's tokens as the engine renders it. */
+  private platformPromptTokens = 0;
+  /** With a counter: the prompt's last characters, the context the completion is counted after. */
+  private promptTail = "";
+  /** With a counter: the last characters relayed (the context of each chunk's estimate). */
+  private relayedTail = "";
+  /** With a counter: what the consumer took, counted exactly at settlement, and its bytes. */
+  private deliveredText = "";
+  private deliveredBytes = 0;
   private firstTokenAt: Date | null = null;
   private outcome: Outcome | null = null;
   private terminal: RunEvent | null = null;
@@ -159,6 +184,22 @@ export class OrderRun implements AsyncIterable<RunEvent> {
     private readonly input: OrderRunInput,
   ) {
     this.order = input.order;
+    this.counter = deps.tokenCounts?.counterFor(input.order.model) ?? null;
+    if (this.counter) {
+      try {
+        const prompt = this.counter.renderPrompt(input.job);
+        this.platformPromptTokens = prompt.tokens;
+        this.promptTail = prompt.tail;
+        this.relayedTail = prompt.tail;
+      } catch (error) {
+        // A conversation the template cannot render is billed as an unregistered model's would be.
+        deps.log.warn(
+          { orderId: input.order.id, err: String(error) },
+          "prompt not countable; count unverified",
+        );
+        this.counter = null;
+      }
+    }
     this.orderId = input.order.id;
     this.model = input.order.model;
     this.createdAt = input.order.createdAt;
@@ -285,6 +326,10 @@ export class OrderRun implements AsyncIterable<RunEvent> {
 
   private deliver(delta: Delta): void {
     if (this.outcome?.status === "cancelled") return;
+    if (this.counter) {
+      this.deliveredText += delta.countedText ?? "";
+      this.deliveredBytes += delta.bytes ?? 0;
+    }
     this.deliveredTokens += delta.tokens;
     if (delta.attempt === this.attempt) delta.attempt.lease.acknowledge(delta.sequence);
   }
@@ -378,7 +423,16 @@ export class OrderRun implements AsyncIterable<RunEvent> {
       });
       return;
     }
-    const counted = Math.min(claimed, bytes, room);
+    // A registered model's chunks are counted by the platform (the worker's claim is only compared
+    // with it); the exact count of the delivered text is taken at settlement.
+    let platform: number | null = null;
+    let countedText: string | undefined;
+    if (this.counter) {
+      countedText = text + toolCalls.map((call) => `${call.name ?? ""}${call.arguments}`).join("");
+      platform = this.counter.estimateChunk(this.relayedTail, countedText);
+      this.relayedTail = TokenCounter.tail(this.relayedTail, countedText);
+    }
+    const counted = Math.min(platform ?? claimed, bytes, room);
     attempt.watch.chunk(counted);
     this.relayedTokens += counted;
     if (text === "" && toolCalls.length === 0 && logprobs.length === 0) {
@@ -386,7 +440,15 @@ export class OrderRun implements AsyncIterable<RunEvent> {
       attempt.lease.acknowledge(sequence);
       return;
     }
-    this.buffer.push({ text, toolCalls, logprobs, tokens: counted, sequence, attempt });
+    this.buffer.push({
+      text,
+      toolCalls,
+      logprobs,
+      tokens: counted,
+      sequence,
+      attempt,
+      ...(countedText !== undefined ? { countedText, bytes } : {}),
+    });
     this.notify();
   }
 
@@ -577,6 +639,7 @@ export class OrderRun implements AsyncIterable<RunEvent> {
     for (let attempt = 1; ; attempt++) {
       try {
         this.order = await this.deps.store.settleOrder(this.orderId, input);
+        await this.recordTokenCount(input);
         break;
       } catch (error) {
         this.deps.log.error(
@@ -608,6 +671,7 @@ export class OrderRun implements AsyncIterable<RunEvent> {
       await new Promise((resolve) => setTimeout(resolve, backoffMs + Math.random() * backoffMs));
       try {
         this.order = await this.deps.store.settleOrder(this.orderId, input);
+        await this.recordTokenCount(input);
         this.afterSettlement();
         return;
       } catch (error) {
@@ -617,7 +681,29 @@ export class OrderRun implements AsyncIterable<RunEvent> {
     }
   }
 
+  /** Records how the order was counted (verified or not), for the admin API; never fails the order. */
+  private async recordTokenCount(input: ReturnType<OrderRun["settlementInput"]>): Promise<void> {
+    const source = this.deps.tokenCounts;
+    if (!source) return;
+    try {
+      await source.recordOrderCount({
+        orderId: this.orderId,
+        model: this.model,
+        verified: this.counter !== null,
+        ggufSha256: this.counter?.ggufSha256 ?? null,
+        promptTokens: this.counter ? input.promptTokens : null,
+        completionTokens: this.counter ? input.completionTokens : null,
+        reportedPromptTokens: input.reportedPromptTokens,
+        reportedCompletionTokens: input.reportedCompletionTokens,
+        claimedCompletionTokens: this.claimedTokens,
+      });
+    } catch (error) {
+      this.deps.log.error({ orderId: this.orderId, err: String(error) }, "recording the token count failed");
+    }
+  }
+
   private settlementInput(outcome: Outcome) {
+    if (this.counter) return this.verifiedSettlementInput(outcome);
     const completionTokens = this.input.stream || outcome.status === "completed" ? this.deliveredTokens : 0;
     const delivered = completionTokens > 0 || outcome.status === "completed";
     const reported = this.reportedUsage;
@@ -642,6 +728,45 @@ export class OrderRun implements AsyncIterable<RunEvent> {
     return {
       status: outcome.status,
       promptTokens: delivered ? Math.min(reported?.promptTokens ?? 0, this.order.promptTokenBound) : 0,
+      completionTokens,
+      reportedPromptTokens: reported?.promptTokens ?? null,
+      reportedCompletionTokens: reported?.completionTokens ?? null,
+      trustSignals: [...this.trustSignals],
+      finishReason: outcome.finishReason,
+      error: outcome.error?.message ?? null,
+      firstTokenAt: this.firstTokenAt,
+      finishedAt: new Date(),
+    } satisfies Parameters<MarketStore["settleOrder"]>[1];
+  }
+
+  /**
+   * A registered model's settlement: the platform's exact count of the delivered text (bounded by
+   * its UTF-8 bytes and max_tokens) and of the rendered prompt (bounded by the prompt's bound); the
+   * worker's usage and chunk claims only raise trust signals when they disagree.
+   */
+  private verifiedSettlementInput(outcome: Outcome) {
+    const counter = this.counter as TokenCounter;
+    const billable = this.input.stream || outcome.status === "completed";
+    const exact = counter.countContinuation(this.promptTail, this.deliveredText);
+    const completionTokens = billable ? Math.min(exact, this.deliveredBytes, this.order.maxTokens) : 0;
+    const delivered = completionTokens > 0 || outcome.status === "completed";
+    const reported = this.reportedUsage;
+    if (reported && reported.promptTokens !== this.platformPromptTokens) {
+      this.signal(
+        `the worker reported ${reported.promptTokens} prompt tokens; the platform counted ${this.platformPromptTokens}`,
+      );
+    }
+    if (reported && outcome.status === "completed" && reported.completionTokens !== exact) {
+      this.signal(
+        `the worker reported ${reported.completionTokens} completion tokens; the platform counted ${exact}`,
+      );
+    }
+    if (outcome.status === "completed" && this.claimedTokens !== exact) {
+      this.signal(`chunks claimed ${this.claimedTokens} tokens in all; the platform counted ${exact}`);
+    }
+    return {
+      status: outcome.status,
+      promptTokens: delivered ? Math.min(this.platformPromptTokens, this.order.promptTokenBound) : 0,
       completionTokens,
       reportedPromptTokens: reported?.promptTokens ?? null,
       reportedCompletionTokens: reported?.completionTokens ?? null,

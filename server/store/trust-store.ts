@@ -20,6 +20,21 @@ export type ClawBack =
     }
   | { done: false; reason: "unknown_order" | "not_settled" | "no_pending_earning" | "already_clawed_back" };
 
+/** A worker's suspension as stored. */
+export interface StoredSuspension {
+  workerId: string;
+  reason: string;
+  suspendedAt: Date;
+}
+
+/** Audit tallies of one worker serving one model (the model is unknown for audits recorded before it was kept). */
+export interface StoredModelTally {
+  workerId: string;
+  model: string | null;
+  auditsPassed: number;
+  auditsFailed: number;
+}
+
 /** A worker's audit tally as stored. */
 export interface StoredAuditTally {
   workerId: string;
@@ -60,8 +75,8 @@ export class TrustStore {
     const { flags: _flags, ...stats } = record.stats;
     await this.execute(
       `insert into audits (id, job_id, order_id, worker_id, verifier_id, weights_sha256, outcome, tokens,
-         anomalies, violations, stats, verify_ms, generation_ms, created_at)
-       values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?::jsonb, ?::jsonb, ?, ?, ?)
+         anomalies, violations, stats, verify_ms, generation_ms, created_at, model)
+       values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?::jsonb, ?::jsonb, ?, ?, ?, ?)
        on conflict (id) do nothing`,
       [
         record.auditId,
@@ -78,6 +93,7 @@ export class TrustStore {
         record.verifyMs,
         record.generationMs,
         record.at,
+        record.model ?? null,
       ],
     );
   }
@@ -184,5 +200,76 @@ export class TrustStore {
       auditsFailed: Number(row.failed),
       auditsUndecided: Number(row.undecided),
     }));
+  }
+
+  /** Per worker and model: passed and failed audits (replayed into the matcher's reputation at start-up). */
+  async modelTallies(): Promise<StoredModelTally[]> {
+    const rows = await this.execute<{
+      worker_id: string;
+      model: string | null;
+      passed: string;
+      failed: string;
+    }>(
+      `select worker_id, model,
+              count(*) filter (where outcome = 'passed') as passed,
+              count(*) filter (where outcome = 'failed') as failed
+         from audits group by worker_id, model order by worker_id, model`,
+    );
+    return rows.map((row) => ({
+      workerId: row.worker_id,
+      model: row.model,
+      auditsPassed: Number(row.passed),
+      auditsFailed: Number(row.failed),
+    }));
+  }
+
+  /** Suspends a worker (its token is refused while the row exists). Idempotent: the first reason stays. */
+  async suspend(workerId: string, reason: string): Promise<void> {
+    await this.execute(
+      "insert into suspended_workers (worker_id, reason) values (?, ?) on conflict (worker_id) do nothing",
+      [workerId, reason],
+    );
+  }
+
+  /** Lifts a suspension; false when the worker was not suspended. */
+  async unsuspend(workerId: string): Promise<boolean> {
+    const rows = await this.execute<{ worker_id: string }>(
+      "delete from suspended_workers where worker_id = ? returning worker_id",
+      [workerId],
+    );
+    return rows.length > 0;
+  }
+
+  /** Every suspended worker. */
+  async suspendedWorkers(): Promise<StoredSuspension[]> {
+    const rows = await this.execute<{ worker_id: string; reason: string; suspended_at: Date | string }>(
+      "select worker_id, reason, suspended_at from suspended_workers order by worker_id",
+    );
+    return rows.map((row) => ({
+      workerId: row.worker_id,
+      reason: row.reason,
+      suspendedAt: new Date(row.suspended_at),
+    }));
+  }
+
+  /**
+   * The worker's orders for `model`, created after `since` (and, with `untilOrderId`, not after
+   * that order), whose provider earning is still pending (not released, not clawed back): what a
+   * failed sequential test can still claw back.
+   */
+  async pendingOrdersOf(
+    workerId: string,
+    model: string,
+    since: Date | null,
+    untilOrderId?: string,
+  ): Promise<string[]> {
+    const until = untilOrderId ? "and o.created_at <= (select created_at from orders where id = ?)" : "";
+    const rows = await this.execute<{ id: string }>(
+      `select o.id from orders o join pending_earnings p on p.order_id = o.id
+        where o.worker_id = ? and o.model = ? and p.released_at is null and o.created_at > ? ${until}
+        order by o.created_at, o.id`,
+      [workerId, model, since ?? new Date(0), ...(untilOrderId ? [untilOrderId] : [])],
+    );
+    return rows.map((row) => row.id);
   }
 }

@@ -12,6 +12,18 @@
  *   SHA-256 the audited offer declares, other than the audited worker. It scores the returned tokens
  *   teacher-forced (ScoreAssign → ScoreResult, one prefill pass).
  * - {@link auditStatistics} compares; a {@link SequentialTest} per worker and weights decides.
+ * - Consequences (issue 8, item 8): every verdict feeds the matcher's reputation; a failed test claws
+ *   back the pending earnings of every order of that worker and model it covered (since the last
+ *   passed test) and refunds their consumers; `suspendAfterFailures` failed tests in a row suspend
+ *   the worker (persisted, its token refused, its session ended with Reject BANNED, never matched).
+ *   Why in a row: one test fails an honest worker with probability α (0.001); two in a row, with no
+ *   pass between, about α² — a cheater fails every test, an honest worker passes between rare false
+ *   alarms, and a suspension costs a provider its business, so it needs the stronger evidence,
+ *   while each failed test has already taken the money back.
+ * - Adaptive rate: a worker that has not yet proven itself (passed − 4 × failed < `provenAfterPasses`)
+ *   is audited at `newWorkerAuditRate` (capped by the token-detail share), a proven one at
+ *   `auditRate`. Only the post-JobDone draw changes: every worker gets token detail on the same
+ *   share of jobs, so nothing it can observe tells it whether it is considered new.
  */
 import { randomInt, randomUUID } from "node:crypto";
 import type { MessageInitShape } from "@bufbuild/protobuf";
@@ -78,8 +90,17 @@ export interface AuditRecord {
   verifyMs: number;
   generationMs: number;
   at: Date;
+  /** The audited offer's model (the reputation's key). */
+  model?: string;
   /** After a failed audit: what the claw-back of the order's pending earning did. */
   clawBack?: ClawBack;
+  /**
+   * After a failed audit: the other orders of the worker and model the failed test covered (since its
+   * last passed test) whose pending earnings were clawed back, with what each claw-back did.
+   */
+  coveredClawBacks?: { orderId: string; clawBack: ClawBack }[];
+  /** The worker was suspended because of this audit. */
+  suspended?: boolean;
 }
 
 /** Per worker: the audits' tally. */
@@ -89,7 +110,24 @@ export interface WorkerTrust {
   auditsFailed: number;
   auditsUndecided: number;
   trusted: boolean;
+  /** Failed tests since the last passed one. */
+  failuresInARow: number;
+  /** Why the worker is suspended; absent when it is not. */
+  suspendedReason?: string;
 }
+
+/** Where verdicts and suspensions go besides the store: the matcher's reputation (WorkerRegistry.reputation). */
+export interface TrustReputationSink {
+  recordAudit(workerId: string, model: string, passed: boolean): void;
+  setSuspended(workerId: string, suspended: boolean): void;
+}
+
+/** Failed sequential tests in a row (no pass between) that suspend a worker. */
+export const DEFAULT_SUSPEND_AFTER_FAILURES = 2;
+/** Audit rate of a worker that has not proven itself yet (capped by the token-detail share). */
+export const DEFAULT_NEW_WORKER_AUDIT_RATE = 0.25;
+/** passed − 4 × failed audits at which a worker is proven and audited at the base rate. */
+export const DEFAULT_PROVEN_AFTER_PASSES = 10;
 
 export interface TrustServiceOptions {
   /** The live connections (the registry's list). */
@@ -112,6 +150,16 @@ export interface TrustServiceOptions {
   onAudit?: (record: AuditRecord, job: FinishedDetailJob) => void | Promise<void>;
   /** Where trusted marks and audit records are kept; absent: in memory only. */
   store?: TrustStore;
+  /** The matcher's reputation: verdicts and suspensions are fed to it. */
+  reputation?: TrustReputationSink;
+  /** Called when a worker is suspended: end its live session (Reject BANNED). */
+  onSuspended?: (workerId: string, reason: string) => void;
+  /** See DEFAULT_SUSPEND_AFTER_FAILURES. */
+  suspendAfterFailures?: number;
+  /** See DEFAULT_NEW_WORKER_AUDIT_RATE. */
+  newWorkerAuditRate?: number;
+  /** See DEFAULT_PROVEN_AFTER_PASSES. */
+  provenAfterPasses?: number;
 }
 
 /** What a job carries because of trust: the seed and, on a share of jobs, a token-detail request. */
@@ -128,22 +176,98 @@ export class TrustService {
   private readonly pending = new Set<Promise<void>>();
   private readonly random: () => number;
   private readonly parameters: SequentialTestParameters;
+  /** Per test (worker and weights): orders created after this instant are covered by the running test. */
+  private readonly coveredSince = new Map<string, Date>();
   detailRate: number;
   auditRate: number;
+  newWorkerAuditRate: number;
+  provenAfterPasses: number;
+  suspendAfterFailures: number;
 
   constructor(private readonly options: TrustServiceOptions) {
     this.random = options.random ?? Math.random;
     this.detailRate = options.detailRate ?? 0.1;
     this.auditRate = options.auditRate ?? 0.02;
+    this.newWorkerAuditRate = options.newWorkerAuditRate ?? DEFAULT_NEW_WORKER_AUDIT_RATE;
+    this.provenAfterPasses = options.provenAfterPasses ?? DEFAULT_PROVEN_AFTER_PASSES;
+    this.suspendAfterFailures = options.suspendAfterFailures ?? DEFAULT_SUSPEND_AFTER_FAILURES;
     this.parameters = { ...DEFAULT_TEST, ...options.test };
   }
 
-  /** Loads the trusted marks kept in the store (at start-up). */
+  /**
+   * Loads what the store keeps (at start-up): trusted marks, audit tallies (replayed into the
+   * matcher's reputation per model, so audit counts survive a restart) and suspensions.
+   */
   async load(): Promise<void> {
-    for (const workerId of (await this.options.store?.trustedWorkers()) ?? []) {
+    const store = this.options.store;
+    if (!store) return;
+    for (const workerId of await store.trustedWorkers()) {
       this.trusted.add(workerId);
       this.tally(workerId).trusted = true;
     }
+    for (const stored of await store.tallies()) {
+      const tally = this.tally(stored.workerId);
+      tally.auditsPassed = stored.auditsPassed;
+      tally.auditsFailed = stored.auditsFailed;
+      tally.auditsUndecided = stored.auditsUndecided;
+    }
+    const reputation = this.options.reputation;
+    if (reputation) {
+      for (const stored of await store.modelTallies()) {
+        if (stored.model === null) continue;
+        for (let i = 0; i < stored.auditsPassed; i++)
+          reputation.recordAudit(stored.workerId, stored.model, true);
+        for (let i = 0; i < stored.auditsFailed; i++)
+          reputation.recordAudit(stored.workerId, stored.model, false);
+      }
+    }
+    for (const suspension of await store.suspendedWorkers()) {
+      this.tally(suspension.workerId).suspendedReason = suspension.reason;
+      reputation?.setSuspended(suspension.workerId, true);
+    }
+  }
+
+  /** Why the worker is suspended, or undefined when it is not (the link refuses its token while it is). */
+  suspendedReason(workerId: string): string | undefined {
+    return this.tallies.get(workerId)?.suspendedReason;
+  }
+
+  /**
+   * Suspends a worker (durably when there is a store): never matched, its token refused, its live
+   * session ended with Reject BANNED. Or lifts the suspension, which also restarts its count of
+   * failed tests in a row. Idempotent.
+   */
+  async setSuspended(
+    workerId: string,
+    suspended: boolean,
+    reason = "suspended by the operator",
+  ): Promise<void> {
+    const tally = this.tally(workerId);
+    if (suspended) {
+      await this.options.store?.suspend(workerId, reason);
+      if (tally.suspendedReason !== undefined) return;
+      tally.suspendedReason = reason;
+      this.options.reputation?.setSuspended(workerId, true);
+      this.options.log.warn({ workerId, reason }, "worker suspended");
+      this.options.onSuspended?.(workerId, reason);
+    } else {
+      await this.options.store?.unsuspend(workerId);
+      delete tally.suspendedReason;
+      tally.failuresInARow = 0;
+      this.options.reputation?.setSuspended(workerId, false);
+    }
+  }
+
+  /**
+   * The share of the worker's eligible jobs audited: the base rate once it has proven itself, the
+   * new-worker rate (at most the token-detail share, and never below the base rate) before.
+   */
+  auditRateFor(workerId: string): number {
+    const tally = this.tallies.get(workerId);
+    const proven =
+      tally !== undefined && tally.auditsPassed - 4 * tally.auditsFailed >= this.provenAfterPasses;
+    if (proven || this.auditRate <= 0) return this.auditRate;
+    return Math.max(this.auditRate, Math.min(this.newWorkerAuditRate, this.detailRate));
   }
 
   /** Marks a worker as a trusted reference verifier (or takes the mark away), durably when there is a store. */
@@ -181,8 +305,8 @@ export class TrustService {
 
   /** A job that carried token detail finished (JobDone): maybe audit it. Never throws. */
   finished(job: FinishedDetailJob): void {
-    // Audited share of detail jobs, so that auditRate is a share of all eligible jobs.
-    const share = this.detailRate > 0 ? Math.min(1, this.auditRate / this.detailRate) : 0;
+    // Audited share of detail jobs, so that the worker's rate is a share of all eligible jobs.
+    const share = this.detailRate > 0 ? Math.min(1, this.auditRateFor(job.workerId) / this.detailRate) : 0;
     if (this.random() >= share) return;
     const run = this.audit(job)
       .catch((error: unknown) =>
@@ -216,6 +340,7 @@ export class TrustService {
         auditsFailed: 0,
         auditsUndecided: 0,
         trusted: this.trusted.has(workerId),
+        failuresInARow: 0,
       };
       this.tallies.set(workerId, entry);
     }
@@ -247,6 +372,36 @@ export class TrustService {
     }
   }
 
+  /**
+   * After a failed test: claws back the pending earning of every other order of the worker and
+   * model the test covered (created since its last passed test, up to the audited order, or up to
+   * now when the worker was suspended), each idempotently, and refunds their consumers. An order
+   * still running is left alone (it is not settled yet).
+   */
+  private async clawBackCovered(
+    store: TrustStore,
+    workerId: string,
+    model: string,
+    since: Date | null,
+    auditedOrderId: string,
+    upToNow = false,
+  ): Promise<{ orderId: string; clawBack: ClawBack }[]> {
+    const done: { orderId: string; clawBack: ClawBack }[] = [];
+    const until = upToNow || !auditedOrderId ? undefined : auditedOrderId;
+    for (const orderId of await store.pendingOrdersOf(workerId, model, since, until)) {
+      if (orderId === auditedOrderId) continue;
+      const clawBack = await store.clawBack(orderId);
+      if (clawBack.done) done.push({ orderId, clawBack });
+    }
+    if (done.length > 0) {
+      this.options.log.warn(
+        { workerId, model, orders: done.map((d) => d.orderId) },
+        "failed test: the pending earnings of the orders it covered were clawed back and their consumers refunded",
+      );
+    }
+    return done;
+  }
+
   /** `scoredPositions` random token indexes (ascending), or all of them for a short answer. */
   private samplePositions(count: number): number[] {
     const wanted = this.options.scoredPositions ?? 128;
@@ -257,6 +412,80 @@ export class TrustService {
       [all[i], all[j]] = [all[j] as number, all[i] as number];
     }
     return all.slice(0, wanted).sort((a, b) => a - b);
+  }
+
+  /**
+   * A verdict reached outside {@link audit}: a blind canary's answer compared with the trusted
+   * verifier's reference answer (server/trust/canary.ts). It feeds the same per-worker sequential
+   * test, tally, reputation, records and consequences as an audit (a canary has no order of its
+   * own: a failure claws back the orders the failed test covered). Kept apart from audit() so the
+   * two evolve without touching each other; the consequence steps mirror audit()'s.
+   */
+  async recordVerdict(verdict: {
+    auditId: string;
+    jobId: string;
+    workerId: string;
+    verifierId: string;
+    model: string;
+    weightsSha256: string;
+    stats: JobAuditStats;
+    verifyMs: number;
+    generationMs: number;
+  }): Promise<AuditRecord> {
+    const key = `${verdict.workerId}\u0000${verdict.weightsSha256}`;
+    let test = this.tests.get(key);
+    if (!test) {
+      test = new SequentialTest(this.parameters);
+      this.tests.set(key, test);
+    }
+    const step = test.feed(verdict.stats);
+    const tally = this.tally(verdict.workerId);
+    const coveredSince = this.coveredSince.get(key) ?? null;
+    if (step.outcome === "passed") {
+      tally.auditsPassed += 1;
+      tally.failuresInARow = 0;
+      this.coveredSince.set(key, new Date(Date.now() - verdict.generationMs));
+    } else if (step.outcome === "failed") {
+      tally.auditsFailed += 1;
+      tally.failuresInARow += 1;
+    } else tally.auditsUndecided += 1;
+    if (step.outcome !== "undecided") {
+      this.options.reputation?.recordAudit(verdict.workerId, verdict.model, step.outcome === "passed");
+    }
+    const record: AuditRecord = {
+      auditId: verdict.auditId,
+      jobId: verdict.jobId,
+      orderId: "",
+      workerId: verdict.workerId,
+      verifierId: verdict.verifierId,
+      weightsSha256: verdict.weightsSha256,
+      outcome: step.outcome,
+      stats: verdict.stats,
+      llr: step.llr,
+      tokensToDecide: step.tokensToDecide,
+      verifyMs: verdict.verifyMs,
+      generationMs: verdict.generationMs,
+      at: new Date(),
+      model: verdict.model,
+    };
+    this.records.push(record);
+    if (this.records.length > 10_000) this.records.shift();
+    await this.options.store?.recordAudit(record);
+    if (step.outcome === "failed" && tally.failuresInARow >= this.suspendAfterFailures) {
+      const reason = `failed ${tally.failuresInARow} audit tests in a row (last: canary ${verdict.auditId} of job ${verdict.jobId})`;
+      record.suspended = tally.suspendedReason === undefined;
+      await this.setSuspended(verdict.workerId, true, reason);
+    }
+    if (step.outcome === "failed" && this.options.store) {
+      record.coveredClawBacks = await this.clawBackCovered(
+        this.options.store,
+        verdict.workerId,
+        verdict.model,
+        coveredSince,
+        "",
+      );
+    }
+    return record;
   }
 
   private async audit(job: FinishedDetailJob): Promise<void> {
@@ -318,9 +547,19 @@ export class TrustService {
     }
     const step = test.feed(stats);
     const tally = this.tally(job.workerId);
-    if (step.outcome === "passed") tally.auditsPassed += 1;
-    else if (step.outcome === "failed") tally.auditsFailed += 1;
-    else tally.auditsUndecided += 1;
+    const coveredSince = this.coveredSince.get(key) ?? null;
+    if (step.outcome === "passed") {
+      tally.auditsPassed += 1;
+      tally.failuresInARow = 0;
+      // The passed test covered the jobs up to this one; the next test covers those assigned after it.
+      this.coveredSince.set(key, new Date(Date.now() - job.generationMs));
+    } else if (step.outcome === "failed") {
+      tally.auditsFailed += 1;
+      tally.failuresInARow += 1;
+    } else tally.auditsUndecided += 1;
+    if (step.outcome !== "undecided") {
+      this.options.reputation?.recordAudit(job.workerId, job.offer.model, step.outcome === "passed");
+    }
     const record: AuditRecord = {
       auditId,
       jobId: job.assign.jobId ?? "",
@@ -335,9 +574,8 @@ export class TrustService {
       verifyMs,
       generationMs: job.generationMs,
       at: new Date(),
+      model: job.offer.model,
     };
-    this.records.push(record);
-    if (this.records.length > 10_000) this.records.shift();
     this.options.log[step.outcome === "failed" ? "warn" : "info"](
       {
         jobId: record.jobId,
@@ -351,6 +589,14 @@ export class TrustService {
       `audit ${step.outcome}`,
     );
     await this.options.store?.recordAudit(record);
+    // Listed once on record, so whoever sees it in audits() finds it in the store (auditOfOrder).
+    this.records.push(record);
+    if (this.records.length > 10_000) this.records.shift();
+    if (step.outcome === "failed" && tally.failuresInARow >= this.suspendAfterFailures) {
+      const reason = `failed ${tally.failuresInARow} audit tests in a row (last: audit ${auditId} of job ${record.jobId})`;
+      record.suspended = tally.suspendedReason === undefined;
+      await this.setSuspended(job.workerId, true, reason);
+    }
     if (step.outcome === "failed" && record.orderId && this.options.store) {
       record.clawBack = await this.clawBack(this.options.store, record.orderId);
       this.options.log.warn(
@@ -358,6 +604,18 @@ export class TrustService {
         record.clawBack.done
           ? "failed audit: the order's pending earning was clawed back and the consumer refunded"
           : `failed audit: nothing clawed back (${record.clawBack.reason})`,
+      );
+    }
+    if (step.outcome === "failed" && this.options.store) {
+      record.coveredClawBacks = await this.clawBackCovered(
+        this.options.store,
+        job.workerId,
+        job.offer.model,
+        coveredSince,
+        record.orderId,
+        // Suspended: nothing since the last pass is vouched for, up to now. Otherwise the failed
+        // test covered the jobs up to the audited one; later ones are the next test's.
+        tally.suspendedReason !== undefined,
       );
     }
     await this.options.onAudit?.(record, job);

@@ -105,6 +105,9 @@ export async function startTestMarket(overrides: Partial<ServerConfig> = {}): Pr
   const dataDir = database.dataDir;
   const config: ServerConfig = {
     ...parseServerConfig([], {}),
+    // No blind canaries unless a test asks (trust-canaries.test.ts): a random one would add a job
+    // and a verdict that tests counting jobs or audits do not expect.
+    canaryBasisPoints: 0,
     httpPort: 0,
     grpcPort: 0,
     dataDir,

@@ -1,6 +1,7 @@
 /**
  * An engine backed by any OpenAI-compatible server (Ollama, llama.cpp's llama-server, vLLM,
- * LM Studio, ...), spoken to with the official `openai` SDK.
+ * LM Studio, ...), spoken to over HTTP the way the official `openai` SDK does (its request and
+ * error types and its error classes are used; see {@link EngineStream} for why not its client).
  *
  * - Chat jobs go to `POST /v1/chat/completions`, raw text completions (`prompt`) to the legacy
  *   `POST /v1/completions`, both streamed. Tools, tool_choice, parallel_tool_calls,
@@ -13,7 +14,10 @@
  * - The finish reason comes from the chunk's `finish_reason`, and the usage from the final usage
  *   chunk (requested with `stream_options.include_usage`).
  */
-import OpenAI, { APIConnectionError, APIError, APIUserAbortError } from "openai";
+import type { IncomingHttpHeaders, IncomingMessage } from "node:http";
+import * as http from "node:http";
+import * as https from "node:https";
+import { APIConnectionError, APIError } from "openai";
 import type {
   ChatCompletionChunk,
   ChatCompletionContentPart,
@@ -51,13 +55,6 @@ export interface OpenAiEngineOptions {
   timeoutMs?: number;
 }
 
-/** What one streamed chunk of either API contributes. */
-interface StreamStep {
-  piece?: EnginePiece;
-  finishReason?: string | null;
-  usage?: { prompt_tokens: number; completion_tokens: number } | null;
-}
-
 /** Sampling and length parameters, common to both APIs. */
 interface CommonParams {
   max_tokens?: number;
@@ -74,65 +71,89 @@ export class OpenAiEngine implements Engine {
   readonly name = "openai-compatible";
   readonly baseUrl: string;
   private readonly model: string | undefined;
-  private readonly client: OpenAI;
-  private readonly active = new Set<AbortController>();
+  /** `baseUrl` with a trailing slash, so that relative paths append to it. */
+  private readonly base: URL;
+  private readonly agent: http.Agent;
+  private readonly headers: Record<string, string>;
+  private readonly timeoutMs: number;
+  private readonly active = new Set<EngineStream>();
 
   constructor(options: OpenAiEngineOptions) {
     this.baseUrl = options.baseUrl;
     this.model = options.model;
-    this.client = new OpenAI({
-      baseURL: options.baseUrl,
-      // The SDK insists on a key; local servers accept anything.
-      apiKey: options.apiKey || "not-needed",
-      // A job is not retried behind the platform's back: a failure is reported and fails over.
-      maxRetries: 0,
-      timeout: options.timeoutMs ?? 600_000,
-    });
+    this.base = new URL(options.baseUrl.endsWith("/") ? options.baseUrl : `${options.baseUrl}/`);
+    // Kept-alive connections: a job's request does not pay a TCP handshake (nor, on https, a TLS one).
+    const agentOptions = { keepAlive: true, scheduling: "lifo" as const };
+    this.agent =
+      this.base.protocol === "https:" ? new https.Agent(agentOptions) : new http.Agent(agentOptions);
+    this.headers = {
+      "content-type": "application/json",
+      accept: "application/json",
+      // Local servers accept anything; some insist on a bearer token being there.
+      authorization: `Bearer ${options.apiKey || "not-needed"}`,
+    };
+    // Until the answer's headers, as the SDK's timeout. A job is not retried behind the platform's
+    // back (only a dead idle connection is, see EngineStream): a failure is reported and fails over.
+    this.timeoutMs = options.timeoutMs ?? 600_000;
   }
 
   async *generate(request: GenerateRequest): Generation {
     const { signal, maxTokens } = request;
     if (signal.aborted) return { finishReason: "cancelled" };
 
-    // Our own controller so that close() can cancel everything; it follows the job's signal.
-    const controller = new AbortController();
-    const onAbort = () => controller.abort(signal.reason);
+    const legacy = request.prompt !== undefined;
+    const stream = this.open(
+      legacy ? "completions" : "chat/completions",
+      legacy ? this.completionParams(request) : this.chatParams(request),
+    );
+    // The job's signal ends the HTTP request at once, even while nobody pulls this generator (a
+    // job waiting for its flow-control window); close() ends every request in flight.
+    const onAbort = () => stream.abort();
     signal.addEventListener("abort", onAbort, { once: true });
-    this.active.add(controller);
+    this.active.add(stream);
 
     let completionTokens = 0;
     let finishReason: EngineFinishReason | undefined;
     let usage: EngineUsage | undefined;
     try {
-      const steps =
-        request.prompt !== undefined
-          ? this.streamCompletion(request, controller.signal)
-          : this.streamChat(request, controller.signal);
-      for await (const step of steps) {
-        if (step.usage) {
+      await stream.opened;
+      for (;;) {
+        // One event after the other from what the last read parsed; a wait only when none is left.
+        const event = stream.next();
+        if (event === undefined) {
+          if (await stream.more()) continue;
+          break;
+        }
+        if (event.usage) {
           usage = {
-            promptTokens: step.usage.prompt_tokens,
-            completionTokens: step.usage.completion_tokens,
+            promptTokens: event.usage.prompt_tokens,
+            completionTokens: event.usage.completion_tokens,
           };
         }
-        if (step.piece) {
+        const choice = event.choices?.find((c) => c.index === 0);
+        if (!choice) continue;
+        const piece = legacy
+          ? completionPiece(choice as unknown as Completion["choices"][number])
+          : chatPiece(choice as unknown as ChatCompletionChunk.Choice);
+        if (piece) {
           if (maxTokens > 0 && completionTokens >= maxTokens) {
-            // The engine ignored max_tokens: stop it ourselves (leaving the loop aborts the request).
+            // The engine ignored max_tokens: stop it ourselves (leaving the loop ends the request).
             finishReason = "length";
             break;
           }
-          completionTokens += step.piece.tokenCount;
-          yield step.piece;
+          completionTokens += piece.tokenCount;
+          yield piece;
           if (signal.aborted) return { finishReason: "cancelled" };
         }
-        if (step.finishReason) finishReason = mapFinishReason(step.finishReason);
+        if (choice.finish_reason) finishReason = mapFinishReason(choice.finish_reason);
       }
     } catch (error) {
-      if (signal.aborted || error instanceof APIUserAbortError) return { finishReason: "cancelled" };
+      if (signal.aborted || error instanceof StreamAborted) return { finishReason: "cancelled" };
       throw toEngineError(error, this.baseUrl);
     } finally {
       signal.removeEventListener("abort", onAbort);
-      this.active.delete(controller);
+      this.active.delete(stream);
+      stream.close();
     }
     if (signal.aborted) return { finishReason: "cancelled" };
     if (finishReason === undefined) {
@@ -142,12 +163,24 @@ export class OpenAiEngine implements Engine {
   }
 
   async close(): Promise<void> {
-    for (const controller of this.active) controller.abort(new Error("engine closed"));
+    for (const stream of this.active) stream.abort();
     this.active.clear();
+    this.agent.destroy();
   }
 
-  /** A chat job on `POST /chat/completions`, as steps. */
-  private async *streamChat(request: GenerateRequest, signal: AbortSignal): AsyncGenerator<StreamStep> {
+  /** Sends a streamed request to `path` (relative to the base URL). */
+  private open(path: string, params: object): EngineStream {
+    return new EngineStream(
+      new URL(path, this.base),
+      this.agent,
+      this.headers,
+      JSON.stringify(params),
+      this.timeoutMs,
+    );
+  }
+
+  /** The body of a chat job on `POST /chat/completions`. */
+  private chatParams(request: GenerateRequest): ChatCompletionCreateParamsStreaming {
     const params: ChatCompletionCreateParamsStreaming = {
       model: this.model ?? request.model,
       messages: request.messages.map(toOpenAiMessage),
@@ -165,18 +198,11 @@ export class OpenAiEngine implements Engine {
       params.logprobs = true;
       if (request.logprobs.top > 0) params.top_logprobs = request.logprobs.top;
     }
-    const response = await this.client.chat.completions.create(params, { signal }).asResponse();
-    for await (const chunk of sseEvents<ChatCompletionChunk>(response)) {
-      const choice = chunk.choices?.find((c) => c.index === 0);
-      yield {
-        ...(choice ? { piece: chatPiece(choice), finishReason: choice.finish_reason } : {}),
-        usage: chunk.usage,
-      };
-    }
+    return params;
   }
 
-  /** A raw text completion on the legacy `POST /completions`, as steps. */
-  private async *streamCompletion(request: GenerateRequest, signal: AbortSignal): AsyncGenerator<StreamStep> {
+  /** The body of a raw text completion on the legacy `POST /completions`. */
+  private completionParams(request: GenerateRequest): CompletionCreateParamsStreaming {
     const params: CompletionCreateParamsStreaming = {
       model: this.model ?? request.model,
       prompt: request.prompt ?? "",
@@ -185,72 +211,265 @@ export class OpenAiEngine implements Engine {
       ...commonParams(request),
     };
     if (request.logprobs) params.logprobs = request.logprobs.top;
-    const response = await this.client.completions.create(params, { signal }).asResponse();
-    for await (const chunk of sseEvents<Completion>(response)) {
-      const choice = chunk.choices?.find((c) => c.index === 0);
-      yield {
-        ...(choice ? { piece: completionPiece(choice), finishReason: choice.finish_reason } : {}),
-        usage: chunk.usage,
-      };
-    }
+    return params;
   }
 }
 
+/** One streamed event of either API, as far as the reader looks at it. */
+interface StreamEvent {
+  choices?: Array<{ index: number; finish_reason?: string | null }>;
+  usage?: { prompt_tokens: number; completion_tokens: number } | null;
+}
+
+/** The request was ended on purpose (the job's signal, or the engine closing): not a failure. */
+class StreamAborted extends Error {
+  override readonly name = "StreamAborted";
+}
+
+/** Parsed events waiting to be taken beyond which the response is paused (TCP pushes back). */
+const HIGH_WATER_EVENTS = 256;
+
 /**
- * The JSON events of a streamed answer, parsed as its bytes arrive. The SDK's own stream (its
- * status checks and errors still apply: `asResponse()` resolves only for a 2xx answer) reads
- * through several async generators and a line decoder per event, which the worker would pay for
- * every token; this reader is one loop. As the SDK does, it ends at `[DONE]`, throws the engine's
- * in-band `error` as an APIError, and ends quietly when the request is aborted (the caller tells
- * a cancellation by its signal). Leaving the loop early cancels the response body.
+ * One streamed request to the engine and its server-sent events, read with `node:http` over a
+ * kept-alive connection. Each body read is parsed at once, in one synchronous loop, into the
+ * events it completes; the generator takes them one by one and waits only when none is left. This
+ * is what the worker pays per token, so it avoids fetch's web stream (a promise and a chunk object
+ * per read), the SDK's stream (four async generators and a line decoder per event) and a TCP
+ * connection per job.
+ *
+ * As the SDK does: a non-2xx answer throws its APIError (from the error body), the stream ends at
+ * `[DONE]` or at the body's end (a last event without its blank line still counts), an in-band
+ * `error` event throws an APIError. A connection the engine dropped while idle (a reused one) is
+ * retried once, before anything was answered. Leaving early ends the request (the engine sees the
+ * connection close); after `[DONE]` the rest of the body is read so that the connection is reused.
  */
-async function* sseEvents<Event>(response: Response): AsyncGenerator<Event> {
-  const body = response.body;
-  if (!body) return;
-  const reader = body.getReader();
-  const decoder = new TextDecoder();
-  let buffer = "";
-  let finished = false;
-  try {
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) {
-        finished = true;
-        buffer += decoder.decode();
-        // A last event without its blank line still counts, as in the SDK.
-        buffer += "\n\n";
-      } else {
-        buffer += decoder.decode(value, { stream: true });
+class EngineStream {
+  /** Settles once the answer's status and headers are in: rejects for a non-2xx answer. */
+  readonly opened: Promise<void>;
+  private readonly events: StreamEvent[] = [];
+  private head = 0;
+  private buffer = "";
+  private request!: http.ClientRequest;
+  private response: IncomingMessage | undefined;
+  private headers: IncomingHttpHeaders = {};
+  /** [DONE] seen or the body ended: no more events. */
+  private finished = false;
+  private ended = false;
+  private failure: unknown;
+  private paused = false;
+  private waiter: (() => void) | null = null;
+  private settleOpened!: { resolve: () => void; reject: (error: unknown) => void };
+
+  constructor(
+    private readonly url: URL,
+    private readonly agent: http.Agent,
+    private readonly requestHeaders: Record<string, string>,
+    private readonly body: string,
+    private readonly timeoutMs: number,
+  ) {
+    this.opened = new Promise<void>((resolve, reject) => {
+      this.settleOpened = { resolve, reject };
+    });
+    this.send(true);
+  }
+
+  /** The next parsed event, or undefined when none is waiting. */
+  next(): StreamEvent | undefined {
+    if (this.head < this.events.length) {
+      const event = this.events[this.head] as StreamEvent;
+      this.head += 1;
+      if (this.head === this.events.length) {
+        this.events.length = 0;
+        this.head = 0;
+        if (this.paused && !this.finished) {
+          this.paused = false;
+          this.response?.resume();
+        }
       }
-      if (buffer.includes("\r")) {
-        // CR and CRLF line ends; a CR at the very end may be the first half of a CRLF.
-        const keep = !finished && buffer.endsWith("\r") ? 1 : 0;
-        buffer = buffer.slice(0, buffer.length - keep).replace(/\r\n?/g, "\n") + (keep ? "\r" : "");
+      return event;
+    }
+    if (this.failure !== undefined) throw this.failure;
+    return undefined;
+  }
+
+  /** Waits for more events: true when some came, false at the end of the stream. */
+  more(): Promise<boolean> {
+    if (this.head < this.events.length) return Promise.resolve(true);
+    if (this.failure !== undefined) return Promise.reject(this.failure);
+    if (this.finished) return Promise.resolve(false);
+    return new Promise<boolean>((resolve, reject) => {
+      this.waiter = () => {
+        if (this.head < this.events.length) resolve(true);
+        else if (this.failure !== undefined) reject(this.failure);
+        else if (this.finished) resolve(false);
+        else return; // a read that completed no event: still waiting
+        this.waiter = null;
+      };
+    });
+  }
+
+  /** Ends the request now (the job was cancelled, or the engine is closing). */
+  abort(): void {
+    this.fail(new StreamAborted("the request was aborted"));
+  }
+
+  /** Done with the stream: a request still answering is ended, a finished one left to be reused. */
+  close(): void {
+    if (this.ended) return;
+    if (this.finished && this.failure === undefined && this.response) {
+      // After [DONE]: what may follow is read and dropped, and the connection goes back to the pool.
+      this.response.resume();
+      return;
+    }
+    this.request.destroy();
+  }
+
+  private send(mayRetry: boolean): void {
+    const transport = this.url.protocol === "https:" ? https : http;
+    const request = transport.request(this.url, {
+      method: "POST",
+      agent: this.agent,
+      headers: { ...this.requestHeaders, "content-length": Buffer.byteLength(this.body) },
+    });
+    this.request = request;
+    // Until the answer's headers, as the SDK's timeout: a stream may then take as long as it takes.
+    const timer = setTimeout(() => {
+      request.destroy(new Error(`no answer within ${this.timeoutMs} ms`));
+    }, this.timeoutMs);
+    timer.unref();
+    request.on("response", (response) => {
+      clearTimeout(timer);
+      if (this.failure !== undefined) {
+        response.destroy();
+        return;
       }
-      let start = 0;
-      for (let end = buffer.indexOf("\n\n"); end !== -1; end = buffer.indexOf("\n\n", start)) {
-        const data = sseData(buffer, start, end);
-        start = end + 2;
-        if (data === null) continue;
-        if (data.startsWith("[DONE]")) {
-          finished = true;
+      this.response = response;
+      this.headers = response.headers;
+      response.setEncoding("utf8");
+      const status = response.statusCode ?? 0;
+      if (status < 200 || status >= 300) {
+        this.readError(response, status);
+        return;
+      }
+      response.on("data", (text: string) => this.onData(text));
+      response.on("end", () => this.onEnd());
+      response.on("error", (error) => this.fail(error));
+      response.on("close", () => {
+        if (!this.ended) this.fail(new Error("the engine closed the stream before its end"));
+      });
+      this.settleOpened.resolve();
+    });
+    request.on("error", (error: NodeJS.ErrnoException) => {
+      clearTimeout(timer);
+      if (this.failure !== undefined) return;
+      if (this.response === undefined) {
+        // A kept-alive connection the engine closed just as it was reused: try once on a new one.
+        if (mayRetry && request.reusedSocket && error.code === "ECONNRESET") {
+          this.send(false);
           return;
         }
-        const event = JSON.parse(data) as { error?: object } | null;
-        if (event?.error) {
-          finished = true;
-          throw new APIError(undefined, event.error, undefined, response.headers);
-        }
-        yield event as Event;
+        this.fail(new APIConnectionError({ message: error.message, cause: error }));
+        return;
       }
-      buffer = buffer.slice(start);
-      if (finished) return;
+      this.fail(error);
+    });
+    request.end(this.body);
+  }
+
+  /** A non-2xx answer: its body becomes the APIError, as the SDK makes it. */
+  private readError(response: IncomingMessage, status: number): void {
+    let text = "";
+    response.on("data", (part: string) => {
+      text += part;
+    });
+    response.on("error", (error) => this.fail(error));
+    response.on("end", () => {
+      let json: object | undefined;
+      try {
+        json = JSON.parse(text) as object;
+      } catch {
+        json = undefined;
+      }
+      const headers = new Headers();
+      for (const [name, value] of Object.entries(this.headers)) {
+        if (typeof value === "string") headers.set(name, value);
+      }
+      this.fail(APIError.generate(status, json, json ? undefined : text, headers));
+      this.ended = true;
+    });
+  }
+
+  private onData(text: string): void {
+    if (this.finished) return;
+    let buffer = this.buffer + text;
+    if (buffer.includes("\r")) {
+      // CR and CRLF line ends; a CR at the very end may be the first half of a CRLF.
+      const keep = buffer.endsWith("\r") ? 1 : 0;
+      buffer = buffer.slice(0, buffer.length - keep).replace(/\r\n?/g, "\n") + (keep ? "\r" : "");
     }
-  } catch (error) {
-    if (isAbortError(error)) return;
-    throw error;
-  } finally {
-    if (!finished) await reader.cancel().catch(() => {});
+    this.buffer = this.parse(buffer);
+    if (!this.finished && this.events.length - this.head >= HIGH_WATER_EVENTS) {
+      this.paused = true;
+      this.response?.pause();
+    }
+    this.waiter?.();
+  }
+
+  private onEnd(): void {
+    this.ended = true;
+    if (!this.finished) {
+      const rest = this.buffer.replace(/\r\n?/g, "\n");
+      this.buffer = "";
+      // A last event without its blank line still counts, as in the SDK.
+      this.parse(`${rest}\n\n`);
+      this.finished = true;
+    }
+    this.waiter?.();
+  }
+
+  /** Parses the complete events in `buffer`; answers what is left of it. */
+  private parse(buffer: string): string {
+    let start = 0;
+    for (let end = buffer.indexOf("\n\n"); end !== -1; end = buffer.indexOf("\n\n", start)) {
+      const data = sseData(buffer, start, end);
+      start = end + 2;
+      if (data === null) continue;
+      if (data.startsWith("[DONE]")) {
+        this.finished = true;
+        return "";
+      }
+      let event: (StreamEvent & { error?: object }) | null;
+      try {
+        event = JSON.parse(data) as (StreamEvent & { error?: object }) | null;
+      } catch (error) {
+        this.fail(error);
+        return "";
+      }
+      if (event?.error) {
+        this.fail(new APIError(undefined, event.error, undefined, new Headers()));
+        return "";
+      }
+      if (event) this.events.push(event);
+    }
+    return buffer.slice(start);
+  }
+
+  private fail(error: unknown): void {
+    // The whole body was read: nothing left to end.
+    if (this.failure !== undefined || this.ended) return;
+    if (this.finished && !(error instanceof StreamAborted)) {
+      // After [DONE], what was parsed stands; the connection is not reused.
+      this.request.destroy();
+      return;
+    }
+    this.failure = error;
+    this.finished = true;
+    // Events parsed before the failure are dropped with it: the job ends in the error.
+    this.events.length = 0;
+    this.head = 0;
+    this.request.destroy();
+    this.settleOpened.reject(error);
+    this.waiter?.();
   }
 }
 
@@ -267,10 +486,6 @@ function sseData(buffer: string, start: number, end: number): string | null {
     data = data === null ? value : `${data}\n${value}`;
   }
   return data;
-}
-
-function isAbortError(error: unknown): boolean {
-  return typeof error === "object" && error !== null && "name" in error && error.name === "AbortError";
 }
 
 function commonParams({ maxTokens, sampling }: GenerateRequest): CommonParams {

@@ -27,7 +27,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file locallmarket/v1/admin.proto.
  */
 export const file_locallmarket_v1_admin: GenFile = /*@__PURE__*/
-  fileDesc("Chtsb2NhbGxtYXJrZXQvdjEvYWRtaW4ucHJvdG8SD2xvY2FsbG1hcmtldC52MSJzCgdBY2NvdW50EgoKAmlkGAEgASgJEgwKBG5hbWUYAiABKAkSGgoSY3JlYXRlZF9hdF91bml4X21zGAMgASgDEjIKCGRlZmF1bHRzGAQgASgLMiAubG9jYWxsbWFya2V0LnYxLlJvdXRpbmdEZWZhdWx0cyLlAQoPUm91dGluZ0RlZmF1bHRzEigKG21heF9wcmljZV9wZXJfbWlsbGlvbl9pbnB1dBgBIAEoA0gAiAEBEikKHG1heF9wcmljZV9wZXJfbWlsbGlvbl9vdXRwdXQYAiABKANIAYgBARIiChVtaW5fdG9rZW5zX3Blcl9zZWNvbmQYAyABKAFIAogBAUIeChxfbWF4X3ByaWNlX3Blcl9taWxsaW9uX2lucHV0Qh8KHV9tYXhfcHJpY2VfcGVyX21pbGxpb25fb3V0cHV0QhgKFl9taW5fdG9rZW5zX3Blcl9zZWNvbmQiOwoHQmFsYW5jZRIRCglhdmFpbGFibGUYASABKAMSDAoEaGVsZBgCIAEoAxIPCgdwZW5kaW5nGAMgASgDIlYKFENyZWF0ZUFjY291bnRSZXF1ZXN0EgwKBG5hbWUYASABKAkSFwoPaW5pdGlhbF9kZXBvc2l0GAIgASgDEhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCSKQAQoVQ3JlYXRlQWNjb3VudFJlc3BvbnNlEikKB2FjY291bnQYASABKAsyGC5sb2NhbGxtYXJrZXQudjEuQWNjb3VudBIPCgdhcGlfa2V5GAIgASgJEikKB2JhbGFuY2UYAyABKAsyGC5sb2NhbGxtYXJrZXQudjEuQmFsYW5jZRIQCghyZXBsYXllZBgEIAEoCCInChFHZXRBY2NvdW50UmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJImoKEkdldEFjY291bnRSZXNwb25zZRIpCgdhY2NvdW50GAEgASgLMhgubG9jYWxsbWFya2V0LnYxLkFjY291bnQSKQoHYmFsYW5jZRgCIAEoCzIYLmxvY2FsbG1hcmtldC52MS5CYWxhbmNlIhUKE0xpc3RBY2NvdW50c1JlcXVlc3QiQgoUTGlzdEFjY291bnRzUmVzcG9uc2USKgoIYWNjb3VudHMYASADKAsyGC5sb2NhbGxtYXJrZXQudjEuQWNjb3VudCJmChxVcGRhdGVBY2NvdW50RGVmYXVsdHNSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkSMgoIZGVmYXVsdHMYAiABKAsyIC5sb2NhbGxtYXJrZXQudjEuUm91dGluZ0RlZmF1bHRzIkoKHVVwZGF0ZUFjY291bnREZWZhdWx0c1Jlc3BvbnNlEikKB2FjY291bnQYASABKAsyGC5sb2NhbGxtYXJrZXQudjEuQWNjb3VudCJ/CgZBcGlLZXkSCgoCaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRINCgVsYWJlbBgDIAEoCRIOCgZwcmVmaXgYBCABKAkSGgoSY3JlYXRlZF9hdF91bml4X21zGAUgASgDEhoKEnJldm9rZWRfYXRfdW5peF9tcxgGIAEoAyI4ChNDcmVhdGVBcGlLZXlSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkSDQoFbGFiZWwYAiABKAkiTQoUQ3JlYXRlQXBpS2V5UmVzcG9uc2USJAoDa2V5GAEgASgLMhcubG9jYWxsbWFya2V0LnYxLkFwaUtleRIPCgdhcGlfa2V5GAIgASgJIigKEkxpc3RBcGlLZXlzUmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJIjwKE0xpc3RBcGlLZXlzUmVzcG9uc2USJQoEa2V5cxgBIAMoCzIXLmxvY2FsbG1hcmtldC52MS5BcGlLZXkiJQoTUmV2b2tlQXBpS2V5UmVxdWVzdBIOCgZrZXlfaWQYASABKAkiPAoUUmV2b2tlQXBpS2V5UmVzcG9uc2USJAoDa2V5GAEgASgLMhcubG9jYWxsbWFya2V0LnYxLkFwaUtleSI9ChhDcmVhdGVXb3JrZXJUb2tlblJlcXVlc3QSEgoKYWNjb3VudF9pZBgBIAEoCRINCgVsYWJlbBgCIAEoCSJEChlDcmVhdGVXb3JrZXJUb2tlblJlc3BvbnNlEhEKCXdvcmtlcl9pZBgBIAEoCRIUCgx3b3JrZXJfdG9rZW4YAiABKAkiTQoORGVwb3NpdFJlcXVlc3QSEgoKYWNjb3VudF9pZBgBIAEoCRIOCgZhbW91bnQYAiABKAMSFwoPaWRlbXBvdGVuY3lfa2V5GAMgASgJIjwKD0RlcG9zaXRSZXNwb25zZRIpCgdiYWxhbmNlGAEgASgLMhgubG9jYWxsbWFya2V0LnYxLkJhbGFuY2UiTgoPV2l0aGRyYXdSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkSDgoGYW1vdW50GAIgASgDEhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCSI9ChBXaXRoZHJhd1Jlc3BvbnNlEikKB2JhbGFuY2UYASABKAsyGC5sb2NhbGxtYXJrZXQudjEuQmFsYW5jZSInChFHZXRCYWxhbmNlUmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJIj8KEkdldEJhbGFuY2VSZXNwb25zZRIpCgdiYWxhbmNlGAEgASgLMhgubG9jYWxsbWFya2V0LnYxLkJhbGFuY2UiOAoTR2V0U3RhdGVtZW50UmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJEg0KBWxpbWl0GAIgASgNIrABCg5TdGF0ZW1lbnRFbnRyeRIWCg50cmFuc2FjdGlvbl9pZBgBIAEoCRIMCgRraW5kGAIgASgJEhAKCG9yZGVyX2lkGAMgASgJEiMKBGJvb2sYBCABKA4yFS5sb2NhbGxtYXJrZXQudjEuQm9vaxIOCgZhbW91bnQYBSABKAMSFQoNYmFsYW5jZV9hZnRlchgGIAEoAxIaChJjcmVhdGVkX2F0X3VuaXhfbXMYByABKAMixgEKFEdldFN0YXRlbWVudFJlc3BvbnNlEikKB2FjY291bnQYASABKAsyGC5sb2NhbGxtYXJrZXQudjEuQWNjb3VudBIpCgdiYWxhbmNlGAIgASgLMhgubG9jYWxsbWFya2V0LnYxLkJhbGFuY2USMAoHZW50cmllcxgDIAMoCzIfLmxvY2FsbG1hcmtldC52MS5TdGF0ZW1lbnRFbnRyeRImCgZvcmRlcnMYBCADKAsyFi5sb2NhbGxtYXJrZXQudjEuT3JkZXIi/AMKBU9yZGVyEgoKAmlkGAEgASgJEhsKE2NvbnN1bWVyX2FjY291bnRfaWQYAiABKAkSEQoJd29ya2VyX2lkGAMgASgJEg0KBW1vZGVsGAQgASgJEiwKBnN0YXR1cxgFIAEoDjIcLmxvY2FsbG1hcmtldC52MS5PcmRlclN0YXR1cxIVCg1wcm9tcHRfdG9rZW5zGAYgASgNEhkKEWNvbXBsZXRpb25fdG9rZW5zGAcgASgNEgwKBGNvc3QYCCABKAMSCwoDZmVlGAkgASgDEgwKBGhvbGQYCiABKAMSGgoSY3JlYXRlZF9hdF91bml4X21zGAsgASgDEh4KFnRpbWVfdG9fZmlyc3RfdG9rZW5fbXMYDCABKA0SEwoLZHVyYXRpb25fbXMYDSABKA0SDQoFZXJyb3IYDiABKAkSHwoXcHJpY2VfcGVyX21pbGxpb25faW5wdXQYDyABKAMSIAoYcHJpY2VfcGVyX21pbGxpb25fb3V0cHV0GBAgASgDEhoKEnByb21wdF90b2tlbl9ib3VuZBgRIAEoDRIYChBmZWVfYmFzaXNfcG9pbnRzGBIgASgNEhUKDXRydXN0X3NpZ25hbHMYEyADKAkSGwoTcHJvdmlkZXJfYWNjb3VudF9pZBgUIAEoCRISCgptYXhfdG9rZW5zGBUgASgNIjYKEUxpc3RPcmRlcnNSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkSDQoFbGltaXQYAiABKA0iPAoSTGlzdE9yZGVyc1Jlc3BvbnNlEiYKBm9yZGVycxgBIAMoCzIWLmxvY2FsbG1hcmtldC52MS5PcmRlciIjCg9HZXRPcmRlclJlcXVlc3QSEAoIb3JkZXJfaWQYASABKAkiOQoQR2V0T3JkZXJSZXNwb25zZRIlCgVvcmRlchgBIAEoCzIWLmxvY2FsbG1hcmtldC52MS5PcmRlciL+AQoGV29ya2VyEgoKAmlkGAEgASgJEhIKCmFjY291bnRfaWQYAiABKAkSDAoEbmFtZRgDIAEoCRIOCgZvbmxpbmUYBCABKAgSJgoGb2ZmZXJzGAUgAygLMhYubG9jYWxsbWFya2V0LnYxLk9mZmVyEhMKC2FjdGl2ZV9qb2JzGAYgASgNEhkKEWxhc3Rfc2Vlbl91bml4X21zGAcgASgDEhUKDWFnZW50X3ZlcnNpb24YCCABKAkSNAoKcmVwdXRhdGlvbhgJIAMoCzIgLmxvY2FsbG1hcmtldC52MS5Nb2RlbFJlcHV0YXRpb24SEQoJc3VzcGVuZGVkGAogASgIIpYFCg9Nb2RlbFJlcHV0YXRpb24SDQoFbW9kZWwYASABKAkSLwoFc3RhdGUYAiABKA4yIC5sb2NhbGxtYXJrZXQudjEuUmVwdXRhdGlvblN0YXRlEh0KFWNvb2xpbmdfdW50aWxfdW5peF9tcxgDIAEoAxInChptZWFzdXJlZF90b2tlbnNfcGVyX3NlY29uZBgEIAEoAUgAiAEBEiIKFXRva2Vuc19wZXJfc2Vjb25kX3A1MBgFIAEoAUgBiAEBEiIKFXRva2Vuc19wZXJfc2Vjb25kX3A5MBgGIAEoAUgCiAEBEiMKFnRpbWVfdG9fZmlyc3RfdG9rZW5fbXMYByABKAFIA4gBARInChp0aW1lX3RvX2ZpcnN0X3Rva2VuX3A1MF9tcxgIIAEoAUgEiAEBEicKGnRpbWVfdG9fZmlyc3RfdG9rZW5fcDkwX21zGAkgASgBSAWIAQESGQoMc3VjY2Vzc19yYXRlGAogASgBSAaIAQESEAoIYXR0ZW1wdHMYCyABKA0SEAoIZmFpbHVyZXMYDCABKA0SFQoNYXVkaXRzX3Bhc3NlZBgNIAEoDRIVCg1hdWRpdHNfZmFpbGVkGA4gASgNEhIKCnJlcHV0YXRpb24YDyABKAFCHQobX21lYXN1cmVkX3Rva2Vuc19wZXJfc2Vjb25kQhgKFl90b2tlbnNfcGVyX3NlY29uZF9wNTBCGAoWX3Rva2Vuc19wZXJfc2Vjb25kX3A5MEIZChdfdGltZV90b19maXJzdF90b2tlbl9tc0IdChtfdGltZV90b19maXJzdF90b2tlbl9wNTBfbXNCHQobX3RpbWVfdG9fZmlyc3RfdG9rZW5fcDkwX21zQg8KDV9zdWNjZXNzX3JhdGUiFAoSTGlzdFdvcmtlcnNSZXF1ZXN0Ij8KE0xpc3RXb3JrZXJzUmVzcG9uc2USKAoHd29ya2VycxgBIAMoCzIXLmxvY2FsbG1hcmtldC52MS5Xb3JrZXIiFAoSQXVkaXRMZWRnZXJSZXF1ZXN0Ij0KF1NldFdvcmtlclRydXN0ZWRSZXF1ZXN0EhEKCXdvcmtlcl9pZBgBIAEoCRIPCgd0cnVzdGVkGAIgASgIIj4KGFNldFdvcmtlclRydXN0ZWRSZXNwb25zZRIRCgl3b3JrZXJfaWQYASABKAkSDwoHdHJ1c3RlZBgCIAEoCCJdChNBdWRpdExlZGdlclJlc3BvbnNlEgoKAm9rGAEgASgIEhMKC2VudHJpZXNfc3VtGAIgASgDEhMKC2VudHJ5X2NvdW50GAMgASgEEhAKCHByb2JsZW1zGAQgAygJKlEKBEJvb2sSFAoQQk9PS19VTlNQRUNJRklFRBAAEhIKDkJPT0tfQVZBSUxBQkxFEAESDQoJQk9PS19IRUxEEAISEAoMQk9PS19QRU5ESU5HEAMqlgEKC09yZGVyU3RhdHVzEhwKGE9SREVSX1NUQVRVU19VTlNQRUNJRklFRBAAEhgKFE9SREVSX1NUQVRVU19SVU5OSU5HEAESGgoWT1JERVJfU1RBVFVTX0NPTVBMRVRFRBACEhcKE09SREVSX1NUQVRVU19GQUlMRUQQAxIaChZPUkRFUl9TVEFUVVNfQ0FOQ0VMTEVEEAQqjwEKD1JlcHV0YXRpb25TdGF0ZRIgChxSRVBVVEFUSU9OX1NUQVRFX1VOU1BFQ0lGSUVEEAASHAoYUkVQVVRBVElPTl9TVEFURV9IRUFMVEhZEAESHAoYUkVQVVRBVElPTl9TVEFURV9DT09MSU5HEAISHgoaUkVQVVRBVElPTl9TVEFURV9QUk9CQVRJT04QAzKyDAoMQWRtaW5TZXJ2aWNlEl4KDUNyZWF0ZUFjY291bnQSJS5sb2NhbGxtYXJrZXQudjEuQ3JlYXRlQWNjb3VudFJlcXVlc3QaJi5sb2NhbGxtYXJrZXQudjEuQ3JlYXRlQWNjb3VudFJlc3BvbnNlElUKCkdldEFjY291bnQSIi5sb2NhbGxtYXJrZXQudjEuR2V0QWNjb3VudFJlcXVlc3QaIy5sb2NhbGxtYXJrZXQudjEuR2V0QWNjb3VudFJlc3BvbnNlElsKDExpc3RBY2NvdW50cxIkLmxvY2FsbG1hcmtldC52MS5MaXN0QWNjb3VudHNSZXF1ZXN0GiUubG9jYWxsbWFya2V0LnYxLkxpc3RBY2NvdW50c1Jlc3BvbnNlEnYKFVVwZGF0ZUFjY291bnREZWZhdWx0cxItLmxvY2FsbG1hcmtldC52MS5VcGRhdGVBY2NvdW50RGVmYXVsdHNSZXF1ZXN0Gi4ubG9jYWxsbWFya2V0LnYxLlVwZGF0ZUFjY291bnREZWZhdWx0c1Jlc3BvbnNlElsKDENyZWF0ZUFwaUtleRIkLmxvY2FsbG1hcmtldC52MS5DcmVhdGVBcGlLZXlSZXF1ZXN0GiUubG9jYWxsbWFya2V0LnYxLkNyZWF0ZUFwaUtleVJlc3BvbnNlElgKC0xpc3RBcGlLZXlzEiMubG9jYWxsbWFya2V0LnYxLkxpc3RBcGlLZXlzUmVxdWVzdBokLmxvY2FsbG1hcmtldC52MS5MaXN0QXBpS2V5c1Jlc3BvbnNlElsKDFJldm9rZUFwaUtleRIkLmxvY2FsbG1hcmtldC52MS5SZXZva2VBcGlLZXlSZXF1ZXN0GiUubG9jYWxsbWFya2V0LnYxLlJldm9rZUFwaUtleVJlc3BvbnNlEmoKEUNyZWF0ZVdvcmtlclRva2VuEikubG9jYWxsbWFya2V0LnYxLkNyZWF0ZVdvcmtlclRva2VuUmVxdWVzdBoqLmxvY2FsbG1hcmtldC52MS5DcmVhdGVXb3JrZXJUb2tlblJlc3BvbnNlEkwKB0RlcG9zaXQSHy5sb2NhbGxtYXJrZXQudjEuRGVwb3NpdFJlcXVlc3QaIC5sb2NhbGxtYXJrZXQudjEuRGVwb3NpdFJlc3BvbnNlEk8KCFdpdGhkcmF3EiAubG9jYWxsbWFya2V0LnYxLldpdGhkcmF3UmVxdWVzdBohLmxvY2FsbG1hcmtldC52MS5XaXRoZHJhd1Jlc3BvbnNlElUKCkdldEJhbGFuY2USIi5sb2NhbGxtYXJrZXQudjEuR2V0QmFsYW5jZVJlcXVlc3QaIy5sb2NhbGxtYXJrZXQudjEuR2V0QmFsYW5jZVJlc3BvbnNlElsKDEdldFN0YXRlbWVudBIkLmxvY2FsbG1hcmtldC52MS5HZXRTdGF0ZW1lbnRSZXF1ZXN0GiUubG9jYWxsbWFya2V0LnYxLkdldFN0YXRlbWVudFJlc3BvbnNlElUKCkxpc3RPcmRlcnMSIi5sb2NhbGxtYXJrZXQudjEuTGlzdE9yZGVyc1JlcXVlc3QaIy5sb2NhbGxtYXJrZXQudjEuTGlzdE9yZGVyc1Jlc3BvbnNlEk8KCEdldE9yZGVyEiAubG9jYWxsbWFya2V0LnYxLkdldE9yZGVyUmVxdWVzdBohLmxvY2FsbG1hcmtldC52MS5HZXRPcmRlclJlc3BvbnNlElgKC0xpc3RXb3JrZXJzEiMubG9jYWxsbWFya2V0LnYxLkxpc3RXb3JrZXJzUmVxdWVzdBokLmxvY2FsbG1hcmtldC52MS5MaXN0V29ya2Vyc1Jlc3BvbnNlElgKC0F1ZGl0TGVkZ2VyEiMubG9jYWxsbWFya2V0LnYxLkF1ZGl0TGVkZ2VyUmVxdWVzdBokLmxvY2FsbG1hcmtldC52MS5BdWRpdExlZGdlclJlc3BvbnNlEmcKEFNldFdvcmtlclRydXN0ZWQSKC5sb2NhbGxtYXJrZXQudjEuU2V0V29ya2VyVHJ1c3RlZFJlcXVlc3QaKS5sb2NhbGxtYXJrZXQudjEuU2V0V29ya2VyVHJ1c3RlZFJlc3BvbnNlYgZwcm90bzM", [file_locallmarket_v1_common]);
+  fileDesc("Chtsb2NhbGxtYXJrZXQvdjEvYWRtaW4ucHJvdG8SD2xvY2FsbG1hcmtldC52MSJzCgdBY2NvdW50EgoKAmlkGAEgASgJEgwKBG5hbWUYAiABKAkSGgoSY3JlYXRlZF9hdF91bml4X21zGAMgASgDEjIKCGRlZmF1bHRzGAQgASgLMiAubG9jYWxsbWFya2V0LnYxLlJvdXRpbmdEZWZhdWx0cyLlAQoPUm91dGluZ0RlZmF1bHRzEigKG21heF9wcmljZV9wZXJfbWlsbGlvbl9pbnB1dBgBIAEoA0gAiAEBEikKHG1heF9wcmljZV9wZXJfbWlsbGlvbl9vdXRwdXQYAiABKANIAYgBARIiChVtaW5fdG9rZW5zX3Blcl9zZWNvbmQYAyABKAFIAogBAUIeChxfbWF4X3ByaWNlX3Blcl9taWxsaW9uX2lucHV0Qh8KHV9tYXhfcHJpY2VfcGVyX21pbGxpb25fb3V0cHV0QhgKFl9taW5fdG9rZW5zX3Blcl9zZWNvbmQiOwoHQmFsYW5jZRIRCglhdmFpbGFibGUYASABKAMSDAoEaGVsZBgCIAEoAxIPCgdwZW5kaW5nGAMgASgDIlYKFENyZWF0ZUFjY291bnRSZXF1ZXN0EgwKBG5hbWUYASABKAkSFwoPaW5pdGlhbF9kZXBvc2l0GAIgASgDEhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCSKQAQoVQ3JlYXRlQWNjb3VudFJlc3BvbnNlEikKB2FjY291bnQYASABKAsyGC5sb2NhbGxtYXJrZXQudjEuQWNjb3VudBIPCgdhcGlfa2V5GAIgASgJEikKB2JhbGFuY2UYAyABKAsyGC5sb2NhbGxtYXJrZXQudjEuQmFsYW5jZRIQCghyZXBsYXllZBgEIAEoCCInChFHZXRBY2NvdW50UmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJImoKEkdldEFjY291bnRSZXNwb25zZRIpCgdhY2NvdW50GAEgASgLMhgubG9jYWxsbWFya2V0LnYxLkFjY291bnQSKQoHYmFsYW5jZRgCIAEoCzIYLmxvY2FsbG1hcmtldC52MS5CYWxhbmNlIhUKE0xpc3RBY2NvdW50c1JlcXVlc3QiQgoUTGlzdEFjY291bnRzUmVzcG9uc2USKgoIYWNjb3VudHMYASADKAsyGC5sb2NhbGxtYXJrZXQudjEuQWNjb3VudCJmChxVcGRhdGVBY2NvdW50RGVmYXVsdHNSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkSMgoIZGVmYXVsdHMYAiABKAsyIC5sb2NhbGxtYXJrZXQudjEuUm91dGluZ0RlZmF1bHRzIkoKHVVwZGF0ZUFjY291bnREZWZhdWx0c1Jlc3BvbnNlEikKB2FjY291bnQYASABKAsyGC5sb2NhbGxtYXJrZXQudjEuQWNjb3VudCJ/CgZBcGlLZXkSCgoCaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRINCgVsYWJlbBgDIAEoCRIOCgZwcmVmaXgYBCABKAkSGgoSY3JlYXRlZF9hdF91bml4X21zGAUgASgDEhoKEnJldm9rZWRfYXRfdW5peF9tcxgGIAEoAyI4ChNDcmVhdGVBcGlLZXlSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkSDQoFbGFiZWwYAiABKAkiTQoUQ3JlYXRlQXBpS2V5UmVzcG9uc2USJAoDa2V5GAEgASgLMhcubG9jYWxsbWFya2V0LnYxLkFwaUtleRIPCgdhcGlfa2V5GAIgASgJIigKEkxpc3RBcGlLZXlzUmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJIjwKE0xpc3RBcGlLZXlzUmVzcG9uc2USJQoEa2V5cxgBIAMoCzIXLmxvY2FsbG1hcmtldC52MS5BcGlLZXkiJQoTUmV2b2tlQXBpS2V5UmVxdWVzdBIOCgZrZXlfaWQYASABKAkiPAoUUmV2b2tlQXBpS2V5UmVzcG9uc2USJAoDa2V5GAEgASgLMhcubG9jYWxsbWFya2V0LnYxLkFwaUtleSI9ChhDcmVhdGVXb3JrZXJUb2tlblJlcXVlc3QSEgoKYWNjb3VudF9pZBgBIAEoCRINCgVsYWJlbBgCIAEoCSJEChlDcmVhdGVXb3JrZXJUb2tlblJlc3BvbnNlEhEKCXdvcmtlcl9pZBgBIAEoCRIUCgx3b3JrZXJfdG9rZW4YAiABKAkiTQoORGVwb3NpdFJlcXVlc3QSEgoKYWNjb3VudF9pZBgBIAEoCRIOCgZhbW91bnQYAiABKAMSFwoPaWRlbXBvdGVuY3lfa2V5GAMgASgJIjwKD0RlcG9zaXRSZXNwb25zZRIpCgdiYWxhbmNlGAEgASgLMhgubG9jYWxsbWFya2V0LnYxLkJhbGFuY2UiTgoPV2l0aGRyYXdSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkSDgoGYW1vdW50GAIgASgDEhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCSI9ChBXaXRoZHJhd1Jlc3BvbnNlEikKB2JhbGFuY2UYASABKAsyGC5sb2NhbGxtYXJrZXQudjEuQmFsYW5jZSInChFHZXRCYWxhbmNlUmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJIj8KEkdldEJhbGFuY2VSZXNwb25zZRIpCgdiYWxhbmNlGAEgASgLMhgubG9jYWxsbWFya2V0LnYxLkJhbGFuY2UiOAoTR2V0U3RhdGVtZW50UmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJEg0KBWxpbWl0GAIgASgNIrABCg5TdGF0ZW1lbnRFbnRyeRIWCg50cmFuc2FjdGlvbl9pZBgBIAEoCRIMCgRraW5kGAIgASgJEhAKCG9yZGVyX2lkGAMgASgJEiMKBGJvb2sYBCABKA4yFS5sb2NhbGxtYXJrZXQudjEuQm9vaxIOCgZhbW91bnQYBSABKAMSFQoNYmFsYW5jZV9hZnRlchgGIAEoAxIaChJjcmVhdGVkX2F0X3VuaXhfbXMYByABKAMixgEKFEdldFN0YXRlbWVudFJlc3BvbnNlEikKB2FjY291bnQYASABKAsyGC5sb2NhbGxtYXJrZXQudjEuQWNjb3VudBIpCgdiYWxhbmNlGAIgASgLMhgubG9jYWxsbWFya2V0LnYxLkJhbGFuY2USMAoHZW50cmllcxgDIAMoCzIfLmxvY2FsbG1hcmtldC52MS5TdGF0ZW1lbnRFbnRyeRImCgZvcmRlcnMYBCADKAsyFi5sb2NhbGxtYXJrZXQudjEuT3JkZXIi/gQKBU9yZGVyEgoKAmlkGAEgASgJEhsKE2NvbnN1bWVyX2FjY291bnRfaWQYAiABKAkSEQoJd29ya2VyX2lkGAMgASgJEg0KBW1vZGVsGAQgASgJEiwKBnN0YXR1cxgFIAEoDjIcLmxvY2FsbG1hcmtldC52MS5PcmRlclN0YXR1cxIVCg1wcm9tcHRfdG9rZW5zGAYgASgNEhkKEWNvbXBsZXRpb25fdG9rZW5zGAcgASgNEgwKBGNvc3QYCCABKAMSCwoDZmVlGAkgASgDEgwKBGhvbGQYCiABKAMSGgoSY3JlYXRlZF9hdF91bml4X21zGAsgASgDEh4KFnRpbWVfdG9fZmlyc3RfdG9rZW5fbXMYDCABKA0SEwoLZHVyYXRpb25fbXMYDSABKA0SDQoFZXJyb3IYDiABKAkSHwoXcHJpY2VfcGVyX21pbGxpb25faW5wdXQYDyABKAMSIAoYcHJpY2VfcGVyX21pbGxpb25fb3V0cHV0GBAgASgDEhoKEnByb21wdF90b2tlbl9ib3VuZBgRIAEoDRIYChBmZWVfYmFzaXNfcG9pbnRzGBIgASgNEhUKDXRydXN0X3NpZ25hbHMYEyADKAkSGwoTcHJvdmlkZXJfYWNjb3VudF9pZBgUIAEoCRISCgptYXhfdG9rZW5zGBUgASgNEhwKFHRva2VuX2NvdW50X3ZlcmlmaWVkGB4gASgIEh8KF3Rva2VuX2NvdW50X2dndWZfc2hhMjU2GB8gASgJEhUKDWF1ZGl0X291dGNvbWUYFiABKAkSEAoIYXVkaXRfaWQYFyABKAkSGAoQYXVkaXRfdmlvbGF0aW9ucxgYIAMoCSI2ChFMaXN0T3JkZXJzUmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJEg0KBWxpbWl0GAIgASgNIjwKEkxpc3RPcmRlcnNSZXNwb25zZRImCgZvcmRlcnMYASADKAsyFi5sb2NhbGxtYXJrZXQudjEuT3JkZXIiIwoPR2V0T3JkZXJSZXF1ZXN0EhAKCG9yZGVyX2lkGAEgASgJIjkKEEdldE9yZGVyUmVzcG9uc2USJQoFb3JkZXIYASABKAsyFi5sb2NhbGxtYXJrZXQudjEuT3JkZXIimAIKBldvcmtlchIKCgJpZBgBIAEoCRISCgphY2NvdW50X2lkGAIgASgJEgwKBG5hbWUYAyABKAkSDgoGb25saW5lGAQgASgIEiYKBm9mZmVycxgFIAMoCzIWLmxvY2FsbG1hcmtldC52MS5PZmZlchITCgthY3RpdmVfam9icxgGIAEoDRIZChFsYXN0X3NlZW5fdW5peF9tcxgHIAEoAxIVCg1hZ2VudF92ZXJzaW9uGAggASgJEjQKCnJlcHV0YXRpb24YCSADKAsyIC5sb2NhbGxtYXJrZXQudjEuTW9kZWxSZXB1dGF0aW9uEhEKCXN1c3BlbmRlZBgKIAEoCBIYChBzdXNwZW5kZWRfcmVhc29uGAsgASgJIpYFCg9Nb2RlbFJlcHV0YXRpb24SDQoFbW9kZWwYASABKAkSLwoFc3RhdGUYAiABKA4yIC5sb2NhbGxtYXJrZXQudjEuUmVwdXRhdGlvblN0YXRlEh0KFWNvb2xpbmdfdW50aWxfdW5peF9tcxgDIAEoAxInChptZWFzdXJlZF90b2tlbnNfcGVyX3NlY29uZBgEIAEoAUgAiAEBEiIKFXRva2Vuc19wZXJfc2Vjb25kX3A1MBgFIAEoAUgBiAEBEiIKFXRva2Vuc19wZXJfc2Vjb25kX3A5MBgGIAEoAUgCiAEBEiMKFnRpbWVfdG9fZmlyc3RfdG9rZW5fbXMYByABKAFIA4gBARInChp0aW1lX3RvX2ZpcnN0X3Rva2VuX3A1MF9tcxgIIAEoAUgEiAEBEicKGnRpbWVfdG9fZmlyc3RfdG9rZW5fcDkwX21zGAkgASgBSAWIAQESGQoMc3VjY2Vzc19yYXRlGAogASgBSAaIAQESEAoIYXR0ZW1wdHMYCyABKA0SEAoIZmFpbHVyZXMYDCABKA0SFQoNYXVkaXRzX3Bhc3NlZBgNIAEoDRIVCg1hdWRpdHNfZmFpbGVkGA4gASgNEhIKCnJlcHV0YXRpb24YDyABKAFCHQobX21lYXN1cmVkX3Rva2Vuc19wZXJfc2Vjb25kQhgKFl90b2tlbnNfcGVyX3NlY29uZF9wNTBCGAoWX3Rva2Vuc19wZXJfc2Vjb25kX3A5MEIZChdfdGltZV90b19maXJzdF90b2tlbl9tc0IdChtfdGltZV90b19maXJzdF90b2tlbl9wNTBfbXNCHQobX3RpbWVfdG9fZmlyc3RfdG9rZW5fcDkwX21zQg8KDV9zdWNjZXNzX3JhdGUiFAoSTGlzdFdvcmtlcnNSZXF1ZXN0Ij8KE0xpc3RXb3JrZXJzUmVzcG9uc2USKAoHd29ya2VycxgBIAMoCzIXLmxvY2FsbG1hcmtldC52MS5Xb3JrZXIiFAoSQXVkaXRMZWRnZXJSZXF1ZXN0Ij0KF1NldFdvcmtlclRydXN0ZWRSZXF1ZXN0EhEKCXdvcmtlcl9pZBgBIAEoCRIPCgd0cnVzdGVkGAIgASgIIj4KGFNldFdvcmtlclRydXN0ZWRSZXNwb25zZRIRCgl3b3JrZXJfaWQYASABKAkSDwoHdHJ1c3RlZBgCIAEoCCJdChNBdWRpdExlZGdlclJlc3BvbnNlEgoKAm9rGAEgASgIEhMKC2VudHJpZXNfc3VtGAIgASgDEhMKC2VudHJ5X2NvdW50GAMgASgEEhAKCHByb2JsZW1zGAQgAygJIlEKGVNldFdvcmtlclN1c3BlbmRlZFJlcXVlc3QSEQoJd29ya2VyX2lkGAEgASgJEhEKCXN1c3BlbmRlZBgCIAEoCBIOCgZyZWFzb24YAyABKAkiQgoaU2V0V29ya2VyU3VzcGVuZGVkUmVzcG9uc2USEQoJd29ya2VyX2lkGAEgASgJEhEKCXN1c3BlbmRlZBgCIAEoCCL+AQoPUmVnaXN0ZXJlZE1vZGVsEgwKBG5hbWUYASABKAkSEQoJZ2d1Zl9wYXRoGAIgASgJEhMKC2dndWZfc2hhMjU2GAMgASgJEhIKCmdndWZfYnl0ZXMYBCABKAQSGAoQdG9rZW5pemVyX3NoYTI1NhgFIAEoCRIXCg90b2tlbml6ZXJfbW9kZWwYBiABKAkSFwoPdm9jYWJ1bGFyeV9zaXplGAcgASgNEhUKDWNoYXRfdGVtcGxhdGUYCCABKAgSHQoVcmVnaXN0ZXJlZF9hdF91bml4X21zGAkgASgDEg4KBmFjdGl2ZRgKIAEoCBIPCgdwcm9ibGVtGAsgASgJIlUKFFJlZ2lzdGVyTW9kZWxSZXF1ZXN0EgwKBG5hbWUYASABKAkSEQoJZ2d1Zl9wYXRoGAIgASgJEhwKFGV4cGVjdGVkX2dndWZfc2hhMjU2GAMgASgJIkgKFVJlZ2lzdGVyTW9kZWxSZXNwb25zZRIvCgVtb2RlbBgBIAEoCzIgLmxvY2FsbG1hcmtldC52MS5SZWdpc3RlcmVkTW9kZWwiEwoRTGlzdE1vZGVsc1JlcXVlc3QiRgoSTGlzdE1vZGVsc1Jlc3BvbnNlEjAKBm1vZGVscxgBIAMoCzIgLmxvY2FsbG1hcmtldC52MS5SZWdpc3RlcmVkTW9kZWwqUQoEQm9vaxIUChBCT09LX1VOU1BFQ0lGSUVEEAASEgoOQk9PS19BVkFJTEFCTEUQARINCglCT09LX0hFTEQQAhIQCgxCT09LX1BFTkRJTkcQAyqWAQoLT3JkZXJTdGF0dXMSHAoYT1JERVJfU1RBVFVTX1VOU1BFQ0lGSUVEEAASGAoUT1JERVJfU1RBVFVTX1JVTk5JTkcQARIaChZPUkRFUl9TVEFUVVNfQ09NUExFVEVEEAISFwoTT1JERVJfU1RBVFVTX0ZBSUxFRBADEhoKFk9SREVSX1NUQVRVU19DQU5DRUxMRUQQBCqPAQoPUmVwdXRhdGlvblN0YXRlEiAKHFJFUFVUQVRJT05fU1RBVEVfVU5TUEVDSUZJRUQQABIcChhSRVBVVEFUSU9OX1NUQVRFX0hFQUxUSFkQARIcChhSRVBVVEFUSU9OX1NUQVRFX0NPT0xJTkcQAhIeChpSRVBVVEFUSU9OX1NUQVRFX1BST0JBVElPThADMtgOCgxBZG1pblNlcnZpY2USXgoNQ3JlYXRlQWNjb3VudBIlLmxvY2FsbG1hcmtldC52MS5DcmVhdGVBY2NvdW50UmVxdWVzdBomLmxvY2FsbG1hcmtldC52MS5DcmVhdGVBY2NvdW50UmVzcG9uc2USVQoKR2V0QWNjb3VudBIiLmxvY2FsbG1hcmtldC52MS5HZXRBY2NvdW50UmVxdWVzdBojLmxvY2FsbG1hcmtldC52MS5HZXRBY2NvdW50UmVzcG9uc2USWwoMTGlzdEFjY291bnRzEiQubG9jYWxsbWFya2V0LnYxLkxpc3RBY2NvdW50c1JlcXVlc3QaJS5sb2NhbGxtYXJrZXQudjEuTGlzdEFjY291bnRzUmVzcG9uc2USdgoVVXBkYXRlQWNjb3VudERlZmF1bHRzEi0ubG9jYWxsbWFya2V0LnYxLlVwZGF0ZUFjY291bnREZWZhdWx0c1JlcXVlc3QaLi5sb2NhbGxtYXJrZXQudjEuVXBkYXRlQWNjb3VudERlZmF1bHRzUmVzcG9uc2USWwoMQ3JlYXRlQXBpS2V5EiQubG9jYWxsbWFya2V0LnYxLkNyZWF0ZUFwaUtleVJlcXVlc3QaJS5sb2NhbGxtYXJrZXQudjEuQ3JlYXRlQXBpS2V5UmVzcG9uc2USWAoLTGlzdEFwaUtleXMSIy5sb2NhbGxtYXJrZXQudjEuTGlzdEFwaUtleXNSZXF1ZXN0GiQubG9jYWxsbWFya2V0LnYxLkxpc3RBcGlLZXlzUmVzcG9uc2USWwoMUmV2b2tlQXBpS2V5EiQubG9jYWxsbWFya2V0LnYxLlJldm9rZUFwaUtleVJlcXVlc3QaJS5sb2NhbGxtYXJrZXQudjEuUmV2b2tlQXBpS2V5UmVzcG9uc2USagoRQ3JlYXRlV29ya2VyVG9rZW4SKS5sb2NhbGxtYXJrZXQudjEuQ3JlYXRlV29ya2VyVG9rZW5SZXF1ZXN0GioubG9jYWxsbWFya2V0LnYxLkNyZWF0ZVdvcmtlclRva2VuUmVzcG9uc2USTAoHRGVwb3NpdBIfLmxvY2FsbG1hcmtldC52MS5EZXBvc2l0UmVxdWVzdBogLmxvY2FsbG1hcmtldC52MS5EZXBvc2l0UmVzcG9uc2USTwoIV2l0aGRyYXcSIC5sb2NhbGxtYXJrZXQudjEuV2l0aGRyYXdSZXF1ZXN0GiEubG9jYWxsbWFya2V0LnYxLldpdGhkcmF3UmVzcG9uc2USVQoKR2V0QmFsYW5jZRIiLmxvY2FsbG1hcmtldC52MS5HZXRCYWxhbmNlUmVxdWVzdBojLmxvY2FsbG1hcmtldC52MS5HZXRCYWxhbmNlUmVzcG9uc2USWwoMR2V0U3RhdGVtZW50EiQubG9jYWxsbWFya2V0LnYxLkdldFN0YXRlbWVudFJlcXVlc3QaJS5sb2NhbGxtYXJrZXQudjEuR2V0U3RhdGVtZW50UmVzcG9uc2USVQoKTGlzdE9yZGVycxIiLmxvY2FsbG1hcmtldC52MS5MaXN0T3JkZXJzUmVxdWVzdBojLmxvY2FsbG1hcmtldC52MS5MaXN0T3JkZXJzUmVzcG9uc2USTwoIR2V0T3JkZXISIC5sb2NhbGxtYXJrZXQudjEuR2V0T3JkZXJSZXF1ZXN0GiEubG9jYWxsbWFya2V0LnYxLkdldE9yZGVyUmVzcG9uc2USWAoLTGlzdFdvcmtlcnMSIy5sb2NhbGxtYXJrZXQudjEuTGlzdFdvcmtlcnNSZXF1ZXN0GiQubG9jYWxsbWFya2V0LnYxLkxpc3RXb3JrZXJzUmVzcG9uc2USWAoLQXVkaXRMZWRnZXISIy5sb2NhbGxtYXJrZXQudjEuQXVkaXRMZWRnZXJSZXF1ZXN0GiQubG9jYWxsbWFya2V0LnYxLkF1ZGl0TGVkZ2VyUmVzcG9uc2USZwoQU2V0V29ya2VyVHJ1c3RlZBIoLmxvY2FsbG1hcmtldC52MS5TZXRXb3JrZXJUcnVzdGVkUmVxdWVzdBopLmxvY2FsbG1hcmtldC52MS5TZXRXb3JrZXJUcnVzdGVkUmVzcG9uc2USXgoNUmVnaXN0ZXJNb2RlbBIlLmxvY2FsbG1hcmtldC52MS5SZWdpc3Rlck1vZGVsUmVxdWVzdBomLmxvY2FsbG1hcmtldC52MS5SZWdpc3Rlck1vZGVsUmVzcG9uc2USVQoKTGlzdE1vZGVscxIiLmxvY2FsbG1hcmtldC52MS5MaXN0TW9kZWxzUmVxdWVzdBojLmxvY2FsbG1hcmtldC52MS5MaXN0TW9kZWxzUmVzcG9uc2USbQoSU2V0V29ya2VyU3VzcGVuZGVkEioubG9jYWxsbWFya2V0LnYxLlNldFdvcmtlclN1c3BlbmRlZFJlcXVlc3QaKy5sb2NhbGxtYXJrZXQudjEuU2V0V29ya2VyU3VzcGVuZGVkUmVzcG9uc2ViBnByb3RvMw", [file_locallmarket_v1_common]);
 
 /**
  * An account. One account can both consume (with API keys) and provide (with worker tokens).
@@ -1073,6 +1073,49 @@ export type Order = Message<"locallmarket.v1.Order"> & {
    * @generated from field: uint32 max_tokens = 21;
    */
   maxTokens: number;
+
+  /**
+   * True when the platform counted the order's tokens itself, with the tokenizer registered for its
+   * model (RegisterModel): the prompt and completion tokens billed are then the platform's count
+   * (bounded by the prompt's bound, the UTF-8 bytes relayed and max_tokens), and the worker's counts
+   * were only compared with it (trust_signals). False: the model had no registered tokenizer, and
+   * the counts billed are the worker's, bounded by bytes: unverified. (Numbered from 30 to stay
+   * clear of fields added to Order concurrently.)
+   *
+   * @generated from field: bool token_count_verified = 30;
+   */
+  tokenCountVerified: boolean;
+
+  /**
+   * The SHA-256 (hex) of the GGUF whose tokenizer counted the tokens; empty when unverified.
+   *
+   * @generated from field: string token_count_gguf_sha256 = 31;
+   */
+  tokenCountGgufSha256: string;
+
+  /**
+   * Whether a trusted verifier audited the order's answer, and the sequential test's state after it:
+   * "passed", "failed" or "undecided" (the evidence carries over to the worker's next audited job);
+   * empty when the order was not audited.
+   *
+   * @generated from field: string audit_outcome = 22;
+   */
+  auditOutcome: string;
+
+  /**
+   * The audit's id when it was audited (empty otherwise).
+   *
+   * @generated from field: string audit_id = 23;
+   */
+  auditId: string;
+
+  /**
+   * What the audit found against the worker's own reports (e.g. a usage count that disagrees); empty
+   * when it found nothing deterministic or the order was not audited.
+   *
+   * @generated from field: repeated string audit_violations = 24;
+   */
+  auditViolations: string[];
 };
 
 /**
@@ -1250,6 +1293,13 @@ export type Worker = Message<"locallmarket.v1.Worker"> & {
    * @generated from field: bool suspended = 10;
    */
   suspended: boolean;
+
+  /**
+   * Why it is suspended (empty when it is not), e.g. the failed audit tests that suspended it.
+   *
+   * @generated from field: string suspended_reason = 11;
+   */
+  suspendedReason: string;
 };
 
 /**
@@ -1539,6 +1589,255 @@ export type AuditLedgerResponse = Message<"locallmarket.v1.AuditLedgerResponse">
  */
 export const AuditLedgerResponseSchema: GenMessage<AuditLedgerResponse> = /*@__PURE__*/
   messageDesc(file_locallmarket_v1_admin, 41);
+
+/**
+ * The request of SetWorkerSuspended.
+ *
+ * @generated from message locallmarket.v1.SetWorkerSuspendedRequest
+ */
+export type SetWorkerSuspendedRequest = Message<"locallmarket.v1.SetWorkerSuspendedRequest"> & {
+  /**
+   * The worker's id (from CreateWorkerToken or ListWorkers).
+   *
+   * @generated from field: string worker_id = 1;
+   */
+  workerId: string;
+
+  /**
+   * True to suspend the worker, false to lift its suspension.
+   *
+   * @generated from field: bool suspended = 2;
+   */
+  suspended: boolean;
+
+  /**
+   * Why (kept with the suspension and shown in ListWorkers); empty: "suspended by the operator".
+   *
+   * @generated from field: string reason = 3;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message locallmarket.v1.SetWorkerSuspendedRequest.
+ * Use `create(SetWorkerSuspendedRequestSchema)` to create a new message.
+ */
+export const SetWorkerSuspendedRequestSchema: GenMessage<SetWorkerSuspendedRequest> = /*@__PURE__*/
+  messageDesc(file_locallmarket_v1_admin, 42);
+
+/**
+ * The response of SetWorkerSuspended.
+ *
+ * @generated from message locallmarket.v1.SetWorkerSuspendedResponse
+ */
+export type SetWorkerSuspendedResponse = Message<"locallmarket.v1.SetWorkerSuspendedResponse"> & {
+  /**
+   * The worker's id.
+   *
+   * @generated from field: string worker_id = 1;
+   */
+  workerId: string;
+
+  /**
+   * Whether the worker is suspended now.
+   *
+   * @generated from field: bool suspended = 2;
+   */
+  suspended: boolean;
+};
+
+/**
+ * Describes the message locallmarket.v1.SetWorkerSuspendedResponse.
+ * Use `create(SetWorkerSuspendedResponseSchema)` to create a new message.
+ */
+export const SetWorkerSuspendedResponseSchema: GenMessage<SetWorkerSuspendedResponse> = /*@__PURE__*/
+  messageDesc(file_locallmarket_v1_admin, 43);
+
+/**
+ * A model whose tokenizer the platform holds.
+ *
+ * @generated from message locallmarket.v1.RegisteredModel
+ */
+export type RegisteredModel = Message<"locallmarket.v1.RegisteredModel"> & {
+  /**
+   * The model name, as consumers request it and workers offer it.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * The GGUF's absolute path on the control plane's machine.
+   *
+   * @generated from field: string gguf_path = 2;
+   */
+  ggufPath: string;
+
+  /**
+   * The GGUF's SHA-256, hex.
+   *
+   * @generated from field: string gguf_sha256 = 3;
+   */
+  ggufSha256: string;
+
+  /**
+   * The GGUF's size in bytes.
+   *
+   * @generated from field: uint64 gguf_bytes = 4;
+   */
+  ggufBytes: bigint;
+
+  /**
+   * The SHA-256 (hex) of the GGUF's tokenizer metadata (vocabulary, scores, token types, merges,
+   * special token ids, chat template): the tokenizer's identity, shared by GGUFs that tokenize alike
+   * (e.g. two quantizations of one model).
+   *
+   * @generated from field: string tokenizer_sha256 = 5;
+   */
+  tokenizerSha256: string;
+
+  /**
+   * The tokenizer's kind from the GGUF, e.g. "llama" (SentencePiece) or "gpt2" (byte-level BPE).
+   *
+   * @generated from field: string tokenizer_model = 6;
+   */
+  tokenizerModel: string;
+
+  /**
+   * How many tokens the vocabulary has.
+   *
+   * @generated from field: uint32 vocabulary_size = 7;
+   */
+  vocabularySize: number;
+
+  /**
+   * Whether the GGUF has a chat template: conversations are then counted as the template renders them.
+   *
+   * @generated from field: bool chat_template = 8;
+   */
+  chatTemplate: boolean;
+
+  /**
+   * When it was registered, Unix milliseconds.
+   *
+   * @generated from field: int64 registered_at_unix_ms = 9;
+   */
+  registeredAtUnixMs: bigint;
+
+  /**
+   * True when its tokenizer is loaded now and its orders are counted by the platform.
+   *
+   * @generated from field: bool active = 10;
+   */
+  active: boolean;
+
+  /**
+   * Why it is not active (empty when it is), e.g. the file changed or is gone since registration.
+   *
+   * @generated from field: string problem = 11;
+   */
+  problem: string;
+};
+
+/**
+ * Describes the message locallmarket.v1.RegisteredModel.
+ * Use `create(RegisteredModelSchema)` to create a new message.
+ */
+export const RegisteredModelSchema: GenMessage<RegisteredModel> = /*@__PURE__*/
+  messageDesc(file_locallmarket_v1_admin, 44);
+
+/**
+ * The request of RegisterModel.
+ *
+ * @generated from message locallmarket.v1.RegisterModelRequest
+ */
+export type RegisterModelRequest = Message<"locallmarket.v1.RegisterModelRequest"> & {
+  /**
+   * The model name (what consumers request and workers offer); required, at most 200 characters.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * The GGUF's absolute path on the control plane's machine.
+   *
+   * @generated from field: string gguf_path = 2;
+   */
+  ggufPath: string;
+
+  /**
+   * Optional: the SHA-256 (64 lowercase hex digits) the caller computed of the file it means; the
+   * registration fails with INVALID_ARGUMENT when the file at `gguf_path` differs. Empty: not checked.
+   *
+   * @generated from field: string expected_gguf_sha256 = 3;
+   */
+  expectedGgufSha256: string;
+};
+
+/**
+ * Describes the message locallmarket.v1.RegisterModelRequest.
+ * Use `create(RegisterModelRequestSchema)` to create a new message.
+ */
+export const RegisterModelRequestSchema: GenMessage<RegisterModelRequest> = /*@__PURE__*/
+  messageDesc(file_locallmarket_v1_admin, 45);
+
+/**
+ * The response of RegisterModel.
+ *
+ * @generated from message locallmarket.v1.RegisterModelResponse
+ */
+export type RegisterModelResponse = Message<"locallmarket.v1.RegisterModelResponse"> & {
+  /**
+   * The registered model (active).
+   *
+   * @generated from field: locallmarket.v1.RegisteredModel model = 1;
+   */
+  model?: RegisteredModel | undefined;
+};
+
+/**
+ * Describes the message locallmarket.v1.RegisterModelResponse.
+ * Use `create(RegisterModelResponseSchema)` to create a new message.
+ */
+export const RegisterModelResponseSchema: GenMessage<RegisterModelResponse> = /*@__PURE__*/
+  messageDesc(file_locallmarket_v1_admin, 46);
+
+/**
+ * The request of ListModels.
+ *
+ * @generated from message locallmarket.v1.ListModelsRequest
+ */
+export type ListModelsRequest = Message<"locallmarket.v1.ListModelsRequest"> & {
+};
+
+/**
+ * Describes the message locallmarket.v1.ListModelsRequest.
+ * Use `create(ListModelsRequestSchema)` to create a new message.
+ */
+export const ListModelsRequestSchema: GenMessage<ListModelsRequest> = /*@__PURE__*/
+  messageDesc(file_locallmarket_v1_admin, 47);
+
+/**
+ * The response of ListModels.
+ *
+ * @generated from message locallmarket.v1.ListModelsResponse
+ */
+export type ListModelsResponse = Message<"locallmarket.v1.ListModelsResponse"> & {
+  /**
+   * The registered models, by name.
+   *
+   * @generated from field: repeated locallmarket.v1.RegisteredModel models = 1;
+   */
+  models: RegisteredModel[];
+};
+
+/**
+ * Describes the message locallmarket.v1.ListModelsResponse.
+ * Use `create(ListModelsResponseSchema)` to create a new message.
+ */
+export const ListModelsResponseSchema: GenMessage<ListModelsResponse> = /*@__PURE__*/
+  messageDesc(file_locallmarket_v1_admin, 48);
 
 /**
  * A book of an account (see Balance).
@@ -1857,6 +2156,47 @@ export const AdminService: GenService<{
     methodKind: "unary";
     input: typeof SetWorkerTrustedRequestSchema;
     output: typeof SetWorkerTrustedResponseSchema;
+  },
+  /**
+   * Registers a model's tokenizer (or replaces the registration of the same name): from then on the
+   * platform counts the tokens of that model's orders itself (the prompt as the llama-cpp engine
+   * renders it, and the text relayed to the consumer) and bills by its own count, bounded by the
+   * UTF-8 bytes and max_tokens; the worker's counts become a trust signal only. The GGUF is a path on
+   * the control plane's machine: only its vocabulary is loaded. The registration survives restarts.
+   * INVALID_ARGUMENT for a relative path, a missing or non-GGUF file, a hash that differs from
+   * `expected_gguf_sha256`, or a vocabulary that does not load; FAILED_PRECONDITION when the control
+   * plane cannot load tokenizers (node-llama-cpp, an optional dependency, is not installed).
+   *
+   * @generated from rpc locallmarket.v1.AdminService.RegisterModel
+   */
+  registerModel: {
+    methodKind: "unary";
+    input: typeof RegisterModelRequestSchema;
+    output: typeof RegisterModelResponseSchema;
+  },
+  /**
+   * Lists the registered models, by name.
+   *
+   * @generated from rpc locallmarket.v1.AdminService.ListModels
+   */
+  listModels: {
+    methodKind: "unary";
+    input: typeof ListModelsRequestSchema;
+    output: typeof ListModelsResponseSchema;
+  },
+  /**
+   * Suspends a worker, or with `suspended` false lifts its suspension. A suspended worker is never
+   * matched, its live session ends with worker.proto Reject{BANNED}, and a reconnect with its token
+   * gets Reject{BANNED} and status PERMISSION_DENIED until the suspension is lifted. Audits suspend a
+   * worker on their own after repeated failed tests. The suspension survives restarts.
+   * NOT_FOUND for an unknown worker id.
+   *
+   * @generated from rpc locallmarket.v1.AdminService.SetWorkerSuspended
+   */
+  setWorkerSuspended: {
+    methodKind: "unary";
+    input: typeof SetWorkerSuspendedRequestSchema;
+    output: typeof SetWorkerSuspendedResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_locallmarket_v1_admin, 0);
