@@ -60,6 +60,7 @@ describe.skipIf(!present)("consequences of failed audits", () => {
   const links: WorkerLink[] = [];
   let consumer: { accountId: string; apiKey: string };
   let provider: string;
+  let verifierId: string;
   let cheater: { workerId: string; token: string; link: WorkerLink };
   let honest: { workerId: string; child: ChildProcess; output: () => string };
   const cheatOrders: string[] = [];
@@ -99,6 +100,7 @@ describe.skipIf(!present)("consequences of failed audits", () => {
     consumer = { accountId: created.account?.id ?? "", apiKey: created.apiKey };
     provider = (await admin.createAccount({ name: "gpu-owner" })).account?.id ?? "";
     const verifier = await spawnWorker("stories260K-reference", STORIES_260K);
+    verifierId = verifier.workerId;
     expect((await adminCli(["worker", "trust", "--worker", verifier.workerId])).code).toBe(0);
     honest = await spawnWorker(HONEST, STORIES_260K);
     cheater = await connectCheater();
@@ -448,6 +450,8 @@ describe.skipIf(!present)("consequences of failed audits", () => {
       writePerturbedGguf(STORIES_260K, copy, { kind: "round", mantissaBits: 10 });
       const subtle = await connectCheater(undefined, "stories-fp16", copy);
       await plane.registry.whenConnected(subtle.workerId);
+      // The restart test before this one made the verifier reconnect: an audit without it has no verdict.
+      await plane.registry.whenConnected(verifierId);
       const before = await books();
       const audits: AuditRecord[] = [];
       // An answer that ends early (EOS) may leave the test undecided; it carries over. Ask until
