@@ -7,6 +7,8 @@ export interface CompletionResult {
   status: number;
   /** Content deltas received (streamed) or 1 (non-streamed success). */
   contentChunks: number;
+  /** The content received (all deltas, or the message); the engine's tokens are `tok0 tok1 …`. */
+  contentText: string;
   /** Milliseconds from sending the request to the first non-empty content delta (streamed only). */
   firstTokenMs: number | null;
   totalMs: number;
@@ -43,6 +45,7 @@ export async function chatCompletion(
   const result: CompletionResult = {
     status: response.status,
     contentChunks: 0,
+    contentText: "",
     firstTokenMs: null,
     totalMs: 0,
     completionTokens: null,
@@ -68,6 +71,7 @@ export async function chatCompletion(
       if (!response.ok) result.error = json.error?.message ?? text;
       else {
         result.contentChunks = json.choices?.[0]?.message?.content ? 1 : 0;
+        result.contentText = json.choices?.[0]?.message?.content ?? "";
         takeUsage(json.usage);
       }
     } catch {
@@ -97,6 +101,7 @@ export async function chatCompletion(
         const now = performance.now();
         if (result.firstTokenMs === null) result.firstTokenMs = now - start;
         result.contentChunks++;
+        result.contentText += chunk.choices[0].delta.content;
         options.onContent?.(now);
       }
       takeUsage(chunk.usage);

@@ -26,11 +26,11 @@ import { startFakeEngine } from "../support/fake-engine.js";
 import { writePerturbedGguf } from "../support/gguf-perturb.js";
 import { ledgerIsBalanced, platformBalance, startTestMarket, type TestMarket } from "../support/market.js";
 import { STORIES_260K, TINY_RANDOM } from "../support/models.js";
+import { claimedLlamaCppOffer, STORIES_SHA256 } from "../support/trust.js";
 
 const present = existsSync(STORIES_260K) && existsSync(TINY_RANDOM);
 if (!present) console.warn(`skipping the trust audit tests: ${STORIES_260K} or ${TINY_RANDOM} is absent`);
 
-const STORIES_SHA256 = "270cba1bd5109f42d03350f60406024560464db173c0e387d91f0426d3bd256d";
 const LLAMA = ["--engine", "llama-cpp", "--gpu", "off", "--threads", "1"];
 const PROMPTS = ["Once upon a time", "The cat sat", "Lily and Ben went to the park", "One day, a little boy"];
 
@@ -164,27 +164,7 @@ describe.skipIf(!present)("audits with real models: honest workers pass, cheater
       token: workerToken,
       engine,
       log: () => {},
-      offers: [
-        {
-          model,
-          pricePerMillionInput: 1_000_000n,
-          pricePerMillionOutput: 1_000_000n,
-          tokensPerSecond: 500,
-          maxConcurrency: 1,
-          contextLength: 2048,
-          engine: "llama.cpp",
-          weightsSha256,
-          // It claims what a llama-cpp worker declares, so it is asked for token detail.
-          capabilities: {
-            tools: false,
-            jsonSchema: false,
-            logprobs: true,
-            vision: false,
-            completions: true,
-            tokenDetail: true,
-          },
-        },
-      ],
+      offers: [claimedLlamaCppOffer(model, weightsSha256)],
     });
     links.push(link);
     void link.start().catch(() => {});

@@ -24,11 +24,11 @@ import { LlamaCppEngine } from "../../worker/engines/llama-cpp-engine.js";
 import { WorkerLink } from "../../worker/link-client.js";
 import { ledgerIsBalanced, platformBalance, startTestMarket, type TestMarket } from "../support/market.js";
 import { STORIES_260K } from "../support/models.js";
+import { claimedLlamaCppOffer } from "../support/trust.js";
 
 const present = existsSync(STORIES_260K);
 if (!present) console.warn(`skipping the blind canary tests: ${STORIES_260K} is absent (../shared/models)`);
 
-const STORIES_SHA256 = "270cba1bd5109f42d03350f60406024560464db173c0e387d91f0426d3bd256d";
 const LLAMA = ["--engine", "llama-cpp", "--gpu", "off", "--threads", "1"];
 const MAX_TOKENS = 24;
 
@@ -123,26 +123,7 @@ describe.skipIf(!present)(
         token: workerToken,
         engine,
         log: () => {},
-        offers: [
-          {
-            model,
-            pricePerMillionInput: 1_000_000n,
-            pricePerMillionOutput: 1_000_000n,
-            tokensPerSecond: 500,
-            maxConcurrency: 1,
-            contextLength: 2048,
-            engine: "llama.cpp",
-            weightsSha256: STORIES_SHA256,
-            capabilities: {
-              tools: false,
-              jsonSchema: false,
-              logprobs: true,
-              vision: false,
-              completions: true,
-              tokenDetail: true,
-            },
-          },
-        ],
+        offers: [claimedLlamaCppOffer(model)],
       });
       // What the worker receives, as its own link code decoded it from the wire.
       const received: { assign: JobAssign; at: number }[] = [];

@@ -39,12 +39,12 @@ import { createTestDatabase, type TestDatabase } from "../support/database.js";
 import { writePerturbedGguf } from "../support/gguf-perturb.js";
 import { REPO_ROOT, workerArgs } from "../support/market.js";
 import { STORIES_260K, TINY_RANDOM } from "../support/models.js";
+import { claimedLlamaCppOffer } from "../support/trust.js";
 
 const present = existsSync(STORIES_260K) && existsSync(TINY_RANDOM);
 if (!present)
   console.warn(`skipping the trust consequence tests: ${STORIES_260K} or ${TINY_RANDOM} is absent`);
 
-const STORIES_SHA256 = "270cba1bd5109f42d03350f60406024560464db173c0e387d91f0426d3bd256d";
 const LLAMA = ["--engine", "llama-cpp", "--gpu", "off", "--threads", "1"];
 const CLI = join(REPO_ROOT, "bin/locallmarket.js");
 const ADMIN_TOKEN = "test-admin-token";
@@ -170,26 +170,7 @@ describe.skipIf(!present)("consequences of failed audits", () => {
       token,
       engine,
       log: () => {},
-      offers: [
-        {
-          model,
-          pricePerMillionInput: 1_000_000n,
-          pricePerMillionOutput: 1_000_000n,
-          tokensPerSecond: 500,
-          maxConcurrency: 1,
-          contextLength: 2048,
-          engine: "llama.cpp",
-          weightsSha256: STORIES_SHA256,
-          capabilities: {
-            tools: false,
-            jsonSchema: false,
-            logprobs: true,
-            vision: false,
-            completions: true,
-            tokenDetail: true,
-          },
-        },
-      ],
+      offers: [claimedLlamaCppOffer(model)],
     });
     links.push(link);
     void link.start().catch(() => {});
