@@ -7,9 +7,9 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ReputationTracker } from "../../server/market/reputation.js";
 import { TrustStore } from "../../server/store/trust-store.js";
-import { auditStatistics } from "../../server/trust/statistics.js";
 import { type AuditRecord, type FinishedDetailJob, TrustService } from "../../server/trust/trust-service.js";
 import { openTestStore, type TestStore } from "../support/database.js";
+import { auditRecordFixture } from "../support/trust.js";
 
 function logger(lines: string[]) {
   const write = (_fields: unknown, message: string) => lines.push(message);
@@ -19,31 +19,7 @@ function logger(lines: string[]) {
 }
 
 function record(id: string, workerId: string, model: string, outcome: AuditRecord["outcome"]): AuditRecord {
-  return {
-    auditId: id,
-    jobId: `job_${id}`,
-    orderId: "",
-    workerId,
-    verifierId: "wkr_verifier",
-    weightsSha256: "ab".repeat(32),
-    outcome,
-    stats: auditStatistics({
-      temperature: 0,
-      topK: 0,
-      stoppedBySequence: false,
-      streamedText: "",
-      chunkTokenCount: 0,
-      usage: null,
-      reported: [],
-      reference: { scores: [], promptTokens: 1, text: "", error: "" },
-    }),
-    llr: 0,
-    tokensToDecide: null,
-    verifyMs: 1,
-    generationMs: 10,
-    at: new Date(),
-    model,
-  };
+  return auditRecordFixture(id, workerId, outcome, { orderId: "", verifyMs: 1, model });
 }
 
 /** A finished detail job of `workerId` (no verifier is connected, so an audit of it logs and stops). */

@@ -4,39 +4,16 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { TrustStore } from "../../server/store/trust-store.js";
-import { auditStatistics } from "../../server/trust/statistics.js";
 import { type AuditRecord, TrustService } from "../../server/trust/trust-service.js";
 import { openTestStore, type TestStore } from "../support/database.js";
+import { auditRecordFixture } from "../support/trust.js";
 
 const silent = { info: () => {}, warn: () => {}, error: () => {} } as unknown as ConstructorParameters<
   typeof TrustService
 >[0]["log"];
 
 function record(id: string, workerId: string, outcome: AuditRecord["outcome"]): AuditRecord {
-  return {
-    auditId: id,
-    jobId: `job_${id}`,
-    orderId: `chatcmpl-${id}`,
-    workerId,
-    verifierId: "wkr_verifier",
-    weightsSha256: "ab".repeat(32),
-    outcome,
-    stats: auditStatistics({
-      temperature: 0,
-      topK: 0,
-      stoppedBySequence: false,
-      streamedText: "",
-      chunkTokenCount: 0,
-      usage: null,
-      reported: [],
-      reference: { scores: [], promptTokens: 1, text: "", error: "" },
-    }),
-    llr: 0,
-    tokensToDecide: null,
-    verifyMs: 1.5,
-    generationMs: 10,
-    at: new Date(),
-  };
+  return auditRecordFixture(id, workerId, outcome);
 }
 
 describe("TrustStore", () => {

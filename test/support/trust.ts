@@ -2,6 +2,8 @@
  * What the trust tests share: the reference model's identity and the offer an in-process worker
  * (a cheater, or a llama-cpp engine on other weights) makes when it claims to serve that model.
  */
+import { auditStatistics } from "../../server/trust/statistics.js";
+import type { AuditRecord } from "../../server/trust/trust-service.js";
 import type { OfferSpec } from "../../worker/link-client.js";
 
 /** The SHA-256 of ../shared/models/stories260K.gguf, the reference the tests' verifiers serve. */
@@ -29,5 +31,42 @@ export function claimedLlamaCppOffer(model: string, weightsSha256 = STORIES_SHA2
       completions: true,
       tokenDetail: true,
     },
+  };
+}
+
+/**
+ * An audit record as the trust service stores it, with empty statistics (no token scored), for
+ * store tests that only care about its identity, worker and outcome; `fields` sets the rest.
+ */
+export function auditRecordFixture(
+  id: string,
+  workerId: string,
+  outcome: AuditRecord["outcome"],
+  fields: Partial<AuditRecord> = {},
+): AuditRecord {
+  return {
+    auditId: id,
+    jobId: `job_${id}`,
+    orderId: `chatcmpl-${id}`,
+    workerId,
+    verifierId: "wkr_verifier",
+    weightsSha256: "ab".repeat(32),
+    outcome,
+    stats: auditStatistics({
+      temperature: 0,
+      topK: 0,
+      stoppedBySequence: false,
+      streamedText: "",
+      chunkTokenCount: 0,
+      usage: null,
+      reported: [],
+      reference: { scores: [], promptTokens: 1, text: "", error: "" },
+    }),
+    llr: 0,
+    tokensToDecide: null,
+    verifyMs: 1.5,
+    generationMs: 10,
+    at: new Date(),
+    ...fields,
   };
 }
