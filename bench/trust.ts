@@ -99,11 +99,13 @@ console.log(
 );
 console.log(new SequentialTest().describe());
 console.log(
-  "| scenario | jobs failed from one answer | worker SPRT: failed / passed decisions | tokens to decide (mean, max) | verifier ms / generation ms |",
+  "| scenario | jobs failed from one answer | of them by the drift test | drift ×10⁻⁴ (min / median / max) | worker test: failed / passed decisions | tokens to decide (mean, max) | verifier ms / generation ms |",
 );
-console.log("| --- | --- | --- | --- | --- |");
+console.log("| --- | --- | --- | --- | --- | --- | --- |");
 for (const scenario of scenarios) {
   let failedAlone = 0;
+  let failedByDrift = 0;
+  const drifts: number[] = [];
   const decideTokens: number[] = [];
   let generationMs = 0;
   let verifyMs = 0;
@@ -171,14 +173,21 @@ for (const scenario of scenarios) {
     });
     const alone = new SequentialTest().feed(stats);
     if (alone.outcome === "failed") failedAlone += 1;
+    if (stats.drift !== null) {
+      drifts.push(stats.drift);
+      if (stats.violations.length === 0 && stats.drift > DEFAULT_TEST.driftThreshold) failedByDrift += 1;
+    }
     if (alone.tokensToDecide !== null) decideTokens.push(alone.tokensToDecide);
     const step = running.feed(stats);
     if (step.outcome === "failed") runningFailed += 1;
     else if (step.outcome === "passed") runningPassed += 1;
   }
+  drifts.sort((a, b) => a - b);
+  const e4 = (x: number | undefined) => (x === undefined ? "-" : (x * 1e4).toFixed(2));
+  const driftRange = `${e4(drifts[0])} / ${e4(drifts[drifts.length >> 1])} / ${e4(drifts[drifts.length - 1])}`;
   const mean = decideTokens.length > 0 ? decideTokens.reduce((a, b) => a + b, 0) / decideTokens.length : 0;
   console.log(
-    `| ${scenario.name} | ${failedAlone}/${JOBS} (${((100 * failedAlone) / JOBS).toFixed(1)} %) | ${runningFailed} / ${runningPassed} | ${mean.toFixed(1)}, ${decideTokens.length > 0 ? Math.max(...decideTokens) : "-"} | ${verifyMs.toFixed(0)} / ${generationMs.toFixed(0)} (${((100 * verifyMs) / generationMs).toFixed(0)} %) |`,
+    `| ${scenario.name} | ${failedAlone}/${JOBS} (${((100 * failedAlone) / JOBS).toFixed(1)} %) | ${failedByDrift} | ${drifts.length > 0 ? driftRange : "no shared alternatives"} | ${runningFailed} / ${runningPassed} | ${mean.toFixed(1)}, ${decideTokens.length > 0 ? Math.max(...decideTokens) : "-"} | ${verifyMs.toFixed(0)} / ${generationMs.toFixed(0)} (${((100 * verifyMs) / generationMs).toFixed(0)} %) |`,
   );
 }
 await Promise.all([fp16.close(), bf16.close(), noisy.close()]);

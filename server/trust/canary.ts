@@ -410,6 +410,7 @@ export function canaryStatistics(
     medianRank: 0,
     topKOverlap: 1,
     greedyAgreement: agree ? 1 : common / Math.max(answer.length, reference.length, 1),
+    drift: null,
     violations: agree
       ? []
       : [

@@ -57,6 +57,16 @@ export interface SequentialTestParameters {
   alpha: number;
   /** The miss rate: the chance a cheater (rate ≥ p1) passes one test. */
   beta: number;
+  /**
+   * The job-level drift test: the job fails when the median of |Δ logprob| · s / (1 + |reference
+   * logprob| · s) over the alternatives both report (s = the temperature, 1 at temperature 0)
+   * exceeds this. It sees what the per-position flags cannot: a substitute whose every position is
+   * within the honest tolerance, but consistently a few times further from the reference than
+   * honest rounding ever is.
+   */
+  driftThreshold: number;
+  /** The drift test decides only on at least this many shared alternatives (about 40 positions of top-5). */
+  driftMinValues: number;
 }
 
 /**
@@ -66,6 +76,14 @@ export interface SequentialTestParameters {
  * with 1 % noise, ~100 %; random tokens without alternatives 100 %. So H0 is set above the honest
  * worst case (p0 0.4: Wald's α bound holds for every honest job measured) and H1 (0.7) near the
  * fp16-precision substitute's typical rate.
+ */
+/*
+ * The drift threshold: over 600 honest stories260K jobs of 100 tokens (temperatures 0, 0.7, 1) the
+ * per-job drift was 0.25–2.42 · 10⁻⁴ (log10 mean −3.92, sd 0.10–0.12); with the weights rounded to
+ * fp16 precision 3.25–6.36 · 10⁻⁴ (log10 mean −3.41 at T 0, sd 0.03). 2.8 · 10⁻⁴, the geometric
+ * middle of the closest pair, is over 3 sd above the honest mean and over 4 sd below the
+ * substitute's (BENCHMARKS.md has the rates over 200 jobs per scenario). The threshold is measured
+ * on llama.cpp's CPU kernels: a worker on other kernels rounds differently (see the README).
  */
 export const DEFAULT_TEST: Readonly<SequentialTestParameters> = {
   deltaAbsolute: 1.5e-3,
@@ -77,6 +95,8 @@ export const DEFAULT_TEST: Readonly<SequentialTestParameters> = {
   p1: 0.7,
   alpha: 0.001,
   beta: 0.01,
+  driftThreshold: 2.8e-4,
+  driftMinValues: 200,
 };
 
 /** What is known about one audited job, before the statistics. */
@@ -115,6 +135,11 @@ export interface JobAuditStats {
   topKOverlap: number;
   /** At temperature 0: share of tokens that are the reference's argmax (ties allowed); null otherwise. */
   greedyAgreement: number | null;
+  /**
+   * The job-level drift statistic (see SequentialTestParameters.driftThreshold), or null when too
+   * few alternatives were shared to decide on it.
+   */
+  drift: number | null;
   /** Deterministic violations: any of them fails the audit on its own. */
   violations: string[];
 }
@@ -154,6 +179,8 @@ export function auditStatistics(
   let overlapSum = 0;
   let overlapCount = 0;
   let greedyHits = 0;
+  const scale = input.temperature > 0 ? input.temperature : 1;
+  const drifts: number[] = [];
   const positions = input.positions ?? reported.map((_, i) => i);
   const scored = reference.error ? 0 : Math.min(positions.length, reference.scores.length);
   for (let i = 0; i < scored; i++) {
@@ -180,6 +207,8 @@ export function auditStatistics(
         ? Math.abs(alternative.logprob - reference)
         : Number.POSITIVE_INFINITY;
       if (d > parameters.deltaAbsolute + parameters.deltaRelative * Math.abs(reference)) topMismatch = true;
+      // Tempered logprobs scale logit differences by 1 / temperature: undo it for the drift.
+      drifts.push((d * scale) / (1 + Math.abs(reference) * scale));
     }
     const sampledTolerance =
       parameters.sampledAbsolute + 10 * parameters.deltaRelative * Math.abs(theirs.logprob);
@@ -195,6 +224,11 @@ export function auditStatistics(
   }
   const sortedRanks = [...ranks].sort((a, b) => a - b);
   const finiteDeltas = deltas.filter(Number.isFinite);
+  drifts.sort((a, b) => a - b);
+  const drift =
+    drifts.length >= parameters.driftMinValues && drifts.length > 0
+      ? ((drifts[(drifts.length - 1) >> 1] as number) + (drifts[drifts.length >> 1] as number)) / 2
+      : null;
   return {
     tokens: reported.length,
     anomalies: flags.filter(Boolean).length,
@@ -204,6 +238,7 @@ export function auditStatistics(
     medianRank: sortedRanks[Math.floor(sortedRanks.length / 2)] ?? 0,
     topKOverlap: overlapCount > 0 ? overlapSum / overlapCount : 1,
     greedyAgreement: input.temperature === 0 && scored > 0 ? greedyHits / scored : null,
+    drift,
     violations,
   };
 }
@@ -268,6 +303,11 @@ export class SequentialTest {
         this.reset();
       }
     }
+    if (stats.drift !== null && stats.drift > this.parameters.driftThreshold) {
+      // The drift test decides on the answer as a whole: the tokens it took are the positions scored.
+      this.reset();
+      return { outcome: "failed", llr: 0, tokensToDecide: stats.flags.length };
+    }
     return { outcome, llr: this.llr, tokensToDecide };
   }
 
@@ -279,6 +319,6 @@ export class SequentialTest {
   /** The thresholds, for people. */
   describe(): string {
     const { p0, p1, alpha, beta, deltaAbsolute, deltaRelative } = this.parameters;
-    return `SPRT on top-k |Δlogprob| > ${deltaAbsolute} + ${deltaRelative}·|logprob|: p0 ${p0}, p1 ${p1}, α ${alpha}, β ${beta}`;
+    return `SPRT on top-k |Δlogprob| > ${deltaAbsolute} + ${deltaRelative}·|logprob|: p0 ${p0}, p1 ${p1}, α ${alpha}, β ${beta}; drift test: median |Δ|·T/(1+|logprob|·T) > ${this.parameters.driftThreshold} on ≥ ${this.parameters.driftMinValues} shared alternatives`;
   }
 }

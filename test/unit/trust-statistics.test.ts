@@ -116,6 +116,46 @@ describe("auditStatistics", () => {
   });
 });
 
+describe("the job-level drift test", () => {
+  /** `count` positions whose every number is off by `delta` nats (reference logprobs −0.5, −1.5, −2.5). */
+  const drifted = (count: number, delta: number, temperature = 1) =>
+    auditStatistics(
+      input(
+        Array.from({ length: count }, (_, i) => position(10 + i, -0.5, delta)),
+        { temperature },
+      ),
+    );
+
+  it("is the median of |Δ|·T / (1 + |logprob|·T) over the shared alternatives", () => {
+    // 3 alternatives per position at −0.5, −1.5, −2.5: the median one is −1.5.
+    const stats = drifted(100, 1e-4);
+    expect(stats.drift).toBeCloseTo(1e-4 / 2.5, 12);
+    // At temperature 0.5 the worker reports tempered logprobs: Δ and logprob both scale by 1/T.
+    expect(drifted(100, 2e-4, 0.5).drift).toBeCloseTo((2e-4 * 0.5) / (1 + 1.5 * 0.5), 12);
+  });
+
+  it("does not decide on too few shared alternatives", () => {
+    // 66 positions × 3 alternatives = 198 < 200.
+    // 1e-3 nats everywhere: no position is flagged, and only the drift test could fail the job.
+    expect(drifted(66, 1e-3).drift).toBeNull();
+    expect(new SequentialTest().feed(drifted(66, 1e-3)).outcome).not.toBe("failed");
+    expect(new SequentialTest().feed(drifted(67, 1e-3)).outcome).toBe("failed");
+  });
+
+  it("fails a job whose every position is within the per-position tolerance but drifts as a whole", () => {
+    // 1e-3 nats on every number: under the per-position tolerance (1.5e-3 + 5e-4·|logprob|), so
+    // no position is flagged; but the median drift is 4·10⁻⁴, above the 2.8·10⁻⁴ threshold.
+    const stats = drifted(100, 1e-3);
+    expect(stats.anomalies).toBe(0);
+    expect(stats.drift).toBeGreaterThan(DEFAULT_TEST.driftThreshold);
+    expect(new SequentialTest().feed(stats)).toMatchObject({ outcome: "failed", tokensToDecide: 100 });
+    // Honest rounding (a few 10⁻⁵ nats relative) passes.
+    const honest = drifted(100, 2e-4);
+    expect(honest.drift).toBeLessThan(DEFAULT_TEST.driftThreshold);
+    expect(new SequentialTest().feed(honest).outcome).toBe("passed");
+  });
+});
+
 describe("SequentialTest (SPRT)", () => {
   const flags = (pattern: boolean[]) => ({ ...auditStatistics(input([])), flags: pattern, violations: [] });
 
