@@ -416,12 +416,11 @@ export class TrustService {
 
   /**
    * A verdict reached outside {@link audit}: a blind canary's answer compared with the trusted
-   * verifier's reference answer (server/trust/canary.ts). It feeds the same per-worker sequential
-   * test, tally, reputation, records and consequences as an audit (a canary has no order of its
-   * own: a failure claws back the orders the failed test covered). Kept apart from audit() so the
-   * two evolve without touching each other; the consequence steps mirror audit()'s.
+   * verifier's reference answer (server/trust/canary.ts). It goes through the same per-worker
+   * sequential test, tally, reputation, records and consequences as an audit (a canary has no
+   * order of its own: a failure claws back the orders the failed test covered).
    */
-  async recordVerdict(verdict: {
+  recordVerdict(verdict: {
     auditId: string;
     jobId: string;
     workerId: string;
@@ -432,60 +431,7 @@ export class TrustService {
     verifyMs: number;
     generationMs: number;
   }): Promise<AuditRecord> {
-    const key = `${verdict.workerId}\u0000${verdict.weightsSha256}`;
-    let test = this.tests.get(key);
-    if (!test) {
-      test = new SequentialTest(this.parameters);
-      this.tests.set(key, test);
-    }
-    const step = test.feed(verdict.stats);
-    const tally = this.tally(verdict.workerId);
-    const coveredSince = this.coveredSince.get(key) ?? null;
-    if (step.outcome === "passed") {
-      tally.auditsPassed += 1;
-      tally.failuresInARow = 0;
-      this.coveredSince.set(key, new Date(Date.now() - verdict.generationMs));
-    } else if (step.outcome === "failed") {
-      tally.auditsFailed += 1;
-      tally.failuresInARow += 1;
-    } else tally.auditsUndecided += 1;
-    if (step.outcome !== "undecided") {
-      this.options.reputation?.recordAudit(verdict.workerId, verdict.model, step.outcome === "passed");
-    }
-    const record: AuditRecord = {
-      auditId: verdict.auditId,
-      jobId: verdict.jobId,
-      orderId: "",
-      workerId: verdict.workerId,
-      verifierId: verdict.verifierId,
-      weightsSha256: verdict.weightsSha256,
-      outcome: step.outcome,
-      stats: verdict.stats,
-      llr: step.llr,
-      tokensToDecide: step.tokensToDecide,
-      verifyMs: verdict.verifyMs,
-      generationMs: verdict.generationMs,
-      at: new Date(),
-      model: verdict.model,
-    };
-    this.records.push(record);
-    if (this.records.length > 10_000) this.records.shift();
-    await this.options.store?.recordAudit(record);
-    if (step.outcome === "failed" && tally.failuresInARow >= this.suspendAfterFailures) {
-      const reason = `failed ${tally.failuresInARow} audit tests in a row (last: canary ${verdict.auditId} of job ${verdict.jobId})`;
-      record.suspended = tally.suspendedReason === undefined;
-      await this.setSuspended(verdict.workerId, true, reason);
-    }
-    if (step.outcome === "failed" && this.options.store) {
-      record.coveredClawBacks = await this.clawBackCovered(
-        this.options.store,
-        verdict.workerId,
-        verdict.model,
-        coveredSince,
-        "",
-      );
-    }
-    return record;
+    return this.conclude({ ...verdict, kind: "canary", orderId: "" });
   }
 
   private async audit(job: FinishedDetailJob): Promise<void> {
@@ -538,64 +484,101 @@ export class TrustService {
         error: result.error,
       },
     };
-    const stats = auditStatistics(input, this.parameters);
-    const key = `${job.workerId}\u0000${job.offer.weightsSha256}`;
-    let test = this.tests.get(key);
-    if (!test) {
-      test = new SequentialTest(this.parameters);
-      this.tests.set(key, test);
-    }
-    const step = test.feed(stats);
-    const tally = this.tally(job.workerId);
-    const coveredSince = this.coveredSince.get(key) ?? null;
-    if (step.outcome === "passed") {
-      tally.auditsPassed += 1;
-      tally.failuresInARow = 0;
-      // The passed test covered the jobs up to this one; the next test covers those assigned after it.
-      this.coveredSince.set(key, new Date(Date.now() - job.generationMs));
-    } else if (step.outcome === "failed") {
-      tally.auditsFailed += 1;
-      tally.failuresInARow += 1;
-    } else tally.auditsUndecided += 1;
-    if (step.outcome !== "undecided") {
-      this.options.reputation?.recordAudit(job.workerId, job.offer.model, step.outcome === "passed");
-    }
-    const record: AuditRecord = {
+    const record = await this.conclude({
+      kind: "audit",
       auditId,
       jobId: job.assign.jobId ?? "",
       orderId: job.orderId,
       workerId: job.workerId,
       verifierId: verifier.connection.workerId,
+      model: job.offer.model,
       weightsSha256: job.offer.weightsSha256 ?? "",
-      outcome: step.outcome,
-      stats,
-      llr: step.llr,
-      tokensToDecide: step.tokensToDecide,
+      stats: auditStatistics(input, this.parameters),
       verifyMs,
       generationMs: job.generationMs,
+    });
+    await this.options.onAudit?.(record, job);
+  }
+
+  /**
+   * One verdict's consequences, for an audit and a canary alike: the worker's sequential test for
+   * these weights, its tally and reputation, the record (stored, then listed), suspension after
+   * repeated failed tests, and on a failed test the claw-back of the audited order (an audit's)
+   * and of every other order the test covered.
+   */
+  private async conclude(verdict: {
+    kind: "audit" | "canary";
+    auditId: string;
+    jobId: string;
+    /** The audited order; "" for a canary (it has none). */
+    orderId: string;
+    workerId: string;
+    verifierId: string;
+    model: string;
+    weightsSha256: string;
+    stats: JobAuditStats;
+    verifyMs: number;
+    generationMs: number;
+  }): Promise<AuditRecord> {
+    const key = `${verdict.workerId}\u0000${verdict.weightsSha256}`;
+    let test = this.tests.get(key);
+    if (!test) {
+      test = new SequentialTest(this.parameters);
+      this.tests.set(key, test);
+    }
+    const step = test.feed(verdict.stats);
+    const tally = this.tally(verdict.workerId);
+    const coveredSince = this.coveredSince.get(key) ?? null;
+    if (step.outcome === "passed") {
+      tally.auditsPassed += 1;
+      tally.failuresInARow = 0;
+      // The passed test covered the jobs up to this one; the next test covers those assigned after it.
+      this.coveredSince.set(key, new Date(Date.now() - verdict.generationMs));
+    } else if (step.outcome === "failed") {
+      tally.auditsFailed += 1;
+      tally.failuresInARow += 1;
+    } else tally.auditsUndecided += 1;
+    if (step.outcome !== "undecided") {
+      this.options.reputation?.recordAudit(verdict.workerId, verdict.model, step.outcome === "passed");
+    }
+    const record: AuditRecord = {
+      auditId: verdict.auditId,
+      jobId: verdict.jobId,
+      orderId: verdict.orderId,
+      workerId: verdict.workerId,
+      verifierId: verdict.verifierId,
+      weightsSha256: verdict.weightsSha256,
+      outcome: step.outcome,
+      stats: verdict.stats,
+      llr: step.llr,
+      tokensToDecide: step.tokensToDecide,
+      verifyMs: verdict.verifyMs,
+      generationMs: verdict.generationMs,
       at: new Date(),
-      model: job.offer.model,
+      model: verdict.model,
     };
     this.options.log[step.outcome === "failed" ? "warn" : "info"](
       {
+        kind: verdict.kind,
         jobId: record.jobId,
         workerId: record.workerId,
         verifierId: record.verifierId,
         outcome: step.outcome,
-        tokens: stats.tokens,
-        anomalies: stats.anomalies,
-        violations: stats.violations,
+        tokens: verdict.stats.tokens,
+        anomalies: verdict.stats.anomalies,
+        drift: verdict.stats.drift,
+        violations: verdict.stats.violations,
       },
-      `audit ${step.outcome}`,
+      `${verdict.kind} ${step.outcome}`,
     );
     await this.options.store?.recordAudit(record);
     // Listed once on record, so whoever sees it in audits() finds it in the store (auditOfOrder).
     this.records.push(record);
     if (this.records.length > 10_000) this.records.shift();
     if (step.outcome === "failed" && tally.failuresInARow >= this.suspendAfterFailures) {
-      const reason = `failed ${tally.failuresInARow} audit tests in a row (last: audit ${auditId} of job ${record.jobId})`;
+      const reason = `failed ${tally.failuresInARow} audit tests in a row (last: ${verdict.kind} ${verdict.auditId} of job ${record.jobId})`;
       record.suspended = tally.suspendedReason === undefined;
-      await this.setSuspended(job.workerId, true, reason);
+      await this.setSuspended(verdict.workerId, true, reason);
     }
     if (step.outcome === "failed" && record.orderId && this.options.store) {
       record.clawBack = await this.clawBack(this.options.store, record.orderId);
@@ -609,8 +592,8 @@ export class TrustService {
     if (step.outcome === "failed" && this.options.store) {
       record.coveredClawBacks = await this.clawBackCovered(
         this.options.store,
-        job.workerId,
-        job.offer.model,
+        verdict.workerId,
+        verdict.model,
         coveredSince,
         record.orderId,
         // Suspended: nothing since the last pass is vouched for, up to now. Otherwise the failed
@@ -618,6 +601,6 @@ export class TrustService {
         tally.suspendedReason !== undefined,
       );
     }
-    await this.options.onAudit?.(record, job);
+    return record;
   }
 }
