@@ -21,6 +21,16 @@ export type ClawBack =
   | { done: false; reason: "unknown_order" | "not_settled" | "no_pending_earning" | "already_clawed_back" };
 
 /** A worker's suspension as stored. */
+/** Where a worker's sequential test for one build of a model stood after its last verdict. */
+export interface StoredTestState {
+  workerId: string;
+  weightsSha256: string;
+  llr: number;
+  consumed: number;
+  /** What the next failed test covers from: the last passed verdict's job start, or null (none). */
+  coveredSince: Date | null;
+}
+
 export interface StoredSuspension {
   workerId: string;
   reason: string;
@@ -89,7 +99,12 @@ export class TrustStore {
         record.stats.tokens,
         record.stats.anomalies,
         JSON.stringify(record.stats.violations),
-        JSON.stringify({ ...stats, llr: record.llr, tokensToDecide: record.tokensToDecide }),
+        JSON.stringify({
+          ...stats,
+          llr: record.llr,
+          testTokens: record.testTokens ?? 0,
+          tokensToDecide: record.tokensToDecide,
+        }),
         record.verifyMs,
         record.generationMs,
         record.at,
@@ -220,6 +235,33 @@ export class TrustStore {
       model: row.model,
       auditsPassed: Number(row.passed),
       auditsFailed: Number(row.failed),
+    }));
+  }
+
+  /** Per worker and weights: the running test's state after the latest verdict (replayed at start-up). */
+  async testStates(): Promise<StoredTestState[]> {
+    const rows = await this.execute<{
+      worker_id: string;
+      weights_sha256: string;
+      llr: string | null;
+      test_tokens: string | null;
+      covered_since: Date | string | null;
+    }>(
+      `select distinct on (worker_id, weights_sha256)
+              worker_id, weights_sha256, stats->>'llr' as llr, stats->>'testTokens' as test_tokens,
+              (select max(p.created_at - make_interval(secs => p.generation_ms / 1000.0))
+                 from audits p
+                where p.worker_id = a.worker_id and p.weights_sha256 = a.weights_sha256
+                  and p.outcome = 'passed') as covered_since
+         from audits a
+        order by worker_id, weights_sha256, created_at desc, id desc`,
+    );
+    return rows.map((row) => ({
+      workerId: row.worker_id,
+      weightsSha256: row.weights_sha256,
+      llr: Number(row.llr ?? 0),
+      consumed: Number(row.test_tokens ?? 0),
+      coveredSince: row.covered_since === null ? null : new Date(row.covered_since),
     }));
   }
 

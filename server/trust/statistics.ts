@@ -251,6 +251,8 @@ export interface TestStep {
   llr: number;
   /** Tokens the test consumed before its last decision in this job (the tokens needed to decide). */
   tokensToDecide: number | null;
+  /** Tokens the running (undecided) test has consumed so far: with `llr`, its whole state. */
+  consumed: number;
 }
 
 /**
@@ -285,7 +287,7 @@ export class SequentialTest {
   feed(stats: JobAuditStats): TestStep {
     if (stats.violations.length > 0) {
       this.reset();
-      return { outcome: "failed", llr: 0, tokensToDecide: 0 };
+      return { outcome: "failed", llr: 0, tokensToDecide: 0, consumed: 0 };
     }
     let outcome: TestStep["outcome"] = "undecided";
     let tokensToDecide: number | null = null;
@@ -295,7 +297,7 @@ export class SequentialTest {
       if (this.llr >= this.failAt) {
         tokensToDecide = this.consumed;
         this.reset();
-        return { outcome: "failed", llr: 0, tokensToDecide };
+        return { outcome: "failed", llr: 0, tokensToDecide, consumed: 0 };
       }
       if (this.llr <= this.passAt) {
         tokensToDecide = this.consumed;
@@ -306,9 +308,17 @@ export class SequentialTest {
     if (stats.drift !== null && stats.drift > this.parameters.driftThreshold) {
       // The drift test decides on the answer as a whole: the tokens it took are the positions scored.
       this.reset();
-      return { outcome: "failed", llr: 0, tokensToDecide: stats.flags.length };
+      return { outcome: "failed", llr: 0, tokensToDecide: stats.flags.length, consumed: 0 };
     }
-    return { outcome, llr: this.llr, tokensToDecide };
+    return { outcome, llr: this.llr, tokensToDecide, consumed: this.consumed };
+  }
+
+  /** Resumes a test from a stored state (after a restart), as {@link feed} reported it. */
+  restore(llr: number, consumed: number): void {
+    // A state outside the thresholds would have been decided: it cannot come from feed().
+    if (!(llr > this.passAt && llr < this.failAt) || !Number.isInteger(consumed) || consumed < 0) return;
+    this.llr = llr;
+    this.consumed = consumed;
   }
 
   private reset(): void {

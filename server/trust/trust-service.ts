@@ -85,6 +85,8 @@ export interface AuditRecord {
   stats: JobAuditStats;
   /** The SPRT's log-likelihood ratio after this job. */
   llr: number;
+  /** Tokens the running test had consumed after this job (0 right after a decision). */
+  testTokens?: number;
   tokensToDecide: number | null;
   /** Server-measured: scoring round trip, and the audited job's generation. */
   verifyMs: number;
@@ -196,7 +198,8 @@ export class TrustService {
 
   /**
    * Loads what the store keeps (at start-up): trusted marks, audit tallies (replayed into the
-   * matcher's reputation per model, so audit counts survive a restart) and suspensions.
+   * matcher's reputation per model, so audit counts survive a restart), suspensions and the state
+   * of each worker's running sequential test.
    */
   async load(): Promise<void> {
     const store = this.options.store;
@@ -224,6 +227,17 @@ export class TrustService {
     for (const suspension of await store.suspendedWorkers()) {
       this.tally(suspension.workerId).suspendedReason = suspension.reason;
       reputation?.setSuspended(suspension.workerId, true);
+    }
+    // The running sequential tests resume where they stood, and a failed test still claws back
+    // only what it covered (since the last passed one). Left out on purpose: the count of failed
+    // tests in a row, which an operator's unsuspend resets without a trace in the store; after a
+    // restart a worker needs that many failed tests again to be suspended.
+    for (const state of await store.testStates()) {
+      const key = `${state.workerId}\u0000${state.weightsSha256}`;
+      const test = new SequentialTest(this.parameters);
+      test.restore(state.llr, state.consumed);
+      this.tests.set(key, test);
+      if (state.coveredSince) this.coveredSince.set(key, state.coveredSince);
     }
   }
 
@@ -551,6 +565,7 @@ export class TrustService {
       outcome: step.outcome,
       stats: verdict.stats,
       llr: step.llr,
+      testTokens: step.consumed,
       tokensToDecide: step.tokensToDecide,
       verifyMs: verdict.verifyMs,
       generationMs: verdict.generationMs,

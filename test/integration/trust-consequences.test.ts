@@ -1,8 +1,8 @@
 /**
  * Trust consequences on a real database (PGlite, or PostgreSQL with DATABASE_URL): suspensions and
  * per-model audit tallies survive a new TrustService (a restart) and are replayed into a real
- * ReputationTracker (what matching reads); repeated failed tests suspend; the audit rate adapts to
- * what a worker has proven.
+ * ReputationTracker (what matching reads); a running sequential test resumes where it stood;
+ * repeated failed tests suspend; the audit rate adapts to what a worker has proven.
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ReputationTracker } from "../../server/market/reputation.js";
@@ -94,6 +94,45 @@ describe("trust consequences on the store", () => {
     // (2 + 1) / (2 + 1 + 4 × 1) of the reliability prior 2/3.
     expect(reputation.snapshot("wkr_t", "alpha").reputation).toBeCloseTo((2 / 3) * (3 / 7), 10);
     expect(trust.trustOf("wkr_t")).toMatchObject({ auditsPassed: 2, auditsFailed: 2, auditsUndecided: 1 });
+  });
+
+  it("resumes a worker's running sequential test after a restart, with the evidence it had", async () => {
+    const store = new TrustStore(db.orm);
+    const verdict = (id: string, anomalous: number) => ({
+      auditId: id,
+      jobId: `job_${id}`,
+      workerId: "wkr_sprt",
+      verifierId: "wkr_verifier",
+      model: "m",
+      weightsSha256: "cd".repeat(32),
+      stats: {
+        tokens: anomalous,
+        anomalies: anomalous,
+        flags: new Array<boolean>(anomalous).fill(true),
+        meanAbsDelta: 0,
+        maxAbsDelta: 0,
+        medianRank: 0,
+        topKOverlap: 1,
+        greedyAgreement: null,
+        drift: null,
+        violations: [],
+      },
+      verifyMs: 1,
+      generationMs: 1,
+    });
+    const first = new TrustService({ connections: () => [], log: logger([]), store });
+    // Six anomalous tokens: evidence, not yet a decision (the 13th in a row decides).
+    const before = await first.recordVerdict(verdict("s1", 6));
+    expect(before).toMatchObject({ outcome: "undecided", testTokens: 6 });
+
+    // A restart: seven more anomalous tokens complete the test that was running...
+    const second = new TrustService({ connections: () => [], log: logger([]), store });
+    await second.load();
+    const after = await second.recordVerdict(verdict("s2", 7));
+    expect(after).toMatchObject({ outcome: "failed", tokensToDecide: 13 });
+    // ...where a fresh test (what a restart used to give) would still be undecided.
+    const fresh = new TrustService({ connections: () => [], log: logger([]) });
+    expect((await fresh.recordVerdict(verdict("s3", 7))).outcome).toBe("undecided");
   });
 
   it("audits a new worker at the high rate and a proven one at the base rate", async () => {
