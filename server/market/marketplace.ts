@@ -6,7 +6,11 @@
  * Admission: the matcher ranks the workers that meet the request's constraints; a slot is reserved
  * synchronously on the best one with a free slot (so no worker is ever over-assigned); when every
  * one is busy, the request waits in its model's FIFO admission queue (admission-queue.ts). The hold
- * is placed at the reserved worker's prices; no hold, no dispatch.
+ * is placed at the reserved worker's prices. For an account whose last hold here was placed, the
+ * job is dispatched to the reserved worker while the hold is placed (speculative dispatch: time to
+ * first token pays the slower of the two, not their sum); the run hands nothing to the consumer and
+ * settles nothing before the hold commits, and a refused hold stops the worker and bills no one
+ * (order-run.ts). Any other account's order is dispatched only once its hold is placed.
  */
 import { randomBytes } from "node:crypto";
 import type { TokenCountSource } from "../models/model-registry.js";
@@ -16,7 +20,7 @@ import { type MatchRequest, pickWorkers, type RoutingConstraints } from "./match
 import { promptBound, promptFloor } from "./money.js";
 import { type Acquired, type MarketLogger, OrderRun, type RunEvent } from "./order-run.js";
 import type { Capability, ChatMessage, GenerationSpec, WorkerRegistry } from "./registry.js";
-import type { AccountRecord, MarketStore } from "./store-port.js";
+import type { AccountRecord, MarketStore, OpenOrderInput, OrderRecord } from "./store-port.js";
 
 export type { MarketLogger, RunEvent };
 
@@ -71,6 +75,9 @@ export interface CompletionRun extends AsyncIterable<RunEvent> {
   readonly droppedParameters?: readonly string[];
 }
 
+/** Accounts remembered as able to pay (for speculative dispatch) at most. */
+const MAX_SPECULATING_ACCOUNTS = 100_000;
+
 /** Retry-After while the control plane stops. */
 const SHUTDOWN_RETRY_AFTER_SECONDS = 5;
 
@@ -80,6 +87,8 @@ function newId(prefix: string): string {
 
 export class Marketplace {
   private readonly running = new Set<OrderRun>();
+  /** Accounts whose last hold was placed: their orders are dispatched speculatively. */
+  private readonly holdsPlaced = new Set<string>();
   private readonly queue: AdmissionQueue;
   private readonly checkpointTimer: NodeJS.Timeout;
   private checkpointing: Promise<void> = Promise.resolve();
@@ -228,62 +237,131 @@ export class Marketplace {
         throw error;
       }
       const { candidate, lease } = acquired;
-      let order: Awaited<ReturnType<MarketStore["openOrder"]>>;
-      try {
-        order = await this.store.openOrder({
-          id: orderId,
-          consumerAccountId: consumer.account.id,
-          apiKeyId: consumer.apiKeyId,
-          model,
-          workerId: candidate.connection.workerId,
-          providerAccountId: candidate.connection.providerAccountId,
-          pricePerMillionInput: candidate.offer.pricePerMillionInput,
-          pricePerMillionOutput: candidate.offer.pricePerMillionOutput,
-          hold: candidate.worstCaseCost,
-          maxTokens: candidate.maxTokens,
-          promptTokenBound: match(undefined).promptTokenBound,
-          feeBasisPoints: this.options.feeBasisPoints,
-        });
-      } catch (error) {
-        lease.release();
-        if (!(isMarketError(error) && error.code === "insufficient_credits")) throw error;
-        shortfall = error;
-        excluded.add(candidate.connection.workerId);
-        continue;
+      const terms: OpenOrderInput = {
+        id: orderId,
+        consumerAccountId: consumer.account.id,
+        apiKeyId: consumer.apiKeyId,
+        model,
+        workerId: candidate.connection.workerId,
+        providerAccountId: candidate.connection.providerAccountId,
+        pricePerMillionInput: candidate.offer.pricePerMillionInput,
+        pricePerMillionOutput: candidate.offer.pricePerMillionOutput,
+        hold: candidate.worstCaseCost,
+        maxTokens: candidate.maxTokens,
+        promptTokenBound: match(undefined).promptTokenBound,
+        feeBasisPoints: this.options.feeBasisPoints,
+      };
+      const newRun = (order: OrderRecord, hold?: Promise<OrderRecord>) =>
+        new OrderRun(
+          {
+            store: this.store,
+            registry: this.registry,
+            log: this.log,
+            firstTokenTimeoutMs: this.options.firstTokenTimeoutMs,
+            jobTimeoutMs: this.options.jobTimeoutMs,
+            // A fallback keeps the order's max_tokens, so its hold is computed for the same limit.
+            acquireFallback: (skip) => this.acquire(model, match(order.maxTokens), skip, signal),
+            ...(this.tokenCounts ? { tokenCounts: this.tokenCounts } : {}),
+          },
+          {
+            order,
+            ...(hold ? { hold } : {}),
+            first: acquired,
+            job: { ...generationOf(request), model },
+            stream: request.stream,
+            allowFallbacks: constraints.allowFallbacks,
+            droppedParameters: [...dropped],
+          },
+        );
+      let run: OrderRun;
+      if (this.speculates(consumer.account.id)) {
+        if (signal?.aborted) {
+          // Gone since the slot was reserved (the abort listener below would never fire).
+          lease.release();
+          throw new MarketError("cancelled", "The consumer went away during admission.");
+        }
+        // Speculative dispatch: the job goes to the reserved worker while the hold is placed; the
+        // run keeps the consumer and the money waiting for the hold (order-run.ts).
+        run = newRun(pendingOrder(terms), this.store.openOrder(terms));
+        this.track(run);
+        const onAbort = () => run.cancel("consumer disconnected");
+        signal?.addEventListener("abort", onAbort, { once: true });
+        run.start();
+        const hold = await run.holdDecided;
+        this.noteHold(consumer.account.id, hold.placed);
+        if (!hold.placed) {
+          // The run has stopped the worker and settles nothing: no order row exists.
+          signal?.removeEventListener("abort", onAbort);
+          if (!(isMarketError(hold.error) && hold.error.code === "insufficient_credits")) throw hold.error;
+          shortfall = hold.error;
+          excluded.add(candidate.connection.workerId);
+          continue;
+        }
+        if (signal?.aborted) {
+          // The consumer left while the hold was placed: the run was cancelled then (the worker
+          // stopped) and settles the order at 0 once the hold is there.
+          throw new MarketError("cancelled", "The consumer went away during admission.");
+        }
+      } else {
+        let order: OrderRecord;
+        try {
+          order = await this.store.openOrder(terms);
+        } catch (error) {
+          this.noteHold(consumer.account.id, false);
+          lease.release();
+          if (!(isMarketError(error) && error.code === "insufficient_credits")) throw error;
+          shortfall = error;
+          excluded.add(candidate.connection.workerId);
+          continue;
+        }
+        this.noteHold(consumer.account.id, true);
+        run = newRun(order);
+        this.track(run);
+        if (signal?.aborted) {
+          // The consumer left while the hold was placed: nothing was sent, nothing is owed.
+          lease.release();
+          run.cancel("consumer disconnected during admission");
+          throw new MarketError("cancelled", "The consumer went away during admission.");
+        }
+        signal?.addEventListener("abort", () => run.cancel("consumer disconnected"), { once: true });
+        run.start();
       }
-      const run = new OrderRun(
-        {
-          store: this.store,
-          registry: this.registry,
-          log: this.log,
-          firstTokenTimeoutMs: this.options.firstTokenTimeoutMs,
-          jobTimeoutMs: this.options.jobTimeoutMs,
-          // A fallback keeps the order's max_tokens, so its hold is computed for the same limit.
-          acquireFallback: (skip) => this.acquire(model, match(order.maxTokens), skip, signal),
-          ...(this.tokenCounts ? { tokenCounts: this.tokenCounts } : {}),
-        },
-        {
-          order,
-          first: acquired,
-          job: { ...generationOf(request), model },
-          stream: request.stream,
-          allowFallbacks: constraints.allowFallbacks,
-          droppedParameters: [...dropped],
-        },
-      );
-      this.running.add(run);
-      void run.settled.then(() => this.running.delete(run));
-      if (signal?.aborted) {
-        // The consumer left while the hold was placed: nothing was sent, nothing is owed.
-        lease.release();
-        run.cancel("consumer disconnected during admission");
-        throw new MarketError("cancelled", "The consumer went away during admission.");
-      }
-      signal?.addEventListener("abort", () => run.cancel("consumer disconnected"), { once: true });
-      run.start();
-      this.onOrderDispatched?.({ model, maxTokens: order.maxTokens });
+      this.onOrderDispatched?.({ model, maxTokens: candidate.maxTokens });
       return run;
     }
+  }
+
+  private track(run: OrderRun): void {
+    this.running.add(run);
+    void run.settled.then(() => this.running.delete(run));
+  }
+
+  /**
+   * Whether an order of this account is dispatched while its hold is placed: only when the hold
+   * is very likely to be placed, that is when the account's last hold here was. An account new to
+   * this process (or forgotten, past MAX_SPECULATING_ACCOUNTS), or whose last hold failed for want
+   * of credits or anything else, waits for its hold first. So a consumer who cannot pay makes
+   * workers start a job for nothing only for the orders it had in admission when its balance ran
+   * short (and then once per placed hold, i.e. per order it pays for), never once per request; each
+   * such job costs its worker about one hold's time (milliseconds) before the cancel reaches it.
+   */
+  private speculates(accountId: string): boolean {
+    return this.holdsPlaced.has(accountId);
+  }
+
+  /** Records whether the account's last hold was placed. */
+  private noteHold(accountId: string, placed: boolean): void {
+    if (!placed) {
+      this.holdsPlaced.delete(accountId);
+      return;
+    }
+    if (this.holdsPlaced.has(accountId)) return;
+    // Bounded: the oldest mark goes first (its account just waits for its next hold once).
+    if (this.holdsPlaced.size >= MAX_SPECULATING_ACCOUNTS) {
+      const oldest = this.holdsPlaced.values().next().value;
+      if (oldest !== undefined) this.holdsPlaced.delete(oldest);
+    }
+    this.holdsPlaced.add(accountId);
   }
 
   /** Reserves a slot on the best worker with one, waiting in the model's queue when all are busy. */
@@ -381,6 +459,26 @@ export class Marketplace {
     }
     return abandoned.length;
   }
+}
+
+/** A speculative order as it will be once its hold commits (nothing is billed from it). */
+function pendingOrder(terms: OpenOrderInput): OrderRecord {
+  return {
+    ...terms,
+    status: "running",
+    promptTokens: 0,
+    completionTokens: 0,
+    reportedPromptTokens: null,
+    reportedCompletionTokens: null,
+    trustSignals: [],
+    cost: 0n,
+    fee: 0n,
+    finishReason: null,
+    error: null,
+    createdAt: new Date(),
+    firstTokenAt: null,
+    finishedAt: null,
+  };
 }
 
 /** The part of a request a worker sees. */

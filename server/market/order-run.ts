@@ -13,6 +13,21 @@
  * consumer has taken what it will take; the store computes it from the order row and the token
  * counts passed here (see store-port.ts), and a failed settlement is retried until it succeeds.
  *
+ * Speculative dispatch (`OrderRunInput.hold`): the first attempt may be dispatched while the hold
+ * is still being placed, so the time to first token pays the slower of the two, not their sum.
+ * The hold gates everything that involves the consumer or money, never the worker: chunks are
+ * counted and buffered as they arrive, and the state machine runs as above, but
+ * - no delta reaches the consumer, and no checkpoint is taken, before the hold has committed;
+ * - no settlement and no fallback (which moves the hold, so needs the order row) start before the
+ *   hold is decided: they wait for it;
+ * - a refused hold (insufficient credits, or any error) ends the order `failed` with no order row
+ *   and nothing to settle: the attempt is cancelled on the worker (its work goes unpaid), its
+ *   reputation is untouched, and the marketplace answers the consumer (or tries the next worker);
+ * - a consumer leaving, a timeout or a forced stop while the hold is pending decide the outcome at
+ *   once as usual (the worker is stopped); the settlement then waits for the hold, and settles the
+ *   order at 0 if the hold committed, or nothing if it was refused. A crash before the commit
+ *   leaves no order row: the worker's work is simply unpaid.
+ *
  * Billing never takes a worker's word: a chunk counts min(token_count, UTF-8 bytes of its text)
  * tokens, capped in total at max_tokens; a streamed order bills the tokens the consumer actually
  * took (chunks handed to the consumer's socket), a non-streamed one bills only when completed.
@@ -78,7 +93,16 @@ export interface OrderRunDeps {
 }
 
 export interface OrderRunInput {
+  /**
+   * The order as the store returned it, or (with `hold`) the terms the hold is being placed on:
+   * the same id, worker, prices, max_tokens and prompt bound the committed row will carry.
+   */
   order: OrderRecord;
+  /**
+   * Set for a speculative dispatch: the hold being placed (store.openOrder with `order`'s terms).
+   * Resolves with the committed order, or rejects when the hold is refused (see the header).
+   */
+  hold?: Promise<OrderRecord>;
   first: Acquired;
   job: Omit<JobSpec, "jobId" | "maxTokens" | "deadlineUnixMs">;
   stream: boolean;
@@ -108,6 +132,9 @@ interface Delta {
   bytes?: number;
 }
 
+/** How a speculative order's hold turned out (see {@link OrderRun.holdDecided}). */
+export type HoldResult = { placed: true; order: OrderRecord } | { placed: false; error: unknown };
+
 interface Outcome {
   status: FinalState;
   finishReason: ConsumerFinishReason | null;
@@ -133,8 +160,16 @@ export class OrderRun implements AsyncIterable<RunEvent> {
   /** Resolves once the order is settled in the store. */
   readonly settled: Promise<void>;
 
+  /**
+   * Resolves once the hold is decided (at once when it was placed before the run); never rejects.
+   * Everything that involves the consumer or money waits for it (see the header).
+   */
+  readonly holdDecided: Promise<HoldResult>;
+
   private state: OrderState = "admitted";
   private order: OrderRecord;
+  /** "pending" only for a speculative dispatch whose hold is being placed. */
+  private hold: "pending" | "placed" | "refused";
   private attempt: Attempt | null = null;
   private attempts = 0;
   private readonly excluded = new Set<string>();
@@ -209,6 +244,24 @@ export class OrderRun implements AsyncIterable<RunEvent> {
     });
     this.jobTimer = setTimeout(() => this.timedOut(), deps.jobTimeoutMs);
     this.jobTimer.unref();
+    if (input.hold) {
+      this.hold = "pending";
+      this.holdDecided = input.hold.then(
+        (order) => {
+          this.order = order;
+          this.hold = "placed";
+          this.notify();
+          return { placed: true as const, order };
+        },
+        (error: unknown) => {
+          this.holdRefused(error);
+          return { placed: false as const, error };
+        },
+      );
+    } else {
+      this.hold = "placed";
+      this.holdDecided = Promise.resolve({ placed: true, order: this.order });
+    }
   }
 
   /** admitted → dispatched(1). */
@@ -242,6 +295,7 @@ export class OrderRun implements AsyncIterable<RunEvent> {
 
   /** The progress a crash must not lose, or null when nothing changed since the last call. */
   checkpoint(): OrderCheckpoint | null {
+    if (this.hold !== "placed") return null;
     if (this.outcome || !this.input.stream || this.deliveredTokens === this.lastCheckpoint) return null;
     this.lastCheckpoint = this.deliveredTokens;
     return {
@@ -283,6 +337,9 @@ export class OrderRun implements AsyncIterable<RunEvent> {
   // --- consumer side --------------------------------------------------------------------------
 
   private async next(): Promise<IteratorResult<RunEvent>> {
+    // Nothing reaches the consumer before the hold has committed (the marketplace hands the run
+    // out only once it is decided; this keeps the guarantee the run's own).
+    if (this.hold === "pending") await this.holdDecided;
     if (!this.confirmsWrites) this.deliverInFlight();
     for (;;) {
       if (this.terminalTaken) return { value: undefined, done: true };
@@ -519,6 +576,9 @@ export class OrderRun implements AsyncIterable<RunEvent> {
         if (!this.outcome) this.failBeforeFirstToken(lastError, this.sawWorkerError ? null : error);
         return;
       }
+      // Moving the hold needs the order row: a speculative order waits for its hold (a refused one
+      // has ended the order meanwhile).
+      if (this.hold === "pending") await this.holdDecided;
       if (this.outcome) {
         next.lease.release();
         return;
@@ -562,6 +622,28 @@ export class OrderRun implements AsyncIterable<RunEvent> {
             `The worker failed before the first token and no fallback succeeded: ${lastError}`,
           );
     this.finish({ status: "failed", finishReason: null, error }, lastError, { drain: true });
+  }
+
+  /**
+   * A speculative order's hold was refused: there is no order row, so nothing is settled or
+   * billed. The worker is stopped; its reputation is not charged (the consumer's account failed).
+   */
+  private holdRefused(error: unknown): void {
+    this.hold = "refused";
+    const reason = `hold refused: ${error instanceof Error ? error.message : String(error)}`;
+    if (!this.outcome) {
+      this.attempt?.watch.end("neutral");
+      const refusal =
+        error instanceof MarketError ? error : new MarketError("internal", "The order could not be opened.");
+      this.finish({ status: "failed", finishReason: null, error: refusal }, reason, { drain: false });
+      return;
+    }
+    // Decided already (the consumer left, or the worker finished, while the hold was placed): the
+    // deltas waiting for the consumer will never be delivered; end the run without a settlement.
+    this.buffer.length = 0;
+    void this.settle();
+    this.wakeConfirmedWaiter();
+    this.notify();
   }
 
   private timedOut(): void {
@@ -633,6 +715,12 @@ export class OrderRun implements AsyncIterable<RunEvent> {
 
   private async settleWithRetry(): Promise<OrderRecord | null> {
     const outcome = this.outcome as Outcome;
+    if (this.hold !== "placed" && !(await this.holdDecided).placed) {
+      // A refused hold left no order row: there is nothing to settle and nobody owes anything.
+      this.terminal = this.terminalEvent(outcome, null);
+      this.markSettled();
+      return null;
+    }
     const input = this.settlementInput(outcome);
     let answered = false;
     let backoffMs = 100;

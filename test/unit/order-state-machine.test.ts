@@ -31,7 +31,13 @@ import {
   type WorkerConnection,
   WorkerRegistry,
 } from "../../server/market/registry.js";
-import { type Balance, type OrderRecord, PLATFORM_ACCOUNT_ID } from "../../server/market/store-port.js";
+import {
+  type Balance,
+  type MarketStore,
+  type OpenOrderInput,
+  type OrderRecord,
+  PLATFORM_ACCOUNT_ID,
+} from "../../server/market/store-port.js";
 import { openTestStore, type TestStore } from "../support/database.js";
 
 const FEE_BPS = 500;
@@ -188,10 +194,13 @@ afterAll(async () => {
 });
 
 /** A new Marketplace on the current registry (the previous one is closed first). */
-async function openMarket(overrides: Partial<MarketplaceOptions> = {}): Promise<void> {
+async function openMarket(
+  overrides: Partial<MarketplaceOptions> = {},
+  store: MarketStore = db.store,
+): Promise<void> {
   await market?.close();
   market = new Marketplace(
-    db.store,
+    store,
     registry,
     {
       feeBasisPoints: FEE_BPS,
@@ -570,5 +579,277 @@ describe("the order state machine, scripted at the connection", () => {
     await vi.waitFor(() => expect(b.activeJobs).toBe(0));
     expect(b.jobs).toHaveLength(0);
     expect((await db.store.getOrder(run.orderId))?.status).toBe("cancelled");
+  });
+});
+
+/**
+ * The real store whose openOrder (the hold) waits, while `block`ed, until the test releases it:
+ * the hold is then placed by the real store, so the test decides when it commits relative to
+ * what the worker does.
+ */
+function gatedStore(): {
+  store: MarketStore;
+  /** The next hold waits; resolves (with its terms) once the marketplace has asked for it. */
+  block(): { entered: Promise<OpenOrderInput>; release(): void };
+} {
+  let gate: { enter(input: OpenOrderInput): void; released: Promise<void> } | null = null;
+  const real = db.store;
+  const store = new Proxy(real, {
+    get(target, property) {
+      if (property === "openOrder") {
+        return async (input: OpenOrderInput) => {
+          const current = gate;
+          gate = null;
+          if (current) {
+            current.enter(input);
+            await current.released;
+          }
+          return real.openOrder(input);
+        };
+      }
+      const value = Reflect.get(target, property, target);
+      return typeof value === "function" ? value.bind(target) : value;
+    },
+  });
+  return {
+    store,
+    block() {
+      let enter!: (input: OpenOrderInput) => void;
+      let release!: () => void;
+      const entered = new Promise<OpenOrderInput>((resolve) => {
+        enter = resolve;
+      });
+      const released = new Promise<void>((resolve) => {
+        release = resolve;
+      });
+      gate = { enter, released };
+      return { entered, release };
+    },
+  };
+}
+
+/** Whether `promise` has settled by the time the event loop has run everything queued now. */
+async function hasSettled(promise: Promise<unknown>): Promise<boolean> {
+  let settled = false;
+  promise.then(
+    () => {
+      settled = true;
+    },
+    () => {
+      settled = true;
+    },
+  );
+  await new Promise((resolve) => setImmediate(resolve));
+  return settled;
+}
+
+describe("speculative dispatch", () => {
+  let gated: ReturnType<typeof gatedStore>;
+
+  beforeEach(async () => {
+    gated = gatedStore();
+    await openMarket({}, gated.store);
+  });
+
+  /** One ordinary order, so the account's last hold was placed (its next order speculates). */
+  async function warmUp(worker: ScriptedWorker): Promise<void> {
+    const run = await market.startCompletion(consumer, request());
+    const job = await worker.nextJob();
+    worker.chunk(job, 1, "warm", 1);
+    worker.done(job, 1);
+    expect(await consume(run)).toMatchObject({ text: "warm", last: { type: "finish" } });
+  }
+
+  it("the first order of an account waits for its hold; the next is dispatched while its hold is placed", async () => {
+    const worker = await scriptedWorker("w", { input: 1_000n, output: 1_000n });
+    const gate = gated.block();
+    const first = market.startCompletion(consumer, request());
+    await gate.entered;
+    // Not yet known to pay: nothing is sent to the worker before the hold.
+    expect(worker.session.outbound.size).toBe(0);
+    gate.release();
+    const job = await worker.nextJob();
+    worker.chunk(job, 1, "a", 1);
+    worker.done(job, 1);
+    await consume(await first);
+
+    const second = gated.block();
+    const run = market.startCompletion(consumer, request());
+    const terms = await second.entered;
+    // The job is on its way while the hold waits.
+    const jobId = await worker.nextJob();
+    expect(await hasSettled(run)).toBe(false);
+    second.release();
+    expect((await run).orderId).toBe(terms.id);
+    worker.chunk(jobId, 1, "b", 1);
+    worker.done(jobId, 1);
+    expect(await consume(await run)).toMatchObject({ text: "b", last: { type: "finish" } });
+  });
+
+  it("chunks that arrive before the hold commits wait for it, then all reach the consumer, billed exactly", async () => {
+    const worker = await scriptedWorker("w", { input: 2_000n, output: 3_000n });
+    await warmUp(worker);
+    const before = await balances();
+    const gate = gated.block();
+    const starting = market.startCompletion(consumer, request());
+    const terms = await gate.entered;
+    const job = await worker.nextJob();
+    worker.chunk(job, 1, "early", 1);
+    worker.chunk(job, 2, " bird", 1);
+    worker.done(job, 2, { promptTokens: 4, completionTokens: 2 });
+    // The worker is done; the consumer has nothing, no order row exists and no money moved.
+    expect(await hasSettled(starting)).toBe(false);
+    expect(await db.store.getOrder(terms.id)).toBeNull();
+    expect(await balances()).toEqual(before);
+    gate.release();
+    const run = await starting;
+    const { text, last } = await consume(run);
+    expect(text).toBe("early bird");
+    expect(last).toMatchObject({ type: "finish", finishReason: "stop" });
+    const order = (await db.store.getOrder(run.orderId)) as OrderRecord;
+    expect(order).toMatchObject({ status: "completed", completionTokens: 2, promptTokens: 4 });
+    expect(order.cost).toBe(orderCost(4, 2, 2_000n, 3_000n));
+    expect(await ledgerKinds(run.orderId)).toEqual(["hold", "settle"]);
+    await expectPaid(before, order);
+  });
+
+  it("a hold refused after the worker streamed: the worker is cancelled, nobody pays, the consumer gets insufficient_credits", async () => {
+    const worker = await scriptedWorker("w", { input: 100_000n, output: 100_000n });
+    await warmUp(worker);
+    // The account is emptied behind the market's back: its last hold was placed, so it speculates.
+    await db.store.withdraw(consumer.account.id, (await db.store.getBalance(consumer.account.id)).available);
+    const before = await balances();
+    const gate = gated.block();
+    const starting = market.startCompletion(consumer, request());
+    const terms = await gate.entered;
+    const job = await worker.nextJob();
+    worker.chunk(job, 1, "free", 1);
+    worker.chunk(job, 2, " lunch", 1);
+    gate.release();
+    await expect(starting).rejects.toMatchObject({ code: "insufficient_credits" });
+    expect(await worker.next()).toMatchObject({ case: "jobCancel", value: { jobId: job } });
+    worker.send({
+      case: "jobDone",
+      value: { jobId: job, finishReason: FinishReason.CANCELLED, lastSequence: 2n },
+    });
+    expect(worker.session.activeJobs).toBe(0);
+    expect(await db.store.getOrder(terms.id)).toBeNull();
+    expect(await balances()).toEqual(before);
+    expect((await db.store.auditLedger()).problems).toEqual([]);
+    await market.whenIdle();
+
+    // The account is marked: its next order waits for its hold, and the worker never hears of it.
+    const next = gated.block();
+    const refused = market.startCompletion(consumer, request());
+    await next.entered;
+    expect(worker.session.outbound.size).toBe(0);
+    next.release();
+    await expect(refused).rejects.toMatchObject({ code: "insufficient_credits" });
+    expect(worker.session.outbound.size).toBe(0);
+    expect(await balances()).toEqual(before);
+  });
+
+  it("a hold refused on the first worker tries the next one (no speculation then), which serves and is paid", async () => {
+    const dear = await scriptedWorker("dear", { input: 1_000_000_000n, output: 1_000_000_000n });
+    const cheap = await scriptedWorker("cheap", { input: 1_000n, output: 1_000n });
+    const byDear = request({ routing: { order: [dear.workerId, cheap.workerId] } });
+    // Warm up on the cheap one, then leave enough for its hold but not for the dear one's.
+    const run0 = await market.startCompletion(consumer, request());
+    const job0 = await cheap.nextJob();
+    cheap.chunk(job0, 1, "w", 1);
+    cheap.done(job0, 1);
+    await consume(run0);
+    const balance = await db.store.getBalance(consumer.account.id);
+    await db.store.withdraw(consumer.account.id, balance.available - 10_000n);
+    const before = await balances();
+    const gate = gated.block();
+    const starting = market.startCompletion(consumer, byDear);
+    await gate.entered;
+    const dearJob = await dear.nextJob();
+    dear.chunk(dearJob, 1, "too dear", 1);
+    gate.release();
+    expect(await dear.next()).toMatchObject({ case: "jobCancel", value: { jobId: dearJob } });
+    const cheapJob = await cheap.nextJob();
+    cheap.chunk(cheapJob, 1, "cheap", 1);
+    cheap.done(cheapJob, 1, { promptTokens: 2, completionTokens: 1 });
+    const run = await starting;
+    expect(await consume(run)).toMatchObject({ text: "cheap", last: { type: "finish" } });
+    const order = (await db.store.getOrder(run.orderId)) as OrderRecord;
+    expect(order).toMatchObject({ status: "completed", workerId: cheap.workerId, completionTokens: 1 });
+    expect(await ledgerKinds(run.orderId)).toEqual(["hold", "settle"]);
+    await expectPaid(before, order);
+  });
+
+  it("a consumer leaving while the hold is pending: the worker stops, the committed hold is released, nothing is owed", async () => {
+    const worker = await scriptedWorker("w", { input: 1_000n, output: 1_000n });
+    await warmUp(worker);
+    const before = await balances();
+    const gate = gated.block();
+    const gone = new AbortController();
+    const starting = market.startCompletion(consumer, request(), gone.signal);
+    const terms = await gate.entered;
+    const job = await worker.nextJob();
+    worker.chunk(job, 1, "unseen", 1);
+    gone.abort();
+    expect(await worker.next()).toMatchObject({ case: "jobCancel", value: { jobId: job } });
+    gate.release();
+    await expect(starting).rejects.toMatchObject({ code: "cancelled" });
+    await market.whenIdle();
+    const order = (await db.store.getOrder(terms.id)) as OrderRecord;
+    expect(order).toMatchObject({ status: "cancelled", cost: 0n, completionTokens: 0 });
+    expect(await ledgerKinds(terms.id)).toEqual(["hold", "settle"]);
+    expect(await db.store.listRunningOrders()).toEqual([]);
+    await expectPaid(before, order);
+  });
+
+  it("an attempt failing before the hold commits falls back only once the hold is there, and moves it", async () => {
+    const flaky = await scriptedWorker("flaky", { input: 1_000n, output: 1_000n });
+    const backup = await scriptedWorker("backup", { input: 2_000n, output: 2_000n });
+    await warmUp(flaky);
+    const before = await balances();
+    const gate = gated.block();
+    const starting = market.startCompletion(consumer, request());
+    await gate.entered;
+    const flakyJob = await flaky.nextJob();
+    flaky.send({
+      case: "jobFailed",
+      value: { jobId: flakyJob, code: JobFailureCode.ENGINE_ERROR, message: "boom" },
+    });
+    // The fallback may reserve the backup's slot, but cannot move a hold that is not there yet.
+    expect(await hasSettled(starting)).toBe(false);
+    expect(backup.session.outbound.size).toBe(0);
+    gate.release();
+    const backupJob = await backup.nextJob();
+    backup.chunk(backupJob, 1, "saved", 1);
+    backup.done(backupJob, 1, { promptTokens: 3, completionTokens: 1 });
+    const run = await starting;
+    expect(await consume(run)).toMatchObject({ text: "saved", last: { type: "finish" } });
+    const order = (await db.store.getOrder(run.orderId)) as OrderRecord;
+    expect(order).toMatchObject({ status: "completed", workerId: backup.workerId });
+    expect(order.cost).toBe(orderCost(3, 1, 2_000n, 2_000n));
+    expect(await ledgerKinds(run.orderId)).toEqual(["hold", "reassign", "settle"]);
+    await expectPaid(before, order);
+  });
+
+  it("a forced stop while the hold is pending ends the order unbilled once the hold commits", async () => {
+    const worker = await scriptedWorker("w", { input: 1_000n, output: 1_000n });
+    await warmUp(worker);
+    const before = await balances();
+    const gate = gated.block();
+    const starting = market.startCompletion(consumer, request());
+    const terms = await gate.entered;
+    const job = await worker.nextJob();
+    worker.chunk(job, 1, "cut", 1);
+    market.abortAll("forced stop");
+    expect(await worker.next()).toMatchObject({ case: "jobCancel", value: { jobId: job } });
+    // Nothing to checkpoint: no order row yet.
+    gate.release();
+    const run = await starting;
+    const { text, last } = await consume(run);
+    expect(text).toBe("");
+    expect(last).toMatchObject({ type: "error", error: { code: "shutting_down" } });
+    const order = (await db.store.getOrder(terms.id)) as OrderRecord;
+    expect(order).toMatchObject({ status: "failed", cost: 0n });
+    await expectPaid(before, order);
   });
 });
