@@ -65,6 +65,7 @@ import {
   type ScoreRequest,
   type TokenDetail,
 } from "./engine.js";
+import { evaluateDistributions, naturalLog, scoreInDistribution } from "./llama-cpp-scoring.js";
 
 /**
  * node-llama-cpp's module. It is an optional dependency (native builds for every platform, hundreds
@@ -159,8 +160,6 @@ const DEFAULT_MAX_CONTEXT = 4096;
 const MAX_HELD_TOKENS = 8;
 /** Tokens of history given to the detokenizer so it renders leading spaces correctly. */
 const DETOKENIZER_HISTORY = 8;
-/** OpenAI reports this log-probability for a token the model gave no probability at all. */
-const MIN_LOGPROB = -9999;
 /** The arguments' schema of a function without parameters: an empty object. */
 const NO_PARAMETERS: GbnfJsonSchema = { type: "object", properties: {} };
 
@@ -370,9 +369,9 @@ export class LlamaCppEngine implements Engine {
 
   /**
    * A verifier's job: the prompt of `request.request` rendered as for a generation, followed by the
-   * audited tokens, evaluated in one pass (controlledEvaluate, a prefill: nothing is sampled). Each
-   * token gets its log-probability in the distribution at the job's temperature and top_p (the raw
-   * softmax at temperature 0), its rank and the top alternatives.
+   * audited tokens, evaluated in one pass (a prefill: nothing is sampled; see llama-cpp-scoring.ts).
+   * Each token gets its log-probability in the distribution at the job's temperature and top_p (the
+   * raw softmax at temperature 0), its rank and the top alternatives.
    */
   async score(request: ScoreRequest): Promise<ScoreOutcome> {
     const signal = AbortSignal.any([request.signal, this.closeController.signal]);
@@ -414,30 +413,24 @@ export class LlamaCppEngine implements Engine {
     ) {
       throw new EngineError("invalid_input", "positions must be ascending indexes into the token ids");
     }
-    // Only the scored positions ask for a distribution: node-llama-cpp builds a map over the whole
-    // vocabulary for each, which costs more than the evaluation itself on a large vocabulary.
-    const wanted = new Set(positions.map((p) => first + p));
-    const items = all.map((token, index) =>
-      wanted.has(index)
-        ? ([token, { generateNext: { probabilities: true, ...(options ? { options } : {}) } }] as const)
-        : token,
-    );
     const sequence = await this.acquire(signal);
     if (!sequence) throw new EngineError("engine_error", "scoring was cancelled");
     try {
+      // Always from an empty sequence: reusing a cached prefix would save only the prompt's few
+      // tokens, and a cache filled token by token (a generation) can differ in the last bits from a
+      // prefill, so the scores would depend on what the sequence did before.
       await sequence.clearHistory();
-      const results = await sequence.controlledEvaluate(
-        items as Parameters<LlamaContextSequence["controlledEvaluate"]>[0],
+      // Only the scored positions ask for a distribution, and each stays the addon's flat array,
+      // scored as it arrives: the whole-vocabulary Map controlledEvaluate would build for each costs
+      // half as much again as the native work on a large vocabulary.
+      const scores = await evaluateDistributions(
+        sequence,
+        all,
+        positions.map((p) => first + p),
+        options,
+        (distribution, i) =>
+          scoreInDistribution(distribution, request.tokenIds[positions[i] as number] as number, request.topK),
       );
-      const scores = positions.map((j) => {
-        const id = request.tokenIds[j] as number;
-        const probabilities = results[first + j]?.next?.probabilities ?? new Map<Token, number>();
-        const p = probabilities.get(id as Token) ?? 0;
-        let rank = 0;
-        for (const value of probabilities.values()) if (value > p) rank += 1;
-        const detail = tokenDetail(id as Token, probabilities, request.topK);
-        return { logprob: detail.logprob, rank, top: detail.top };
-      });
       const text = this.model.detokenize(
         request.tokenIds as Token[],
         false,
@@ -916,10 +909,6 @@ function parseJsonOrText(text: string): unknown {
   } catch {
     return text;
   }
-}
-
-function naturalLog(probability: number): number {
-  return probability > 0 ? Math.max(Math.log(probability), MIN_LOGPROB) : MIN_LOGPROB;
 }
 
 /** Two consecutive pieces as one (their texts, token counts, logprobs and token details joined). */
