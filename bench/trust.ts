@@ -77,6 +77,11 @@ const scenarios: Scenario[] = [
 ];
 
 const SCORED_POSITIONS = 128;
+/** CPU time of this process (the engines run here, one llama.cpp thread each), in ms. */
+const cpuMs = () => {
+  const { user, system } = process.cpuUsage();
+  return (user + system) / 1000;
+};
 /** `wanted` random ascending indexes below `count` (all when fewer). */
 function samplePositions(count: number, wanted: number): number[] {
   const all = Array.from({ length: count }, (_, i) => i);
@@ -99,9 +104,9 @@ console.log(
 );
 console.log(new SequentialTest().describe());
 console.log(
-  "| scenario | jobs failed from one answer | of them by the drift test | drift ×10⁻⁴ (min / median / max) | worker test: failed / passed decisions | tokens to decide (mean, max) | verifier ms / generation ms |",
+  "| scenario | jobs failed from one answer | of them by the drift test | drift ×10⁻⁴ (min / median / max) | worker test: failed / passed decisions | tokens to decide (mean, max) | verifier / generation, CPU ms | the same, wall time |",
 );
-console.log("| --- | --- | --- | --- | --- | --- | --- |");
+console.log("| --- | --- | --- | --- | --- | --- | --- | --- |");
 for (const scenario of scenarios) {
   let failedAlone = 0;
   let failedByDrift = 0;
@@ -109,6 +114,8 @@ for (const scenario of scenarios) {
   const decideTokens: number[] = [];
   let generationMs = 0;
   let verifyMs = 0;
+  let generationCpuMs = 0;
+  let verifyCpuMs = 0;
   const running = new SequentialTest();
   let runningFailed = 0;
   let runningPassed = 0;
@@ -125,6 +132,7 @@ for (const scenario of scenarios) {
     let text: string;
     let usage: { promptTokens: number; completionTokens: number } | null;
     const started = performance.now();
+    const startedCpu = cpuMs();
     if (scenario.worker === "random") {
       details = Array.from({ length: TOKENS }, () => ({
         tokenId: 3 + Math.floor(random() * 509),
@@ -148,9 +156,11 @@ for (const scenario of scenarios) {
       usage = generated.result.usage ?? null;
     }
     generationMs += performance.now() - started;
+    generationCpuMs += cpuMs() - startedCpu;
     // As the trust service does: 64 random positions of the answer get a distribution.
     const positions = samplePositions(details.length, SCORED_POSITIONS);
     const verifyStarted = performance.now();
+    const verifyStartedCpu = cpuMs();
     const scored = await reference.score({
       request,
       tokenIds: details.map((d) => d.tokenId),
@@ -159,6 +169,7 @@ for (const scenario of scenarios) {
       signal: new AbortController().signal,
     });
     verifyMs += performance.now() - verifyStarted;
+    verifyCpuMs += cpuMs() - verifyStartedCpu;
     const stats = auditStatistics({
       temperature: scenario.temperature,
       topK: 5,
@@ -187,7 +198,7 @@ for (const scenario of scenarios) {
   const driftRange = `${e4(drifts[0])} / ${e4(drifts[drifts.length >> 1])} / ${e4(drifts[drifts.length - 1])}`;
   const mean = decideTokens.length > 0 ? decideTokens.reduce((a, b) => a + b, 0) / decideTokens.length : 0;
   console.log(
-    `| ${scenario.name} | ${failedAlone}/${JOBS} (${((100 * failedAlone) / JOBS).toFixed(1)} %) | ${failedByDrift} | ${drifts.length > 0 ? driftRange : "no shared alternatives"} | ${runningFailed} / ${runningPassed} | ${mean.toFixed(1)}, ${decideTokens.length > 0 ? Math.max(...decideTokens) : "-"} | ${verifyMs.toFixed(0)} / ${generationMs.toFixed(0)} (${((100 * verifyMs) / generationMs).toFixed(0)} %) |`,
+    `| ${scenario.name} | ${failedAlone}/${JOBS} (${((100 * failedAlone) / JOBS).toFixed(1)} %) | ${failedByDrift} | ${drifts.length > 0 ? driftRange : "no shared alternatives"} | ${runningFailed} / ${runningPassed} | ${mean.toFixed(1)}, ${decideTokens.length > 0 ? Math.max(...decideTokens) : "-"} | ${verifyCpuMs.toFixed(0)} / ${generationCpuMs.toFixed(0)} (${((100 * verifyCpuMs) / generationCpuMs).toFixed(0)} %) | ${((100 * verifyMs) / generationMs).toFixed(0)} % |`,
   );
 }
 await Promise.all([fp16.close(), bf16.close(), noisy.close()]);
