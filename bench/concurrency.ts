@@ -1,20 +1,28 @@
 /**
  * Concurrency: many consumers at once against several worker processes, then the ledger audit and
- * an exact money check. Also the memory benchmark: RSS and heap of this process (which hosts the
- * control plane) before, halfway through and after the run, each after a full garbage collection.
+ * an exact money check. The consumers run in a process of their own (bench/load-consumer.ts), so
+ * this process hosts nothing but the control plane (and its embedded database, if any): its CPU
+ * time per request is the control plane's, read apart from the worker processes' and the
+ * consumers' (from /proc). Also the memory benchmark: RSS and heap of this process before, halfway
+ * through and after the run, each after a full garbage collection.
  *
  * The market has no queue: a request arriving while every worker slot is busy gets 503
- * (no_capacity). Consumers here retry those after a short random pause, as an SDK with retries
+ * (no_capacity). The consumers retry those after a short random pause, as an SDK with retries
  * would; they are counted apart. Anything else that is not a complete answer is an error.
  */
+import { spawn } from "node:child_process";
+import { once } from "node:events";
+import { readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { cpus } from "node:os";
+import { join } from "node:path";
 import { monitorEventLoopDelay } from "node:perf_hooks";
+import { createInterface } from "node:readline";
 import { setFlagsFromString } from "node:v8";
 import { runInNewContext } from "node:vm";
 import { EXTERNAL_ACCOUNT_ID, PLATFORM_ACCOUNT_ID } from "../server/market/store-port.js";
-import { credits, ledgerIsBalanced } from "../test/support/market.js";
-import { chatCompletion } from "./consumer.js";
+import { credits, ledgerIsBalanced, REPO_ROOT } from "../test/support/market.js";
 import type { BenchContext } from "./context.js";
+import type { LoadAnswer, LoadCommand, WarmUpCommand } from "./load-consumer.js";
 import { mib, percentile, progress, type Report } from "./report.js";
 
 const NAME = "concurrency";
@@ -24,10 +32,17 @@ const DEPOSIT_CREDITS = 100;
 const GIVE_UP_MS = 30_000;
 /** The event-loop delay histogram's timer; its readings include this period, subtracted again. */
 const LOOP_RESOLUTION_MS = 2;
+/** Linux's USER_HZ: /proc/PID/stat counts CPU time in these ticks. */
+const CLOCK_TICKS_PER_SECOND = 100;
+/** How long this process's CPU is read with no request in flight, before the run. */
+const IDLE_WINDOW_MS = 3_000;
+/** The issue's target for the server's RSS on embedded PGlite. */
+const RSS_TARGET_MIB = 300;
 
 export async function concurrencyBenchmark(context: BenchContext, report: Report): Promise<void> {
   const { workers: workerCount, workerConcurrency, consumers, requestsPerConsumer } = context.config;
   const { shortTokens } = context.config;
+  const embedded = !process.env.DATABASE_URL;
   const engine = await context.engine(shortTokens);
   const market = await context.market();
   const { providerAccountId, workers } = await context.startWorkers(
@@ -36,202 +51,267 @@ export async function concurrencyBenchmark(context: BenchContext, report: Report
     workerCount,
     workerConcurrency,
   );
-  const store = market.plane.store;
-  // One at a time: the admin API is not what is measured here.
-  const accounts: { accountId: string; apiKey: string }[] = [];
-  for (let i = 0; i < consumers; i++) {
-    accounts.push(await market.account(`load-consumer-${i + 1}`, DEPOSIT_CREDITS));
-  }
-  const url = `${market.plane.httpUrl}/v1`;
-  // Warm the path up with an account of its own, so the consumers' books start at their deposit.
-  const warmUp = await market.account("load-warm-up", DEPOSIT_CREDITS);
-  for (let i = 0; i < 8; i++) {
-    await chatCompletion(url, warmUp.apiKey, { model: MODEL, messages: [{ role: "user", content: "hi" }] });
-  }
-  const providerBefore = (await store.getBalance(providerAccountId)).pending;
-  const platformBefore = (await store.getBalance(PLATFORM_ACCOUNT_ID)).available;
-
-  const memoryBefore = settledMemory();
-  const loopDelay = monitorEventLoopDelay({ resolution: LOOP_RESOLUTION_MS });
-  loopDelay.enable();
-  const cpuBefore = process.cpuUsage();
-  const machineBefore = machineCpu();
-  let peakRss = memoryBefore.rss;
-  const sampler = setInterval(() => {
-    peakRss = Math.max(peakRss, process.memoryUsage.rss());
-  }, 100);
-
-  const latencies: number[] = [];
-  const errors = new Map<string, number>();
-  const countError = (message: string) => errors.set(message, (errors.get(message) ?? 0) + 1);
-  let completed = 0;
-  let capacityRetries = 0;
-  let paidByConsumers = 0n;
-  const total = consumers * requestsPerConsumer;
-  let nextProgress = 0.25;
-
-  const oneRequest = async (apiKey: string, index: number) => {
-    // Every other request is streamed.
-    const stream = index % 2 === 1;
-    const body = {
-      model: MODEL,
-      messages: [{ role: "user", content: `Request ${index}` }],
-      stream,
-      ...(stream ? { stream_options: { include_usage: true } } : {}),
-    };
-    const start = performance.now();
-    for (;;) {
-      let result: Awaited<ReturnType<typeof chatCompletion>>;
-      try {
-        result = await chatCompletion(url, apiKey, body);
-      } catch (error) {
-        countError(`fetch failed: ${error instanceof Error ? error.message : String(error)}`);
-        return;
-      }
-      if (result.status === 503 && performance.now() - start < GIVE_UP_MS) {
-        capacityRetries++;
-        await new Promise((resolve) => setTimeout(resolve, 2 + Math.random() * 18));
-        continue;
-      }
-      // Several tokens may share a delta (the worker merges them when they come faster than the
-      // link drains), so the tokens are counted in the text: the engine's are `tok0 tok1 …`.
-      const complete =
-        result.completionTokens === shortTokens &&
-        (result.contentText.match(/tok\d+/g)?.length ?? 0) === shortTokens &&
-        (stream || result.contentChunks === 1);
-      if (result.error || !complete) {
-        countError(
-          `HTTP ${result.status}: ${result.error ?? `incomplete answer (${result.completionTokens} tokens)`}`,
-        );
-        return;
-      }
-      completed++;
-      paidByConsumers += result.costMicros ?? 0n;
-      latencies.push(performance.now() - start);
-      const done = completed + countOf(errors);
-      if (done / total >= nextProgress) {
-        progress(`${NAME}: ${done} of ${total} requests done`);
-        nextProgress += 0.25;
-      }
-      return;
+  const consumer = await startLoadConsumer();
+  context.onKill(consumer.kill);
+  try {
+    const store = market.plane.store;
+    // One at a time: the admin API is not what is measured here.
+    const accounts: { accountId: string; apiKey: string }[] = [];
+    for (let i = 0; i < consumers; i++) {
+      accounts.push(await market.account(`load-consumer-${i + 1}`, DEPOSIT_CREDITS));
     }
-  };
+    const url = `${market.plane.httpUrl}/v1`;
+    // Warm the path up with an account of its own, so the consumers' books start at their deposit.
+    const warmUp = await market.account("load-warm-up", DEPOSIT_CREDITS);
+    await consumer.ask({ op: "warm-up", url, apiKey: warmUp.apiKey, model: MODEL, requests: 8 });
+    const providerBefore = (await store.getBalance(providerAccountId)).pending;
+    const platformBefore = (await store.getBalance(PLATFORM_ACCOUNT_ID)).available;
 
-  progress(
-    `${NAME}: ${consumers} consumers × ${requestsPerConsumer} requests against ${workerCount} workers × concurrency ${workerConcurrency}`,
-  );
-  // Two halves with a full GC between them: the second half's heap growth is the leak indicator
-  // (the first half also pays for caches and pools filling up).
-  const phase = async (from: number, to: number) => {
-    const started = performance.now();
-    await Promise.all(
-      accounts.map(async (account) => {
-        for (let i = from; i < to; i++) await oneRequest(account.apiKey, i);
-      }),
+    const workerPids = workers.flatMap((worker) => (worker.pid === undefined ? [] : [worker.pid]));
+    // What the control plane burns with no request at all (heartbeats, timers, the database
+    // thread): part of every per-request figure below, the more so the fewer requests per second.
+    const idleBefore = process.cpuUsage();
+    await new Promise((resolve) => setTimeout(resolve, IDLE_WINDOW_MS));
+    const idle = process.cpuUsage(idleBefore);
+    const idleCpuShare = (idle.user + idle.system) / 1000 / IDLE_WINDOW_MS;
+    const memoryBefore = settledMemory();
+    const loopDelay = monitorEventLoopDelay({ resolution: LOOP_RESOLUTION_MS });
+    const machineBefore = machineCpu();
+    // The kernel's own peak (VmHWM), reset here, costs nothing during the run; a sampler (whose
+    // reads would count as control-plane CPU) only where /proc does not offer it.
+    let peakRss = memoryBefore.rss;
+    const sampler = resetPeakRss()
+      ? undefined
+      : setInterval(() => {
+          peakRss = Math.max(peakRss, process.memoryUsage.rss());
+        }, 100);
+
+    const latencies: number[] = [];
+    const errors = new Map<string, number>();
+    let completed = 0;
+    let capacityRetries = 0;
+    let paidByConsumers = 0n;
+    let seconds = 0;
+    const cpu = { process: 0, threads: new Map<number, number>(), workers: 0, consumer: 0 };
+    /** This process's CPU ms per completed request in each half (the first also warms the JIT up). */
+    const halves: number[] = [];
+    let cpuReadable = true;
+    const total = consumers * requestsPerConsumer;
+
+    progress(
+      `${NAME}: ${consumers} consumers × ${requestsPerConsumer} requests against ${workerCount} workers × concurrency ${workerConcurrency} (consumers in process ${consumer.pid})`,
     );
-    return (performance.now() - started) / 1000;
-  };
-  const half = Math.ceil(requestsPerConsumer / 2);
-  const wallStarted = performance.now();
-  let seconds = await phase(0, half);
-  const completedAtHalf = completed;
-  const memoryHalf = settledMemory();
-  seconds += await phase(half, requestsPerConsumer);
-  const wallSeconds = (performance.now() - wallStarted) / 1000;
-  const cpu = process.cpuUsage(cpuBefore);
-  const machineAfter = machineCpu();
-  loopDelay.disable();
-  clearInterval(sampler);
-  const memoryAfter = settledMemory();
+    // Two halves with a full GC between them: the second half's heap growth is the leak indicator
+    // (the first half also pays for caches and pools filling up). The CPU is counted during the
+    // halves only, not in the forced collections around them.
+    const phase = async (from: number, to: number) => {
+      loopDelay.enable();
+      const ownBefore = process.cpuUsage();
+      const threadsBefore = threadCpuMs();
+      const workersBefore = cpuMs(workerPids);
+      const consumerBefore = cpuMs([consumer.pid]);
+      const answer = await consumer.ask<LoadAnswer>({
+        op: "load",
+        url,
+        apiKeys: accounts.map((account) => account.apiKey),
+        model: MODEL,
+        tokens: shortTokens,
+        from,
+        to,
+        giveUpMs: GIVE_UP_MS,
+      });
+      const own = process.cpuUsage(ownBefore);
+      const threadsAfter = threadCpuMs();
+      const workersAfter = cpuMs(workerPids);
+      const consumerAfter = cpuMs([consumer.pid]);
+      loopDelay.disable();
+      cpu.process += (own.user + own.system) / 1000;
+      halves.push(answer.completed > 0 ? (own.user + own.system) / 1000 / answer.completed : 0);
+      if (threadsBefore && threadsAfter && workersBefore !== null && workersAfter !== null) {
+        for (const [tid, ms] of threadsAfter) {
+          cpu.threads.set(tid, (cpu.threads.get(tid) ?? 0) + ms - (threadsBefore.get(tid) ?? 0));
+        }
+        cpu.workers += workersAfter - workersBefore;
+        cpu.consumer += (consumerAfter ?? 0) - (consumerBefore ?? 0);
+      } else cpuReadable = false;
+      completed += answer.completed;
+      capacityRetries += answer.capacityRetries;
+      paidByConsumers += BigInt(answer.paidMicros);
+      latencies.push(...answer.latencies);
+      for (const [message, count] of Object.entries(answer.errors)) {
+        errors.set(message, (errors.get(message) ?? 0) + count);
+      }
+      seconds += answer.seconds;
+      progress(`${NAME}: ${completed + countOf(errors)} of ${total} requests done`);
+    };
+    const half = Math.ceil(requestsPerConsumer / 2);
+    await phase(0, half);
+    const completedAtHalf = completed;
+    const memoryHalf = settledMemory();
+    await phase(half, requestsPerConsumer);
+    const machineAfter = machineCpu();
+    clearInterval(sampler);
+    const rssAfterRun = process.memoryUsage.rss();
+    if (!sampler) peakRss = kernelPeakRss() ?? Math.max(peakRss, rssAfterRun);
+    const memoryAfter = settledMemory();
 
-  const errorCount = countOf(errors);
-  const processCpu = (cpu.user + cpu.system) / 1e6 / wallSeconds;
-  const machineBusy =
-    1 - (machineAfter.idle - machineBefore.idle) / (machineAfter.total - machineBefore.total || 1);
-  report.add(NAME, "requests completed", completed, `of ${total}`, 0);
-  report.add(NAME, "completed requests per second", completed / seconds, "requests/s", 1);
-  report.add(NAME, "latency (incl. any 503 retries), p50/p95/p99", triple(latencies), "ms");
-  report.add(NAME, "503 no_capacity answers (retried by the consumers)", capacityRetries, "responses", 0);
-  const refused = workers.reduce((sum, worker) => sum + worker.refusedJobs(), 0);
-  report.add(NAME, "jobs refused by a full worker (re-routed)", refused, "jobs", 0);
-  report.add(NAME, "errors", errorCount, "requests", 0);
-  report.add(NAME, "CPU of this process (control plane + consumers)", processCpu * 100, "% of one core", 0);
-  report.add(
-    NAME,
-    "  CPU time of this process per completed request",
-    completed > 0 ? (cpu.user + cpu.system) / 1000 / completed : 0,
-    "ms",
-    2,
-  );
-  report.add(NAME, `CPU of the whole machine (${cpus().length} vCPU)`, machineBusy * 100, "% busy", 0);
-  report.add(
-    NAME,
-    "event-loop delay of this process, p50 / p99",
-    [50, 99]
-      .map((p) => Math.max(0, loopDelay.percentile(p) / 1e6 - LOOP_RESOLUTION_MS).toFixed(1))
-      .join(" / "),
-    "ms",
-  );
-  for (const [message, count] of errors) progress(`${NAME}: error ×${count}: ${message}`);
-  if (errorCount > 0) report.failed = true;
-
-  // Money: the audit, then the exact flows of this run.
-  const audit = await ledgerIsBalanced(market);
-  report.add(NAME, "ledger audit", audit.ok ? "ok" : "FAILED", `sum ${audit.sum} µc`);
-  for (const problem of audit.problems) progress(`${NAME}: audit problem: ${problem}`);
-  const broken: string[] = [];
-  let debited = 0n;
-  for (const account of accounts) {
-    const balance = await store.getBalance(account.accountId);
-    if (balance.held !== 0n) broken.push(`${account.accountId} still holds ${balance.held} µc`);
-    debited += credits(DEPOSIT_CREDITS) - balance.available;
-  }
-  const providerGot = (await store.getBalance(providerAccountId)).pending - providerBefore;
-  const platformGot = (await store.getBalance(PLATFORM_ACCOUNT_ID)).available - platformBefore;
-  if (debited !== paidByConsumers) {
-    broken.push(
-      `consumers were debited ${debited} µc; the responses reported costs of ${paidByConsumers} µc`,
+    const errorCount = countOf(errors);
+    const machineBusy =
+      1 - (machineAfter.idle - machineBefore.idle) / (machineAfter.total - machineBefore.total || 1);
+    const perRequest = (ms: number) => (completed > 0 ? ms / completed : 0);
+    report.add(NAME, "requests completed", completed, `of ${total}`, 0);
+    report.add(NAME, "completed requests per second", completed / seconds, "requests/s", 1);
+    report.add(NAME, "latency (incl. any 503 retries), p50/p95/p99", triple(latencies), "ms");
+    report.add(NAME, "503 no_capacity answers (retried by the consumers)", capacityRetries, "responses", 0);
+    const refused = workers.reduce((sum, worker) => sum + worker.refusedJobs(), 0);
+    report.add(NAME, "jobs refused by a full worker (re-routed)", refused, "jobs", 0);
+    report.add(NAME, "errors", errorCount, "requests", 0);
+    const plane = embedded ? "control plane + its PGlite thread" : "control plane";
+    report.add(
+      NAME,
+      `CPU of this process (${plane})`,
+      (cpu.process / 1000 / seconds) * 100,
+      "% of one core",
+      0,
     );
-  }
-  if (providerGot + platformGot !== debited) {
-    broken.push(`consumers paid ${debited} µc; provider + platform received ${providerGot + platformGot} µc`);
-  }
-  const external = await store.getBalance(EXTERNAL_ACCOUNT_ID);
-  if (external.held !== 0n) broken.push(`the external account holds ${external.held} µc`);
-  // Exactly one order per answered request, every one of them settled.
-  const consumerIds = new Set(accounts.map((account) => account.accountId));
-  const orders = (await store.listOrders({ limit: total * 2 + 100 })).filter((order) =>
-    consumerIds.has(order.consumerAccountId),
-  );
-  const completedOrders = orders.filter((order) => order.status === "completed").length;
-  if (completedOrders !== completed) {
-    broken.push(`${completedOrders} completed orders for ${completed} answered requests`);
-  }
-  const running = orders.filter((order) => order.status === "running").length;
-  if (running > 0) broken.push(`${running} orders are still running`);
-  report.add(
-    NAME,
-    "money check (debits = reported costs = provider + fee)",
-    broken.length === 0 ? "ok" : "BROKEN",
-    `${debited} µc in ${completedOrders} orders`,
-  );
-  for (const problem of broken) progress(`${NAME}: money invariant broken: ${problem}`);
-  if (!audit.ok || audit.sum !== 0n || broken.length > 0) report.failed = true;
+    report.add(
+      NAME,
+      `  control-plane CPU per completed request (${plane})`,
+      perRequest(cpu.process),
+      "ms",
+      2,
+    );
+    report.add(
+      NAME,
+      `    of which idle cost (${(idleCpuShare * 100).toFixed(1)} % of a core with no request, measured before)`,
+      (idleCpuShare * seconds * 1000) / Math.max(1, completed),
+      "ms",
+      2,
+    );
+    report.add(
+      NAME,
+      "    first half / second half, per request",
+      halves.map((ms) => ms.toFixed(2)).join(" / "),
+      "ms",
+    );
+    if (cpuReadable) {
+      // Thread ids are Linux's: the main thread's is the process id. The other threads are the
+      // embedded database's (on PGlite), V8's GC and compiler helpers, libuv's pool and tsx's
+      // loader; /proc names them all "node", so they are reported together, the busiest apart.
+      const mainThread = cpu.threads.get(process.pid) ?? 0;
+      const others = [...cpu.threads].filter(([tid]) => tid !== process.pid).map(([, ms]) => ms);
+      const busiest = Math.max(0, ...others);
+      const othersTotal = others.reduce((sum, ms) => sum + ms, 0);
+      report.add(
+        NAME,
+        `    main thread / other threads${embedded ? " (PGlite, GC, libuv)" : " (GC, libuv)"}, per request`,
+        `${perRequest(mainThread).toFixed(2)} / ${perRequest(othersTotal).toFixed(2)}`,
+        "ms",
+      );
+      report.add(
+        NAME,
+        `    busiest other thread${embedded ? " (on PGlite, its database thread)" : ""}, per request`,
+        perRequest(busiest),
+        "ms",
+        2,
+      );
+      report.add(
+        NAME,
+        `  CPU of the ${workerPids.length} worker processes per completed request`,
+        perRequest(cpu.workers),
+        "ms",
+        2,
+      );
+      report.add(
+        NAME,
+        "  CPU of the consumer process per completed request",
+        perRequest(cpu.consumer),
+        "ms",
+        2,
+      );
+    }
+    report.add(NAME, `CPU of the whole machine (${cpus().length} vCPU)`, machineBusy * 100, "% busy", 0);
+    report.add(
+      NAME,
+      "event-loop delay of this process, p50 / p99",
+      [50, 99]
+        .map((p) => Math.max(0, loopDelay.percentile(p) / 1e6 - LOOP_RESOLUTION_MS).toFixed(1))
+        .join(" / "),
+      "ms",
+    );
+    for (const [message, count] of errors) progress(`${NAME}: error ×${count}: ${message}`);
+    if (errorCount > 0) report.failed = true;
 
-  const memory = "memory";
-  const three = (key: "rss" | "heapUsed") =>
-    [memoryBefore, memoryHalf, memoryAfter].map((usage) => mib(usage[key]).toFixed(1)).join(" / ");
-  report.add(memory, "RSS before / halfway / after the run (after GC)", three("rss"), "MiB");
-  report.add(memory, "peak RSS during the run", mib(peakRss), "MiB");
-  report.add(memory, "heap used before / halfway / after (after GC)", three("heapUsed"), "MiB");
-  const secondHalf = completed - completedAtHalf;
-  report.add(
-    memory,
-    "heap growth per request over the second half",
-    secondHalf > 0 ? (memoryAfter.heapUsed - memoryHalf.heapUsed) / secondHalf : 0,
-    "bytes",
-    0,
-  );
+    // Money: the audit, then the exact flows of this run.
+    const audit = await ledgerIsBalanced(market);
+    report.add(NAME, "ledger audit", audit.ok ? "ok" : "FAILED", `sum ${audit.sum} µc`);
+    for (const problem of audit.problems) progress(`${NAME}: audit problem: ${problem}`);
+    const broken: string[] = [];
+    let debited = 0n;
+    for (const account of accounts) {
+      const balance = await store.getBalance(account.accountId);
+      if (balance.held !== 0n) broken.push(`${account.accountId} still holds ${balance.held} µc`);
+      debited += credits(DEPOSIT_CREDITS) - balance.available;
+    }
+    const providerGot = (await store.getBalance(providerAccountId)).pending - providerBefore;
+    const platformGot = (await store.getBalance(PLATFORM_ACCOUNT_ID)).available - platformBefore;
+    if (debited !== paidByConsumers) {
+      broken.push(
+        `consumers were debited ${debited} µc; the responses reported costs of ${paidByConsumers} µc`,
+      );
+    }
+    if (providerGot + platformGot !== debited) {
+      broken.push(
+        `consumers paid ${debited} µc; provider + platform received ${providerGot + platformGot} µc`,
+      );
+    }
+    const external = await store.getBalance(EXTERNAL_ACCOUNT_ID);
+    if (external.held !== 0n) broken.push(`the external account holds ${external.held} µc`);
+    // Exactly one order per answered request, every one of them settled.
+    const consumerIds = new Set(accounts.map((account) => account.accountId));
+    const orders = (await store.listOrders({ limit: total * 2 + 100 })).filter((order) =>
+      consumerIds.has(order.consumerAccountId),
+    );
+    const completedOrders = orders.filter((order) => order.status === "completed").length;
+    if (completedOrders !== completed) {
+      broken.push(`${completedOrders} completed orders for ${completed} answered requests`);
+    }
+    const running = orders.filter((order) => order.status === "running").length;
+    if (running > 0) broken.push(`${running} orders are still running`);
+    report.add(
+      NAME,
+      "money check (debits = reported costs = provider + fee)",
+      broken.length === 0 ? "ok" : "BROKEN",
+      `${debited} µc in ${completedOrders} orders`,
+    );
+    for (const problem of broken) progress(`${NAME}: money invariant broken: ${problem}`);
+    if (!audit.ok || audit.sum !== 0n || broken.length > 0) report.failed = true;
+
+    const memory = "memory";
+    const three = (key: "rss" | "heapUsed") =>
+      [memoryBefore, memoryHalf, memoryAfter].map((usage) => mib(usage[key]).toFixed(1)).join(" / ");
+    report.add(memory, "RSS before / halfway / after the run (after GC)", three("rss"), "MiB");
+    report.add(memory, "peak RSS during the run", mib(peakRss), "MiB");
+    report.add(memory, "heap used before / halfway / after (after GC)", three("heapUsed"), "MiB");
+    const secondHalf = completed - completedAtHalf;
+    report.add(
+      memory,
+      "heap growth per request over the second half",
+      secondHalf > 0 ? (memoryAfter.heapUsed - memoryHalf.heapUsed) / secondHalf : 0,
+      "bytes",
+      0,
+    );
+    // Before the forced collection, as a server's RSS would be seen from outside. This process
+    // also carries the benchmark's own code (tsx, the admin client), so it is an upper bound.
+    report.add(
+      memory,
+      `RSS of the control plane's process right after the run (before GC)${embedded ? `, PGlite: target < ${RSS_TARGET_MIB}` : ""}`,
+      mib(rssAfterRun),
+      "MiB",
+    );
+  } finally {
+    await consumer.close();
+  }
 }
 
 function countOf(errors: Map<string, number>): number {
@@ -266,4 +346,121 @@ function settledMemory(): NodeJS.MemoryUsage {
   gc();
   gc();
   return process.memoryUsage();
+}
+
+/** User + system CPU of these processes, in ms, from /proc (null where it cannot be read). */
+function cpuMs(pids: number[]): number | null {
+  try {
+    let ticks = 0;
+    for (const pid of pids) ticks += statTicks(readFileSync(`/proc/${pid}/stat`, "utf8"));
+    return (ticks * 1000) / CLOCK_TICKS_PER_SECOND;
+  } catch {
+    return null;
+  }
+}
+
+/** User + system CPU of each thread of this process, in ms, by Linux thread id (null without /proc). */
+function threadCpuMs(): Map<number, number> | null {
+  try {
+    const threads = new Map<number, number>();
+    for (const tid of readdirSync("/proc/self/task")) {
+      try {
+        const ticks = statTicks(readFileSync(`/proc/self/task/${tid}/stat`, "utf8"));
+        threads.set(Number(tid), (ticks * 1000) / CLOCK_TICKS_PER_SECOND);
+      } catch {
+        // The thread ended between the listing and the read.
+      }
+    }
+    return threads;
+  } catch {
+    return null;
+  }
+}
+
+/** Resets this process's peak RSS as the kernel keeps it (Linux); false where it cannot. */
+function resetPeakRss(): boolean {
+  try {
+    writeFileSync("/proc/self/clear_refs", "5");
+    return kernelPeakRss() !== null;
+  } catch {
+    return false;
+  }
+}
+
+/** This process's peak RSS since the last reset (VmHWM), in bytes, or null without /proc. */
+function kernelPeakRss(): number | null {
+  try {
+    const match = /^VmHWM:\s+(\d+) kB$/m.exec(readFileSync("/proc/self/status", "utf8"));
+    return match ? Number(match[1]) * 1024 : null;
+  } catch {
+    return null;
+  }
+}
+
+/** utime + stime of a /proc stat line, in clock ticks. */
+function statTicks(stat: string): number {
+  // The fields after the command name, which is in parentheses and may contain spaces: utime and
+  // stime are fields 14 and 15 of the whole line.
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return Number(fields[11]) + Number(fields[12]);
+}
+
+interface LoadConsumer {
+  pid: number;
+  /** Sends one command and waits for its answer (one at a time), printing its progress lines. */
+  ask<Answer>(command: WarmUpCommand | LoadCommand): Promise<Answer>;
+  close(): Promise<void>;
+  /** Ends the process at once (on a timeout or Ctrl-C). */
+  kill(): void;
+}
+
+async function startLoadConsumer(): Promise<LoadConsumer> {
+  const child = spawn(process.execPath, ["--import", "tsx", join(REPO_ROOT, "bench/load-consumer.ts")], {
+    cwd: REPO_ROOT,
+    stdio: ["pipe", "pipe", "inherit"],
+    env: { ...process.env, NODE_NO_WARNINGS: "1" },
+  });
+  const exited = once(child, "exit");
+  const lines = createInterface({ input: child.stdout });
+  const waiting: ((line: string) => void)[] = [];
+  const pending: string[] = [];
+  lines.on("line", (line) => {
+    const next = waiting.shift();
+    if (next) next(line);
+    else pending.push(line);
+  });
+  // One rejection for every wait (each wait racing its own would leave the others unhandled).
+  const died = exited.then(([code, signal]) => {
+    throw new Error(`the load consumer process exited with ${signal ?? `code ${code}`}`);
+  });
+  died.catch(() => {});
+  const nextLine = () =>
+    Promise.race([
+      pending.length > 0
+        ? Promise.resolve(pending.shift() as string)
+        : new Promise<string>((resolve) => waiting.push(resolve)),
+      died,
+    ]);
+  await nextLine();
+  return {
+    pid: child.pid as number,
+    async ask<Answer>(command: WarmUpCommand | LoadCommand) {
+      child.stdin.write(`${JSON.stringify(command)}\n`);
+      for (;;) {
+        const answer = JSON.parse(await nextLine()) as Answer | { error: string } | { progress: string };
+        if (typeof answer === "object" && answer !== null && "progress" in answer) {
+          progress(`${NAME}: ${answer.progress}`);
+          continue;
+        }
+        if (typeof answer === "object" && answer !== null && "error" in answer) throw new Error(answer.error);
+        return answer as Answer;
+      }
+    },
+    async close() {
+      if (child.exitCode !== null || child.signalCode !== null) return;
+      child.stdin.end();
+      await exited;
+    },
+    kill: () => child.kill("SIGKILL"),
+  };
 }
