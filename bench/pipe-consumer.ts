@@ -11,8 +11,10 @@
  *   measured rounds of one stream per path, the paths interleaved within each round; answers the
  *   time to first token of every measured stream, by path label.
  * - `{"op": "load", path, lanes, perLane, model, tokens}`: `lanes` concurrent lanes each reading
- *   `perLane` streams one after another; answers tokens, seconds, the times to first token and
- *   the inter-chunk gaps (time between two content deltas of one stream) as p50 / p99.
+ *   `perLane` streams one after another; answers tokens, seconds, the times to first token, the
+ *   inter-chunk gaps (time between two content deltas of one stream) and the end waits (time from
+ *   a stream's last content delta to the end of its response: the usage event, `[DONE]` and, on
+ *   the platform, the settlement the usage waits for) as p50 / p99.
  *
  * Every stream must bring `tokens` tokens by its usage, and on a path that relays the engine's
  * events unchanged (`everyDelta`), each one as its own delta; a stream that does not fails the
@@ -60,6 +62,8 @@ export interface LoadAnswer {
   firstTokenP99: number;
   gapP50: number;
   gapP99: number;
+  endWaitP50: number;
+  endWaitP99: number;
 }
 
 async function stream(
@@ -67,7 +71,8 @@ async function stream(
   model: string,
   tokens: number,
   onContent?: (now: number) => void,
-): Promise<{ firstTokenMs: number; tokens: number }> {
+): Promise<{ firstTokenMs: number; tokens: number; endWaitMs: number }> {
+  let lastContent = 0;
   const result = await chatCompletion(
     path.url,
     path.apiKey,
@@ -78,8 +83,14 @@ async function stream(
       stream_options: { include_usage: true },
       max_tokens: tokens,
     },
-    onContent ? { onContent } : {},
+    {
+      onContent: (now) => {
+        lastContent = now;
+        onContent?.(now);
+      },
+    },
   );
+  const ended = performance.now();
   const got = result.completionTokens;
   const complete = got === tokens && (!path.everyDelta || result.contentChunks === tokens) && !result.error;
   if (!complete || result.firstTokenMs === null) {
@@ -87,7 +98,7 @@ async function stream(
       `${path.label}: got ${got} tokens (usage) in ${result.contentChunks} deltas, expected ${tokens} (HTTP ${result.status}${result.error ? `: ${result.error}` : ""})`,
     );
   }
-  return { firstTokenMs: result.firstTokenMs, tokens: got };
+  return { firstTokenMs: result.firstTokenMs, tokens: got, endWaitMs: ended - lastContent };
 }
 
 async function ttft(command: TtftCommand): Promise<TtftAnswer> {
@@ -106,6 +117,7 @@ async function ttft(command: TtftCommand): Promise<TtftAnswer> {
 async function load(command: LoadCommand): Promise<LoadAnswer> {
   const firstTokens: number[] = [];
   const gaps: number[] = [];
+  const endWaits: number[] = [];
   let tokens = 0;
   const started = performance.now();
   await Promise.all(
@@ -118,6 +130,7 @@ async function load(command: LoadCommand): Promise<LoadAnswer> {
         });
         tokens += received.tokens;
         firstTokens.push(received.firstTokenMs);
+        endWaits.push(received.endWaitMs);
       }
     }),
   );
@@ -129,6 +142,8 @@ async function load(command: LoadCommand): Promise<LoadAnswer> {
     firstTokenP99: percentile(firstTokens, 99),
     gapP50: percentile(gaps, 50),
     gapP99: percentile(gaps, 99),
+    endWaitP50: percentile(endWaits, 50),
+    endWaitP99: percentile(endWaits, 99),
   };
 }
 

@@ -1,8 +1,10 @@
 /**
  * A minimal HTTP relay hop for the pipe benchmark: a node:http server that forwards every request to
- * one upstream origin and pipes the answer's bytes back unchanged (no parsing, no buffering). Two in
- * a chain are the floor for the platform's two relay hops. Started by bench/pipe.ts; prints one
- * JSON line `{"url": ...}` once listening and exits on SIGTERM or when its stdin closes.
+ * one upstream origin and pipes the answer's bytes back unchanged (no parsing, no buffering of the
+ * answer; the small request body is kept until sent, for one retry on a stale kept-alive
+ * connection). Two in a chain are the floor for the platform's two relay hops. Started by
+ * bench/pipe.ts; prints one JSON line `{"url": ...}` once listening and exits on SIGTERM or when
+ * its stdin closes.
  *
  * Arguments: --upstream ORIGIN (e.g. http://127.0.0.1:4000).
  */
@@ -17,25 +19,38 @@ const upstream = new URL(values.upstream);
 const agent = new Agent({ keepAlive: true, maxSockets: Number.POSITIVE_INFINITY });
 
 const server = createServer((req, res) => {
-  const forward = request(
-    {
-      agent,
-      host: upstream.hostname,
-      port: upstream.port,
-      method: req.method,
-      path: req.url,
-      headers: { ...req.headers, host: upstream.host },
-    },
-    (answer) => {
-      res.writeHead(answer.statusCode ?? 502, answer.headers);
-      answer.pipe(res);
-    },
-  );
-  forward.on("error", (error) => {
-    if (!res.headersSent) res.writeHead(502);
-    res.end(String(error));
-  });
-  req.pipe(forward);
+  // The request body (a small JSON document) is kept, so that a request sent on a kept-alive
+  // connection the upstream closed just then can be sent again on a new one, as any HTTP client
+  // or relay does (the platform's worker too): without it a busy machine fails streams now and
+  // then with ECONNRESET, which measures the race, not the relay.
+  const body: Buffer[] = [];
+  req.on("data", (data: Buffer) => body.push(data));
+  req.on("end", () => send(true));
+  const send = (mayRetry: boolean) => {
+    const forward = request(
+      {
+        agent,
+        host: upstream.hostname,
+        port: upstream.port,
+        method: req.method,
+        path: req.url,
+        headers: { ...req.headers, host: upstream.host },
+      },
+      (answer) => {
+        res.writeHead(answer.statusCode ?? 502, answer.headers);
+        answer.pipe(res);
+      },
+    );
+    forward.on("error", (error: NodeJS.ErrnoException) => {
+      if (mayRetry && forward.reusedSocket && error.code === "ECONNRESET" && !res.headersSent) {
+        send(false);
+        return;
+      }
+      if (!res.headersSent) res.writeHead(502);
+      res.end(String(error));
+    });
+    forward.end(Buffer.concat(body));
+  };
 });
 server.keepAliveTimeout = 60_000;
 server.listen(0, "127.0.0.1", () => {

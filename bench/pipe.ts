@@ -11,10 +11,16 @@
  * paced at PACED_TOKENS_PER_SECOND tokens/s each (64 at once) with the inter-chunk gap
  * (p50 / p99); and the CPU time of its relaying processes, per 1,000 tokens and per request, the
  * control plane's and the worker's apart.
+ *
+ * Under load, two more lines per path tell whether a phase was limited by the CPU or by waiting:
+ * the cores each process of the path kept busy on average (relays, engine, consumer, database
+ * backends) next to the whole machine's, and the end wait (last content delta to the end of the
+ * response, which on the platform includes the settlement the usage event waits for).
  */
 import { spawn } from "node:child_process";
 import { once } from "node:events";
-import { readFileSync } from "node:fs";
+import { readdirSync, readFileSync } from "node:fs";
+import { availableParallelism, loadavg } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
 import { REPO_ROOT } from "../test/support/market.js";
@@ -31,10 +37,17 @@ const PIPE_TOKENS = 200;
 const PACED_TOKENS_PER_SECOND = 100;
 /** Unmeasured sequential rounds first, so that every path runs on warm (optimized) code. */
 const WARM_UP_ROUNDS = 10;
-/** Unpaced phases: concurrent lanes × streams read one after another in each lane. */
+/**
+ * Unpaced phases: concurrent lanes × streams read one after another in each lane. The 64-stream
+ * phase runs 16 streams per lane, several seconds, so that its start and end (when fewer than all
+ * the lanes stream) are a small part of it: with 4 per lane it lasted about a second and a half on
+ * a quiet machine, and its first and last streams weighed as much as the steady state. The
+ * 512-stream phase stays one burst of one stream per lane: a second stream per lane made the fake
+ * engine drop connections ("socket hang up") on the loaded machine, which measured the engine.
+ */
 const UNPACED_PHASES: ReadonlyArray<readonly [number, number]> = [
   [1, 100],
-  [64, 4],
+  [64, 16],
   [512, 1],
 ];
 /**
@@ -53,6 +66,10 @@ interface Path extends ConsumerPath {
   relayPids: number[];
   /** Whether this process relays too (the control plane runs here). */
   relaysHere: boolean;
+  /** The engine process this path reads (its CPU, read from /proc), when it could be found. */
+  enginePid: number | null;
+  /** The database's server processes serving this path (a local PostgreSQL's backends), if any. */
+  databasePids: () => number[];
 }
 
 interface Phase extends LoadAnswer {
@@ -63,6 +80,14 @@ interface Phase extends LoadAnswer {
   ownCpuMs: number;
   /** CPU of the consumer process. */
   consumerCpuMs: number | null;
+  /** CPU of the engine process. */
+  engineCpuMs: number | null;
+  /** CPU of the database's server processes (a local PostgreSQL's backends), 0 when none. */
+  databaseCpuMs: number;
+  /** Wall time of the phase as this process timed it, ms. */
+  wallMs: number;
+  /** Share of the machine's CPU time that was busy during the phase (all processes, 0..1). */
+  machineBusy: number | null;
 }
 
 export async function pipeBenchmark(context: BenchContext, report: Report): Promise<void> {
@@ -88,7 +113,13 @@ export async function pipeBenchmark(context: BenchContext, report: Report): Prom
       workers: [pacedWorker],
     } = await context.startWorkers(PACED_MODEL, paced.url, 1, WORKER_CONCURRENCY);
     const account = await market.account("pipe-consumer", 1_000_000);
-    const pathsTo = (engineUrl: string, pipeChain: { url: string; pids: number[] }, workerPid?: number) => [
+    const databasePids = databaseBackends(market.plane.databaseDescription);
+    const pathsTo = (
+      engineUrl: string,
+      enginePid: number | null,
+      pipeChain: { url: string; pids: number[] },
+      workerPid?: number,
+    ): Path[] => [
       {
         label: "engine direct",
         url: engineUrl,
@@ -96,6 +127,8 @@ export async function pipeBenchmark(context: BenchContext, report: Report): Prom
         everyDelta: true,
         relayPids: [],
         relaysHere: false,
+        enginePid,
+        databasePids: noDatabase,
       },
       {
         label: "two-hop pipe",
@@ -104,6 +137,8 @@ export async function pipeBenchmark(context: BenchContext, report: Report): Prom
         everyDelta: true,
         relayPids: pipeChain.pids,
         relaysHere: false,
+        enginePid,
+        databasePids: noDatabase,
       },
       {
         label: "platform",
@@ -113,10 +148,17 @@ export async function pipeBenchmark(context: BenchContext, report: Report): Prom
         everyDelta: false,
         relayPids: workerPid === undefined ? [] : [workerPid],
         relaysHere: true,
+        enginePid,
+        databasePids,
       },
     ];
-    const paths: Path[] = pathsTo(engine.url, pipe, worker?.pid);
-    const pacedPaths: Path[] = pathsTo(paced.url, pacedPipe, pacedWorker?.pid);
+    const paths = pathsTo(engine.url, enginePid(0), pipe, worker?.pid);
+    const pacedPaths = pathsTo(
+      paced.url,
+      enginePid(1000 / PACED_TOKENS_PER_SECOND),
+      pacedPipe,
+      pacedWorker?.pid,
+    );
 
     // Time to first token: rounds of one stream per path, interleaved so that a change in the
     // machine's load touches every path alike.
@@ -147,7 +189,7 @@ export async function pipeBenchmark(context: BenchContext, report: Report): Prom
       report.add(
         NAME,
         `time to first token added, ${label}, p50 / p99${ratio}`,
-        `+${ms(added(label, 50))} / +${ms(added(label, 99))}`,
+        `${signed(added(label, 50))} / ${signed(added(label, 99))}`,
         "ms",
       );
     }
@@ -161,6 +203,60 @@ export async function pipeBenchmark(context: BenchContext, report: Report): Prom
   } finally {
     await Promise.allSettled([consumer.close(), paced.close(), ...proxies.map((proxy) => proxy.close())]);
   }
+}
+
+/**
+ * The fake engine process answering with this delay per token: a child of this process (started
+ * by bench/engine.ts), found by its arguments in /proc; null where /proc cannot be read.
+ */
+function enginePid(delayMs: number): number | null {
+  try {
+    for (const pid of childPids(process.pid)) {
+      const args = readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0");
+      const delay = args.indexOf("--delay-ms");
+      if (args.some((arg) => arg.endsWith("engine-process.ts")) && Number(args[delay + 1]) === delayMs) {
+        return pid;
+      }
+    }
+  } catch {}
+  return null;
+}
+
+function childPids(pid: number): number[] {
+  const children: number[] = [];
+  for (const task of readdirSync(`/proc/${pid}/task`)) {
+    const text = readFileSync(`/proc/${pid}/task/${task}/children`, "utf8").trim();
+    if (text !== "") children.push(...text.split(/\s+/).map(Number));
+  }
+  return children;
+}
+
+/** A path without database processes of its own (or whose database runs in this process). */
+const noDatabase = (): number[] => [];
+
+/**
+ * The backends of the bench's PostgreSQL database, when that server runs on this machine (found by
+ * their process titles, `postgres: USER DATABASE …`). Embedded PGlite runs in a thread of this
+ * process, so its CPU is already the control plane's.
+ */
+function databaseBackends(description: string): () => number[] {
+  const name = /^PostgreSQL at [^/]*\/([^/?]+)$/.exec(description)?.[1];
+  if (!name) return noDatabase;
+  return () => {
+    const found: number[] = [];
+    try {
+      for (const entry of readdirSync("/proc")) {
+        if (!/^\d+$/.test(entry)) continue;
+        try {
+          const title = readFileSync(`/proc/${entry}/cmdline`, "utf8").replaceAll("\0", " ");
+          if (title.startsWith("postgres: ") && title.split(" ").includes(name)) found.push(Number(entry));
+        } catch {
+          // The process ended meanwhile.
+        }
+      }
+    } catch {}
+    return found;
+  };
 }
 
 function consumerPath(path: Path): ConsumerPath {
@@ -195,6 +291,10 @@ async function runPhase(
     report.add(NAME, `tokens/s, ${streams}, ${path.label}${share}`, phase.tokensPerSecond, "tokens/s", 0);
   }
   const direct = phases.get("engine direct") as Phase;
+  const pipePath = paths.find((path) => path.label === "two-hop pipe");
+  const pipeCpu = pipe && pipePath ? pathCpuMs(pipePath, pipe) : null;
+  // CPU per token of everything on the pipe's path, to compare the platform's with.
+  const pipeAll = pipe && pipeCpu !== null ? pipeCpu / pipe.tokens : null;
   for (const path of paths) {
     const phase = phases.get(path.label) as Phase;
     if (paced || lanes > 1) {
@@ -214,6 +314,19 @@ async function runPhase(
         "ms",
       );
     }
+  }
+  for (const path of paths) {
+    const phase = phases.get(path.label) as Phase;
+    if (path.label !== "engine direct" && (paced || lanes > 1)) {
+      report.add(
+        NAME,
+        `  last token → end of the response, ${streams}, ${path.label}, p50 / p99`,
+        `${ms(phase.endWaitP50)} / ${ms(phase.endWaitP99)}`,
+        "ms",
+      );
+    }
+    if (lanes > 1)
+      report.add(NAME, `  cores busy, ${streams}, ${path.label}`, utilisation(path, phase, pipeAll), "");
   }
   for (const path of paths) {
     const phase = phases.get(path.label) as Phase;
@@ -275,6 +388,10 @@ async function throughput(
 ): Promise<Phase> {
   const relayBefore = cpuMs(path.relayPids);
   const consumerBefore = cpuMs([consumer.pid]);
+  const engineBefore = path.enginePid === null ? null : cpuMs([path.enginePid]);
+  const databaseBefore = new Map(path.databasePids().map((pid) => [pid, cpuMs([pid]) ?? 0]));
+  const machineBefore = machineTicks();
+  const started = performance.now();
   const ownBefore = process.cpuUsage();
   const answer = await consumer.ask<LoadAnswer>({
     op: "load",
@@ -285,15 +402,92 @@ async function throughput(
     tokens: PIPE_TOKENS,
   } satisfies LoadCommand);
   const own = process.cpuUsage(ownBefore);
+  const wallMs = performance.now() - started;
+  const machineAfter = machineTicks();
   const relayAfter = cpuMs(path.relayPids);
   const consumerAfter = cpuMs([consumer.pid]);
+  const engineAfter = path.enginePid === null ? null : cpuMs([path.enginePid]);
+  let databaseCpuMs = 0;
+  // A backend that connected during the phase spent all its CPU in it.
+  for (const pid of path.databasePids())
+    databaseCpuMs += (cpuMs([pid]) ?? 0) - (databaseBefore.get(pid) ?? 0);
+  const delta = (before: number | null, after: number | null) =>
+    before === null || after === null ? null : after - before;
   return {
     ...answer,
     tokensPerSecond: answer.tokens / answer.seconds,
-    relayCpuMs: relayBefore === null || relayAfter === null ? null : relayAfter - relayBefore,
+    relayCpuMs: delta(relayBefore, relayAfter),
     ownCpuMs: (own.user + own.system) / 1000,
-    consumerCpuMs: consumerBefore === null || consumerAfter === null ? null : consumerAfter - consumerBefore,
+    consumerCpuMs: delta(consumerBefore, consumerAfter),
+    engineCpuMs: delta(engineBefore, engineAfter),
+    databaseCpuMs,
+    wallMs,
+    machineBusy:
+      machineBefore === null || machineAfter === null || machineAfter.total === machineBefore.total
+        ? null
+        : (machineAfter.busy - machineBefore.busy) / (machineAfter.total - machineBefore.total),
   };
+}
+
+/** The machine's CPU ticks, busy and in all, from /proc/stat (null where it cannot be read). */
+function machineTicks(): { busy: number; total: number } | null {
+  try {
+    const fields = (readFileSync("/proc/stat", "utf8").split("\n")[0] ?? "")
+      .trim()
+      .split(/\s+/)
+      .slice(1, 9)
+      .map(Number);
+    const total = fields.reduce((sum, value) => sum + value, 0);
+    // idle and iowait
+    const idle = (fields[3] ?? 0) + (fields[4] ?? 0);
+    return { busy: total - idle, total };
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * What kept the CPU busy during a phase, in cores on average (CPU time over wall time): the path's
+ * own processes, then the whole machine's. A path whose processes add up to far less than the
+ * machine's cores, on a machine with idle time left, was waiting rather than computing.
+ */
+function utilisation(path: Path, phase: Phase, pipePerToken: number | null): string {
+  const cores = (cpuMs: number | null) => (cpuMs === null ? "?" : (cpuMs / phase.wallMs).toFixed(2));
+  const parts: string[] = [];
+  if (path.relaysHere) {
+    parts.push(`control plane ${cores(phase.ownCpuMs)}`, `worker ${cores(phase.relayCpuMs)}`);
+    if (path.databasePids !== noDatabase) parts.push(`database ${cores(phase.databaseCpuMs)}`);
+  } else if (path.relayPids.length > 0) {
+    parts.push(`proxies ${cores(phase.relayCpuMs)}`);
+  }
+  parts.push(`engine ${cores(phase.engineCpuMs)}`, `consumer ${cores(phase.consumerCpuMs)}`);
+  const all = pathCpuMs(path, phase);
+  const ratio =
+    all !== null && pipePerToken && path.relaysHere
+      ? `, ${(all / phase.tokens / pipePerToken).toFixed(1)}× the pipe's`
+      : "";
+  const total =
+    all === null
+      ? ""
+      : ` = ${cores(all)} (${(all / (phase.tokens / 1000)).toFixed(1)} ms per 1,000 tokens${ratio})`;
+  const machine =
+    phase.machineBusy === null
+      ? ""
+      : `; machine ${(phase.machineBusy * availableParallelism()).toFixed(2)} of ${availableParallelism()}`;
+  return `${parts.join(", ")}${total}${machine} (load ${(loadavg()[0] ?? 0).toFixed(1)})`;
+}
+
+/**
+ * CPU of every process the path's tokens go through, ms: the engine, the relays (proxies, or
+ * control plane + worker + database backends) and the consumer. They share the machine's cores,
+ * so on a busy machine a path's tokens/s follows this, not the relays' CPU alone. Null where a
+ * process's CPU could not be read.
+ */
+function pathCpuMs(path: Path, phase: Phase): number | null {
+  const parts = [phase.engineCpuMs, phase.consumerCpuMs, path.relayPids.length > 0 ? phase.relayCpuMs : 0];
+  if (parts.some((part) => part === null)) return null;
+  const own = path.relaysHere ? phase.ownCpuMs + phase.databaseCpuMs : 0;
+  return (parts as number[]).reduce((sum, part) => sum + part, own);
 }
 
 /** User + system CPU of these processes, in ms, from /proc (null where it cannot be read). */
@@ -315,6 +509,11 @@ function cpuMs(pids: number[]): number | null {
 
 function ms(value: number): string {
   return value.toFixed(1);
+}
+
+/** A difference in ms with its sign (a noisy p99 can come out below the engine's). */
+function signed(value: number): string {
+  return `${value < 0 ? "" : "+"}${ms(value)}`;
 }
 
 interface Consumer {

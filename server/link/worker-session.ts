@@ -268,13 +268,20 @@ export class WorkerSession implements WorkerConnection, ScoringConnection {
     this.send({ case: "jobAssign", value: assign });
   }
 
-  /** The consumer took chunks up to `sequence`; the worker hears of it in batches. */
+  /**
+   * The consumer took chunks up to `sequence`; the worker hears of it in batches of a quarter of
+   * the window. A worker whose window is full has sent a whole window beyond the last
+   * announcement, so once the consumer has taken that, a batch is due: nothing else needs telling.
+   * (Announcing also whenever the consumer had caught up sent a JobWindow for nearly every chunk,
+   * since the consumer mostly keeps up: one message to encode, send and handle per chunk, which
+   * no worker needed.)
+   */
   acknowledge(jobId: string, sequence: bigint): void {
     const job = this.jobs.get(jobId);
     if (!job || job.sink === null || sequence <= job.acknowledged) return;
     job.acknowledged = sequence;
     const batch = BigInt(Math.max(1, Math.floor(this.options.jobWindowChunks / 4)));
-    if (job.acknowledged - job.announced >= batch || job.acknowledged === job.lastSequence) {
+    if (job.acknowledged - job.announced >= batch) {
       job.announced = job.acknowledged;
       this.send({ case: "jobWindow", value: { jobId, acknowledgedSequence: job.acknowledged } });
     }
