@@ -727,7 +727,6 @@ export class OrderRun implements AsyncIterable<RunEvent> {
     for (let attempt = 1; ; attempt++) {
       try {
         this.order = await this.deps.store.settleOrder(this.orderId, input);
-        await this.recordTokenCount(input);
         break;
       } catch (error) {
         this.deps.log.error(
@@ -745,7 +744,7 @@ export class OrderRun implements AsyncIterable<RunEvent> {
         backoffMs = Math.min(backoffMs * 2, MAX_SETTLE_BACKOFF_MS);
       }
     }
-    this.afterSettlement();
+    this.afterSettlement(input);
     this.terminal = this.terminalEvent(outcome, this.order);
     return this.order;
   }
@@ -759,8 +758,7 @@ export class OrderRun implements AsyncIterable<RunEvent> {
       await new Promise((resolve) => setTimeout(resolve, backoffMs + Math.random() * backoffMs));
       try {
         this.order = await this.deps.store.settleOrder(this.orderId, input);
-        await this.recordTokenCount(input);
-        this.afterSettlement();
+        this.afterSettlement(input);
         return;
       } catch (error) {
         this.deps.log.error({ orderId: this.orderId, err: String(error) }, "settlement failed; retrying");
@@ -866,7 +864,12 @@ export class OrderRun implements AsyncIterable<RunEvent> {
     } satisfies Parameters<MarketStore["settleOrder"]>[1];
   }
 
-  private afterSettlement(): void {
+  /**
+   * The order is settled: logs it, records how it was counted and then resolves `settled`. The
+   * count's record (its own statement) is not on the consumer's path: the answer's last event
+   * waits for the settlement only, `settled` (what whenSettled and shutdown wait for) for both.
+   */
+  private afterSettlement(input: ReturnType<OrderRun["settlementInput"]>): void {
     if (this.trustSignals.length > 0) {
       this.deps.log.warn(
         { orderId: this.orderId, workerId: this.order.workerId, signals: this.trustSignals },
@@ -884,7 +887,7 @@ export class OrderRun implements AsyncIterable<RunEvent> {
       },
       "order settled",
     );
-    this.markSettled();
+    void this.recordTokenCount(input).then(() => this.markSettled());
   }
 
   private terminalEvent(outcome: Outcome, order: OrderRecord | null): RunEvent {

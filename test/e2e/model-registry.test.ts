@@ -181,6 +181,8 @@ describe.skipIf(!present)("model registry: the platform counts registered models
       completion_tokens: completionTokens,
     });
 
+    // The count is recorded as the order settles, just after the answer's last event.
+    await market.plane.marketplace.whenSettled(completion.id);
     const shown = await admin("--json", "order", "--id", completion.id);
     expect(shown.code).toBe(0);
     const { order } = JSON.parse(shown.stdout);
@@ -205,6 +207,8 @@ describe.skipIf(!present)("model registry: the platform counts registered models
     expect(after.held).toBe(before.held);
     expect((await market.balance(provider.accountId)).pending).toBe(pendingBefore + cost - fee);
 
+    // The count is recorded as the order settles, just after the answer's last event.
+    await market.plane.marketplace.whenSettled(completion.id);
     const human = await admin("order", "--id", completion.id);
     expect(human.stdout).toContain(`Counted:    by the platform (tokenizer of GGUF ${STORIES_SHA256})`);
   });
@@ -215,6 +219,8 @@ describe.skipIf(!present)("model registry: the platform counts registered models
       messages: [{ role: "user", content: PROMPT }],
     });
     expect(completion.choices[0]?.message.content).toBe(DELIVERED);
+    // The count is recorded as the order settles, just after the answer's last event.
+    await market.plane.marketplace.whenSettled(completion.id);
     const { order } = JSON.parse((await admin("--json", "order", "--id", completion.id)).stdout);
     // One token claimed per chunk, each far under its bytes; the prompt claim is cut to its bound.
     expect(order.completionTokens).toBe(CHUNKS.length);
@@ -223,6 +229,8 @@ describe.skipIf(!present)("model registry: the platform counts registered models
     expect(order.tokenCountGgufSha256).toBe("");
     const cost = BigInt(order.promptTokens) + BigInt(order.completionTokens) * 2n;
     expect(order.cost).toBe(cost.toString());
+    // The count is recorded as the order settles, just after the answer's last event.
+    await market.plane.marketplace.whenSettled(completion.id);
     const human = await admin("order", "--id", completion.id);
     expect(human.stdout).toContain("Counted:    by the worker, bounded by bytes (unverified");
     const listed = JSON.parse((await admin("--json", "orders")).stdout);
@@ -250,6 +258,8 @@ describe.skipIf(!present)("model registry: the platform counts registered models
     const promptTokens = bos + tokenize(PROMPT);
     const completionTokens = tokenize(PROMPT + DELIVERED) - tokenize(PROMPT);
     expect(usage).toMatchObject({ prompt_tokens: promptTokens, completion_tokens: completionTokens });
+    // The count is recorded as the order settles, just after the answer's last event.
+    await market.plane.marketplace.whenSettled(id);
     const { order } = JSON.parse((await admin("--json", "order", "--id", id)).stdout);
     expect(order).toMatchObject({ promptTokens, completionTokens, tokenCountVerified: true });
     const cost = BigInt(promptTokens) + BigInt(completionTokens) * 2n;
@@ -277,6 +287,8 @@ describe.skipIf(!present)("model registry: the platform counts registered models
     }
     const completionTokens = tokenize(prompt + text) - tokenize(prompt);
     expect(completionTokens).toBe(40);
+    // The count is recorded as the order settles, just after the answer's last event.
+    await market.plane.marketplace.whenSettled(id);
     const { order } = JSON.parse((await admin("--json", "order", "--id", id)).stdout);
     expect(order).toMatchObject({
       promptTokens: bos + tokenize(prompt),
