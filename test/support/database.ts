@@ -1,15 +1,25 @@
 /**
  * Fresh, isolated databases for tests. With DATABASE_URL set (CI), each call creates a uniquely
- * named database on that server; otherwise it makes a temporary data directory for embedded PGlite.
+ * named database on that server; otherwise it makes a temporary data directory for embedded PGlite,
+ * holding a copy of the run's migrated template when there is one (see TEMPLATE_ENV).
  */
 import { randomBytes } from "node:crypto";
-import { mkdtemp, rm } from "node:fs/promises";
+import { constants } from "node:fs";
+import { cp, mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import type { MikroORM } from "@mikro-orm/postgresql";
 import pg from "pg";
 import { openDatabase } from "../../server/store/database.js";
 import { SqlMarketStore } from "../../server/store/market-store.js";
+
+/**
+ * The environment variable naming the run's template data dir, set by the vitest globalSetup
+ * database-template.ts: its `pgdata` is initialised, migrated and closed. Embedded test databases
+ * are made beside it (on tmpfs when it is there) and start as a copy of it. Without it (a bench
+ * script, a run with DATABASE_URL) each is created from scratch in the system's temporary directory.
+ */
+export const TEMPLATE_ENV = "LOCALLMARKET_TEST_TEMPLATE_DIR";
 
 export interface TestDatabase {
   /** The fresh database's URL, or undefined for embedded PGlite in dataDir. */
@@ -23,9 +33,21 @@ export interface TestDatabase {
 export async function createTestDatabase(
   serverUrl: string | null = process.env.DATABASE_URL ?? null,
 ): Promise<TestDatabase> {
-  const dataDir = await mkdtemp(join(tmpdir(), "locallmarket-test-"));
+  const template = serverUrl ? undefined : process.env[TEMPLATE_ENV];
+  const dataDir = await mkdtemp(join(template ? dirname(template) : tmpdir(), "locallmarket-test-"));
   const removeDataDir = () => rm(dataDir, { recursive: true, force: true });
   if (!serverUrl) {
+    if (template) {
+      // The server finds PG_VERSION in the copy and opens it as it is: no initdb, no pending
+      // migration. A clone where the file system can make one, a plain copy otherwise.
+      await cp(join(template, "pgdata"), join(dataDir, "pgdata"), {
+        recursive: true,
+        mode: constants.COPYFILE_FICLONE,
+      }).catch(async (error: unknown) => {
+        await removeDataDir();
+        throw error;
+      });
+    }
     return { databaseUrl: undefined, dataDir, drop: removeDataDir };
   }
 
