@@ -137,7 +137,7 @@ export async function startControlPlane(config: ServerConfig): Promise<ControlPl
   await marketplace.settleAbandonedOrders();
 
   const admin = await loadAdminToken(config.dataDir, config.adminToken);
-  const apiKeys = new ApiKeyCache({ store });
+  const apiKeys = new ApiKeyCache({ store, log });
   const adminService = createAdminService({
     store,
     registry,
@@ -224,6 +224,7 @@ export async function startControlPlane(config: ServerConfig): Promise<ControlPl
       });
     });
   } catch (error) {
+    await apiKeys.close();
     await app.close();
     grpcServer.close();
     await database.close();
@@ -276,6 +277,7 @@ export async function startControlPlane(config: ServerConfig): Promise<ControlPl
       await marketplace.whenIdle();
       await marketplace.close();
       clearInterval(releaseTimer);
+      await apiKeys.close();
       const httpClosed = app.close();
       shutdown.abort();
       const grpcClosed = new Promise<void>((resolve) => grpcServer.close(() => resolve()));

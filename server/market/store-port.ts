@@ -233,6 +233,14 @@ export interface MarketStore {
   revokeApiKey(keyId: string): Promise<ApiKeyRecord>;
   /** The active key's account, or null for an unknown or revoked secret. */
   authenticateApiKey(secret: string): Promise<{ account: AccountRecord; keyId: string } | null>;
+  /**
+   * The active keys among these secret hashes (hex SHA-256, as the store keeps them) with their
+   * accounts, by hash, in one query; unknown and revoked hashes are absent. What a cache of keys
+   * revalidates its working set with.
+   */
+  findActiveApiKeys(
+    secretHashes: readonly string[],
+  ): Promise<Map<string, { account: AccountRecord; keyId: string }>>;
   /** Creates a worker credential and the worker identity it maps to. */
   createWorkerToken(accountId: string, label: string): Promise<{ workerId: string; secret: string }>;
   /** The worker a token belongs to, or null for an unknown or revoked token. */

@@ -119,6 +119,18 @@ const FOREIGN_KEY_VIOLATION = "23503";
 
 type OpenedAccount = Awaited<ReturnType<MarketStore["openAccount"]>>;
 
+/** A row of findActiveApiKeys' query. */
+interface ActiveApiKeyRow {
+  secret_hash: string;
+  key_id: string;
+  id: string;
+  name: string;
+  created_at: Date | string;
+  max_input: string | null;
+  max_output: string | null;
+  min_tokens_per_second: number | string | null;
+}
+
 /** What an idempotency key remembers of its request: the operation and its parameters. */
 interface IdempotentRequest {
   operation: "deposit" | "withdrawal" | "open_account";
@@ -276,6 +288,37 @@ export class SqlMarketStore implements MarketStore {
     if (!key) return null;
     const account = await em.findOneOrFail(Account, { id: key.account });
     return { account: toAccountRecord(account), keyId: key.id };
+  }
+
+  async findActiveApiKeys(
+    secretHashes: readonly string[],
+  ): Promise<Map<string, { account: AccountRecord; keyId: string }>> {
+    const found = new Map<string, { account: AccountRecord; keyId: string }>();
+    if (secretHashes.length === 0) return found;
+    // One statement for the whole batch, whatever its size: the hashes travel as one JSON array
+    // (an array parameter would be spread into a list by the query builder). Money columns come
+    // back as text, so bigints are exact.
+    const rows = await this.em()
+      .getConnection()
+      .execute<ActiveApiKeyRow[]>(
+        `select k.secret_hash, k.id as key_id, a.id, a.name, a.created_at,
+           a.default_max_price_per_million_input::text as max_input,
+           a.default_max_price_per_million_output::text as max_output,
+           a.default_min_tokens_per_second as min_tokens_per_second
+         from api_keys k join accounts a on a.id = k.account_id
+         where k.secret_hash = any(array(select jsonb_array_elements_text(?::jsonb)))
+           and k.revoked_at is null`,
+        [JSON.stringify(secretHashes)],
+      );
+    for (const row of rows) {
+      const defaults: RoutingDefaults = {};
+      if (row.max_input != null) defaults.maxPricePerMillionInput = BigInt(row.max_input);
+      if (row.max_output != null) defaults.maxPricePerMillionOutput = BigInt(row.max_output);
+      if (row.min_tokens_per_second != null) defaults.minTokensPerSecond = Number(row.min_tokens_per_second);
+      const account = { id: row.id, name: row.name, createdAt: new Date(row.created_at), defaults };
+      found.set(row.secret_hash, { account, keyId: row.key_id });
+    }
+    return found;
   }
 
   async createWorkerToken(accountId: string, label: string): Promise<{ workerId: string; secret: string }> {
