@@ -20,7 +20,13 @@ import { type MatchRequest, pickWorkers, type RoutingConstraints } from "./match
 import { promptBound, promptFloor } from "./money.js";
 import { type Acquired, type MarketLogger, OrderRun, type RunEvent } from "./order-run.js";
 import type { Capability, ChatMessage, GenerationSpec, WorkerRegistry } from "./registry.js";
-import type { AccountRecord, MarketStore, OpenOrderInput, OrderRecord } from "./store-port.js";
+import {
+  type AccountRecord,
+  type MarketStore,
+  type OpenOrderInput,
+  type OrderRecord,
+  openedOrderRecord,
+} from "./store-port.js";
 
 export type { MarketLogger, RunEvent };
 
@@ -463,22 +469,7 @@ export class Marketplace {
 
 /** A speculative order as it will be once its hold commits (nothing is billed from it). */
 function pendingOrder(terms: OpenOrderInput): OrderRecord {
-  return {
-    ...terms,
-    status: "running",
-    promptTokens: 0,
-    completionTokens: 0,
-    reportedPromptTokens: null,
-    reportedCompletionTokens: null,
-    trustSignals: [],
-    cost: 0n,
-    fee: 0n,
-    finishReason: null,
-    error: null,
-    createdAt: new Date(),
-    firstTokenAt: null,
-    finishedAt: null,
-  };
+  return openedOrderRecord(terms, new Date());
 }
 
 /** The part of a request a worker sees. */

@@ -139,6 +139,26 @@ export interface OpenOrderInput {
   feeBasisPoints: number;
 }
 
+/** A just-opened order as the store records it: the terms it was opened with, a running order's zeros. */
+export function openedOrderRecord(terms: OpenOrderInput, createdAt: Date): OrderRecord {
+  return {
+    ...terms,
+    status: "running",
+    promptTokens: 0,
+    completionTokens: 0,
+    reportedPromptTokens: null,
+    reportedCompletionTokens: null,
+    trustSignals: [],
+    cost: 0n,
+    fee: 0n,
+    finishReason: null,
+    error: null,
+    createdAt,
+    firstTokenAt: null,
+    finishedAt: null,
+  };
+}
+
 export interface ReassignOrderInput {
   workerId: string;
   providerAccountId: string;

@@ -11,7 +11,12 @@
 import type { MikroORM } from "@mikro-orm/postgresql";
 import { formatCredits } from "../../common/credits.js";
 import { MarketError } from "../market/errors.js";
-import type { OpenOrderInput, OrderRecord, OrderStatus } from "../market/store-port.js";
+import {
+  type OpenOrderInput,
+  type OrderRecord,
+  type OrderStatus,
+  openedOrderRecord,
+} from "../market/store-port.js";
 import { type OrderJson, orderRecordFromJson } from "./records.js";
 import { newId } from "./secrets.js";
 
@@ -151,33 +156,23 @@ export function orderOrError(item: LedgerItem, result: LedgerOutcome): OrderReco
 
 /** A new order's row is what the open sent, with a running order's zeros. */
 function openedOrder(item: OpenItem): OrderRecord {
-  return {
-    id: item.id,
-    consumerAccountId: item.consumerAccountId,
-    apiKeyId: item.apiKeyId,
-    model: item.model,
-    workerId: item.workerId,
-    providerAccountId: item.providerAccountId,
-    status: "running",
-    pricePerMillionInput: BigInt(item.pricePerMillionInput),
-    pricePerMillionOutput: BigInt(item.pricePerMillionOutput),
-    hold: BigInt(item.hold),
-    maxTokens: item.maxTokens,
-    promptTokenBound: item.promptTokenBound,
-    feeBasisPoints: item.feeBasisPoints,
-    promptTokens: 0,
-    completionTokens: 0,
-    reportedPromptTokens: null,
-    reportedCompletionTokens: null,
-    trustSignals: [],
-    cost: 0n,
-    fee: 0n,
-    finishReason: null,
-    error: null,
-    createdAt: new Date(item.createdAt),
-    firstTokenAt: null,
-    finishedAt: null,
-  };
+  return openedOrderRecord(
+    {
+      id: item.id,
+      consumerAccountId: item.consumerAccountId,
+      apiKeyId: item.apiKeyId,
+      model: item.model,
+      workerId: item.workerId,
+      providerAccountId: item.providerAccountId,
+      pricePerMillionInput: BigInt(item.pricePerMillionInput),
+      pricePerMillionOutput: BigInt(item.pricePerMillionOutput),
+      hold: BigInt(item.hold),
+      maxTokens: item.maxTokens,
+      promptTokenBound: item.promptTokenBound,
+      feeBasisPoints: item.feeBasisPoints,
+    },
+    new Date(item.createdAt),
+  );
 }
 
 function orderIdOf(item: LedgerItem): string {

@@ -73,6 +73,22 @@ export interface FinishedDetailJob {
 }
 
 /** One audit's record. */
+/** One audit's or canary's outcome, before its consequences (TrustService.conclude). */
+interface Verdict {
+  kind: "audit" | "canary";
+  auditId: string;
+  jobId: string;
+  /** The audited order; "" for a canary (it has none). */
+  orderId: string;
+  workerId: string;
+  verifierId: string;
+  model: string;
+  weightsSha256: string;
+  stats: JobAuditStats;
+  verifyMs: number;
+  generationMs: number;
+}
+
 export interface AuditRecord {
   auditId: string;
   jobId: string;
@@ -434,17 +450,7 @@ export class TrustService {
    * sequential test, tally, reputation, records and consequences as an audit (a canary has no
    * order of its own: a failure claws back the orders the failed test covered).
    */
-  recordVerdict(verdict: {
-    auditId: string;
-    jobId: string;
-    workerId: string;
-    verifierId: string;
-    model: string;
-    weightsSha256: string;
-    stats: JobAuditStats;
-    verifyMs: number;
-    generationMs: number;
-  }): Promise<AuditRecord> {
+  recordVerdict(verdict: Omit<Verdict, "kind" | "orderId">): Promise<AuditRecord> {
     return this.conclude({ ...verdict, kind: "canary", orderId: "" });
   }
 
@@ -520,20 +526,7 @@ export class TrustService {
    * repeated failed tests, and on a failed test the claw-back of the audited order (an audit's)
    * and of every other order the test covered.
    */
-  private async conclude(verdict: {
-    kind: "audit" | "canary";
-    auditId: string;
-    jobId: string;
-    /** The audited order; "" for a canary (it has none). */
-    orderId: string;
-    workerId: string;
-    verifierId: string;
-    model: string;
-    weightsSha256: string;
-    stats: JobAuditStats;
-    verifyMs: number;
-    generationMs: number;
-  }): Promise<AuditRecord> {
+  private async conclude(verdict: Verdict): Promise<AuditRecord> {
     const key = `${verdict.workerId}\u0000${verdict.weightsSha256}`;
     let test = this.tests.get(key);
     if (!test) {
