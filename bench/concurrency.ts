@@ -10,17 +10,15 @@
  * (no_capacity). The consumers retry those after a short random pause, as an SDK with retries
  * would; they are counted apart. Anything else that is not a complete answer is an error.
  */
-import { spawn } from "node:child_process";
-import { once } from "node:events";
+
 import { readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { cpus } from "node:os";
-import { join } from "node:path";
 import { monitorEventLoopDelay } from "node:perf_hooks";
-import { createInterface } from "node:readline";
 import { setFlagsFromString } from "node:v8";
 import { runInNewContext } from "node:vm";
 import { EXTERNAL_ACCOUNT_ID, PLATFORM_ACCOUNT_ID } from "../server/market/store-port.js";
-import { credits, ledgerIsBalanced, REPO_ROOT } from "../test/support/market.js";
+import { credits, ledgerIsBalanced } from "../test/support/market.js";
+import { type CommandProcess, startCommandProcess } from "./command-process.js";
 import type { BenchContext } from "./context.js";
 import type { LoadAnswer, LoadCommand, WarmUpCommand } from "./load-consumer.js";
 import { mib, percentile, progress, type Report } from "./report.js";
@@ -405,62 +403,9 @@ function statTicks(stat: string): number {
   return Number(fields[11]) + Number(fields[12]);
 }
 
-interface LoadConsumer {
-  pid: number;
-  /** Sends one command and waits for its answer (one at a time), printing its progress lines. */
-  ask<Answer>(command: WarmUpCommand | LoadCommand): Promise<Answer>;
-  close(): Promise<void>;
-  /** Ends the process at once (on a timeout or Ctrl-C). */
-  kill(): void;
-}
-
-async function startLoadConsumer(): Promise<LoadConsumer> {
-  const child = spawn(process.execPath, ["--import", "tsx", join(REPO_ROOT, "bench/load-consumer.ts")], {
-    cwd: REPO_ROOT,
-    stdio: ["pipe", "pipe", "inherit"],
-    env: { ...process.env, NODE_NO_WARNINGS: "1" },
-  });
-  const exited = once(child, "exit");
-  const lines = createInterface({ input: child.stdout });
-  const waiting: ((line: string) => void)[] = [];
-  const pending: string[] = [];
-  lines.on("line", (line) => {
-    const next = waiting.shift();
-    if (next) next(line);
-    else pending.push(line);
-  });
-  // One rejection for every wait (each wait racing its own would leave the others unhandled).
-  const died = exited.then(([code, signal]) => {
-    throw new Error(`the load consumer process exited with ${signal ?? `code ${code}`}`);
-  });
-  died.catch(() => {});
-  const nextLine = () =>
-    Promise.race([
-      pending.length > 0
-        ? Promise.resolve(pending.shift() as string)
-        : new Promise<string>((resolve) => waiting.push(resolve)),
-      died,
-    ]);
-  await nextLine();
-  return {
-    pid: child.pid as number,
-    async ask<Answer>(command: WarmUpCommand | LoadCommand) {
-      child.stdin.write(`${JSON.stringify(command)}\n`);
-      for (;;) {
-        const answer = JSON.parse(await nextLine()) as Answer | { error: string } | { progress: string };
-        if (typeof answer === "object" && answer !== null && "progress" in answer) {
-          progress(`${NAME}: ${answer.progress}`);
-          continue;
-        }
-        if (typeof answer === "object" && answer !== null && "error" in answer) throw new Error(answer.error);
-        return answer as Answer;
-      }
-    },
-    async close() {
-      if (child.exitCode !== null || child.signalCode !== null) return;
-      child.stdin.end();
-      await exited;
-    },
-    kill: () => child.kill("SIGKILL"),
-  };
+/** The consumers' process (bench/load-consumer.ts); its progress lines are printed as ours. */
+function startLoadConsumer(): Promise<CommandProcess<WarmUpCommand | LoadCommand>> {
+  return startCommandProcess("load-consumer.ts", "load consumer", (message) =>
+    progress(`${NAME}: ${message}`),
+  );
 }

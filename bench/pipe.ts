@@ -17,6 +17,7 @@
  * backends) next to the whole machine's, and the end wait (last content delta to the end of the
  * response, which on the platform includes the settlement the usage event waits for).
  */
+
 import { spawn } from "node:child_process";
 import { once } from "node:events";
 import { readdirSync, readFileSync } from "node:fs";
@@ -24,6 +25,7 @@ import { availableParallelism, loadavg } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
 import { REPO_ROOT } from "../test/support/market.js";
+import { type CommandProcess, startCommandProcess } from "./command-process.js";
 import type { BenchContext } from "./context.js";
 import { startEngineProcess } from "./engine.js";
 import type { ConsumerPath, LoadAnswer, LoadCommand, TtftAnswer, TtftCommand } from "./pipe-consumer.js";
@@ -516,59 +518,11 @@ function signed(value: number): string {
   return `${value < 0 ? "" : "+"}${ms(value)}`;
 }
 
-interface Consumer {
-  pid: number;
-  /** Sends one command and waits for its answer (one at a time). */
-  ask<Answer>(command: TtftCommand | LoadCommand): Promise<Answer>;
-  close(): Promise<void>;
-}
+type Consumer = CommandProcess<TtftCommand | LoadCommand>;
 
-async function startConsumer(): Promise<Consumer> {
-  const child = spawn(process.execPath, ["--import", "tsx", join(REPO_ROOT, "bench/pipe-consumer.ts")], {
-    cwd: REPO_ROOT,
-    stdio: ["pipe", "pipe", "inherit"],
-    env: { ...process.env, NODE_NO_WARNINGS: "1" },
-  });
-  const exited = once(child, "exit");
-  const lines = createInterface({ input: child.stdout });
-  const answers: string[] = [];
-  let waiting: ((line: string) => void) | null = null;
-  lines.on("line", (line) => {
-    if (waiting) {
-      const resolve = waiting;
-      waiting = null;
-      resolve(line);
-    } else answers.push(line);
-  });
-  // One rejection for every wait (each wait racing its own would leave the others unhandled).
-  const died = exited.then(([code]) => {
-    throw new Error(`the consumer process exited with code ${code}`);
-  });
-  died.catch(() => {});
-  const nextLine = () =>
-    Promise.race([
-      answers.length > 0
-        ? Promise.resolve(answers.shift() as string)
-        : new Promise<string>((resolve) => {
-            waiting = resolve;
-          }),
-      died,
-    ]);
-  await nextLine();
-  return {
-    pid: child.pid as number,
-    async ask<Answer>(command: TtftCommand | LoadCommand) {
-      child.stdin.write(`${JSON.stringify(command)}\n`);
-      const answer = JSON.parse(await nextLine()) as Answer | { error: string };
-      if (typeof answer === "object" && answer !== null && "error" in answer) throw new Error(answer.error);
-      return answer as Answer;
-    },
-    async close() {
-      if (child.exitCode !== null || child.signalCode !== null) return;
-      child.stdin.end();
-      await exited;
-    },
-  };
+/** The consumers' process (bench/pipe-consumer.ts). */
+function startConsumer(): Promise<Consumer> {
+  return startCommandProcess("pipe-consumer.ts", "consumer");
 }
 
 interface Proxy {

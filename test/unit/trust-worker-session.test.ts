@@ -5,63 +5,20 @@
  * ScoreResult (or the worker's disconnection) settles the verifier call.
  */
 import { create } from "@bufbuild/protobuf";
-import { afterEach, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import {
   ConnectRequestSchema,
   type ConnectResponse,
   type JobAssign,
   type ScoreAssign,
 } from "../../gen/locallmarket/v1/worker_pb.js";
-import { WorkerSession } from "../../server/link/worker-session.js";
+import type { WorkerSession } from "../../server/link/worker-session.js";
 import type { JobSink, JobSpec } from "../../server/market/registry.js";
-import type { OfferRecord } from "../../server/market/store-port.js";
 import type { FinishedDetailJob } from "../../server/trust/trust-service.js";
-
-const silent = { info: () => {}, warn: () => {}, error: () => {} } as unknown as ConstructorParameters<
-  typeof WorkerSession
->[0]["log"];
-
-const OFFER: OfferRecord = {
-  model: "m",
-  pricePerMillionInput: 1n,
-  pricePerMillionOutput: 1n,
-  advertisedTokensPerSecond: 10,
-  maxConcurrency: 1,
-  contextLength: 512,
-  quantization: "",
-  engine: "llama.cpp",
-  capabilities: {
-    tools: false,
-    jsonSchema: false,
-    logprobs: false,
-    vision: false,
-    completions: false,
-    tokenDetail: true,
-  },
-  weightsSha256: "ab".repeat(32),
-};
-
-const sessions: WorkerSession[] = [];
-afterEach(() => {
-  for (const session of sessions.splice(0)) session.close("test over");
-});
+import { testOffer, testSession } from "../support/worker-session.js";
 
 function session(trust?: ConstructorParameters<typeof WorkerSession>[0]["trust"]) {
-  const s = new WorkerSession({
-    workerId: "wkr_1",
-    providerAccountId: "acct_1",
-    name: "w",
-    sessionId: "s",
-    offers: [OFFER],
-    heartbeatIntervalMs: 60_000,
-    maxChunkBytes: 1 << 20,
-    jobWindowChunks: 64,
-    log: silent,
-    onCapacity: () => {},
-    onClose: () => {},
-    ...(trust ? { trust } : {}),
-  });
-  sessions.push(s);
+  const s = testSession(testOffer(true), trust ? { trust } : {});
   const outbound = s.outbound[Symbol.asyncIterator]();
   const next = async (): Promise<ConnectResponse["message"]> =>
     ((await outbound.next()).value as ConnectResponse).message;

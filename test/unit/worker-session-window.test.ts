@@ -5,37 +5,12 @@
  * a batch, and may then go on.
  */
 import { create } from "@bufbuild/protobuf";
-import { afterEach, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { ConnectRequestSchema, type ConnectResponse } from "../../gen/locallmarket/v1/worker_pb.js";
-import { WorkerSession } from "../../server/link/worker-session.js";
 import type { JobSink, JobSpec } from "../../server/market/registry.js";
-import type { OfferRecord } from "../../server/market/store-port.js";
-
-const silent = { info: () => {}, warn: () => {}, error: () => {} } as unknown as ConstructorParameters<
-  typeof WorkerSession
->[0]["log"];
+import { testOffer, testSession } from "../support/worker-session.js";
 
 const WINDOW = 8;
-
-const OFFER: OfferRecord = {
-  model: "m",
-  pricePerMillionInput: 1n,
-  pricePerMillionOutput: 1n,
-  advertisedTokensPerSecond: 10,
-  maxConcurrency: 1,
-  contextLength: 512,
-  quantization: "",
-  engine: "llama.cpp",
-  capabilities: {
-    tools: false,
-    jsonSchema: false,
-    logprobs: false,
-    vision: false,
-    completions: false,
-    tokenDetail: false,
-  },
-  weightsSha256: "ab".repeat(32),
-};
 
 const JOB: JobSpec = {
   jobId: "job_1",
@@ -47,27 +22,9 @@ const JOB: JobSpec = {
   deadlineUnixMs: 0,
 };
 
-const sessions: WorkerSession[] = [];
-afterEach(() => {
-  for (const session of sessions.splice(0)) session.close("test over");
-});
-
 /** A session running one job; `taken` lists the chunks its sink got, `failures` why it failed. */
 function runningJob() {
-  const session = new WorkerSession({
-    workerId: "wkr_1",
-    providerAccountId: "acct_1",
-    name: "w",
-    sessionId: "s",
-    offers: [OFFER],
-    heartbeatIntervalMs: 60_000,
-    maxChunkBytes: 1 << 20,
-    jobWindowChunks: WINDOW,
-    log: silent,
-    onCapacity: () => {},
-    onClose: () => {},
-  });
-  sessions.push(session);
+  const session = testSession(testOffer(false), { jobWindowChunks: WINDOW });
   const taken: bigint[] = [];
   const failures: string[] = [];
   const sink: JobSink = {
