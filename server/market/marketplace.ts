@@ -12,7 +12,7 @@
  * settles nothing before the hold commits, and a refused hold stops the worker and bills no one
  * (order-run.ts). Any other account's order is dispatched only once its hold is placed.
  */
-import { randomBytes } from "node:crypto";
+import { randomBase64url } from "../../common/random-id.js";
 import type { TokenCountSource } from "../models/model-registry.js";
 import { AdmissionQueue } from "./admission-queue.js";
 import { isMarketError, MarketError } from "./errors.js";
@@ -88,7 +88,7 @@ const MAX_SPECULATING_ACCOUNTS = 100_000;
 const SHUTDOWN_RETRY_AFTER_SECONDS = 5;
 
 function newId(prefix: string): string {
-  return `${prefix}${randomBytes(12).toString("base64url")}`;
+  return `${prefix}${randomBase64url(12)}`;
 }
 
 export class Marketplace {

@@ -36,8 +36,9 @@
  * at settlement, still bounded by its UTF-8 bytes and max_tokens; the worker's counts only raise
  * trust signals, and the order is recorded as verified.
  */
-import { randomBytes } from "node:crypto";
+
 import type { TokenLogprob, ToolCallDelta } from "../../common/generation.js";
+import { randomBase64url } from "../../common/random-id.js";
 import type { TokenCountSource } from "../models/model-registry.js";
 import { TokenCounter } from "../models/token-counter.js";
 import { MarketError } from "./errors.js";
@@ -149,7 +150,7 @@ const SETTLE_TRIES_BEFORE_ANSWERING = 3;
 const MAX_TRUST_SIGNALS = 20;
 
 function newJobId(): string {
-  return `job_${randomBytes(12).toString("base64url")}`;
+  return `job_${randomBase64url(12)}`;
 }
 
 export class OrderRun implements AsyncIterable<RunEvent> {

@@ -17,6 +17,7 @@ import {
   type OrderStatus,
   openedOrderRecord,
 } from "../market/store-port.js";
+import { rawQuery, sqlText } from "./raw-sql.js";
 import { type OrderJson, orderRecordFromJson } from "./records.js";
 import { newId } from "./secrets.js";
 
@@ -110,11 +111,11 @@ interface BatchAnswer {
 
 /** Runs the items in one statement, hence one transaction; one outcome per item, in order. */
 export async function runLedgerBatch(orm: MikroORM, items: readonly LedgerItem[]): Promise<LedgerOutcome[]> {
-  const rows = await orm.em
-    .getConnection()
-    .execute<{ answer: BatchAnswer }[]>("select market_ledger_batch(?::jsonb) as answer", [
-      JSON.stringify(items),
-    ]);
+  // Straight on the pool's client: this statement runs for every few requests (raw-sql.ts).
+  const rows = await rawQuery<{ answer: BatchAnswer }>(
+    orm,
+    `select market_ledger_batch(${sqlText(JSON.stringify(items))}::jsonb) as answer`,
+  );
   const answer = rows[0]?.answer;
   if (!Array.isArray(answer?.results) || answer.results.length !== items.length) {
     throw new Error(`market_ledger_batch answered ${JSON.stringify(answer)} for ${items.length} items.`);

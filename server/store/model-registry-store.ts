@@ -1,10 +1,12 @@
 /**
  * Persistence of the model registry (server/models/): the registered GGUFs and, per order, whether
  * its billed token counts are the platform's own. Plain SQL on its own tables
- * (Migration20251125181000_model_registry), one short statement per call, never inside another
- * transaction (PGlite runs one connection).
+ * (Migration20251125181000_model_registry), one short statement per call (the orders' records: one
+ * per batch), never inside another transaction (PGlite runs one connection).
  */
 import type { MikroORM } from "@mikro-orm/core";
+import { GroupCommitter } from "./group-commit.js";
+import { rawQuery, sqlValue } from "./raw-sql.js";
 
 /** A registered model as stored. */
 export interface StoredModel {
@@ -72,6 +74,10 @@ const nullableNumber = (value: string | number | null): number | null =>
   value === null ? null : Number(value);
 
 export class ModelRegistryStore {
+  private readonly counts = new GroupCommitter<OrderTokenCount, undefined>({
+    runBatch: (counts) => this.insertCounts(counts),
+  });
+
   constructor(private readonly orm: MikroORM) {}
 
   private execute<T extends object>(sql: string, params: unknown[] = []): Promise<T[]> {
@@ -111,13 +117,17 @@ export class ModelRegistryStore {
     return rows.map(modelFromRow);
   }
 
-  /** Records how an order was counted. Idempotent: a second record of the same order is ignored. */
+  /**
+   * Records how an order was counted. Idempotent: a second record of the same order is ignored.
+   * Every order writes one, so concurrent records are group-committed: one multi-row statement per
+   * batch (group-commit.ts), straight on the pool's client (raw-sql.ts).
+   */
   async recordOrderCount(count: OrderTokenCount): Promise<void> {
-    await this.execute(
-      `insert into order_token_counts (order_id, model, verified, gguf_sha256, prompt_tokens, completion_tokens,
-         reported_prompt_tokens, reported_completion_tokens, claimed_completion_tokens)
-       values (?, ?, ?, ?, ?, ?, ?, ?, ?)
-       on conflict (order_id) do nothing`,
+    await this.counts.submit(count);
+  }
+
+  private async insertCounts(counts: readonly OrderTokenCount[]): Promise<undefined[]> {
+    const rows = counts.map((count) =>
       [
         count.orderId,
         count.model,
@@ -128,8 +138,18 @@ export class ModelRegistryStore {
         count.reportedPromptTokens,
         count.reportedCompletionTokens,
         count.claimedCompletionTokens,
-      ],
+      ]
+        .map(sqlValue)
+        .join(", "),
     );
+    await rawQuery(
+      this.orm,
+      `insert into order_token_counts (order_id, model, verified, gguf_sha256, prompt_tokens, completion_tokens,
+         reported_prompt_tokens, reported_completion_tokens, claimed_completion_tokens)
+       values (${rows.join("), (")})
+       on conflict (order_id) do nothing`,
+    );
+    return counts.map(() => undefined);
   }
 
   /** The recorded counts of these orders (orders without a record are absent from the map). */

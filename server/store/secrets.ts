@@ -3,6 +3,7 @@
  * are 256-bit random values, so a fast unsalted hash is enough to make a leaked table useless.
  */
 import { createHash, randomBytes } from "node:crypto";
+import { randomHex } from "../../common/random-id.js";
 
 export const API_KEY_PREFIX = "sk-llm-";
 export const WORKER_TOKEN_PREFIX = "wt-llm-";
@@ -12,7 +13,7 @@ const VISIBLE_PREFIX_LENGTH = 12;
 
 /** A new random id such as `acct_3f9c0a51d2e84b7c6a10`. */
 export function newId(kind: string): string {
-  return `${kind}_${randomBytes(10).toString("hex")}`;
+  return `${kind}_${randomHex(10)}`;
 }
 
 export function generateSecret(prefix: string): string {

@@ -7,7 +7,8 @@
 import { copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import pg from "pg";
+import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { MarketError } from "../../server/market/errors.js";
 import { ModelRegistry } from "../../server/models/model-registry.js";
 import { ModelRegistryStore } from "../../server/store/model-registry-store.js";
@@ -110,5 +111,37 @@ describe.skipIf(!present)("model registry store and reload", () => {
     expect(read.get("chatcmpl-count-2")?.verified).toBe(false);
     expect(read.has("chatcmpl-unknown")).toBe(false);
     expect((await store.orderCounts([])).size).toBe(0);
+  });
+
+  it("writes concurrent orders' counts in one statement, text kept byte for byte, the first record winning", async () => {
+    const store = new ModelRegistryStore(db.orm);
+    const base = {
+      verified: false,
+      ggufSha256: null,
+      promptTokens: null,
+      completionTokens: null,
+      reportedPromptTokens: null,
+      reportedCompletionTokens: 7,
+      claimedCompletionTokens: 9,
+    };
+    // Quotes, backslashes and non-ASCII text travel inlined in the statement (raw-sql.ts).
+    const models = ["it's", "back\\slash\\'", "名前 ☃", "plain"];
+    const counts = models.map((model, i) => ({ ...base, orderId: `chatcmpl-batch-${i}`, model }));
+    const query = vi.spyOn(pg.Client.prototype, "query");
+    try {
+      await Promise.all([
+        ...counts.map((count) => store.recordOrderCount(count)),
+        // The same order twice in one batch: the first record stands.
+        store.recordOrderCount({ ...(counts[0] as (typeof counts)[number]), claimedCompletionTokens: 1 }),
+      ]);
+      const inserts = query.mock.calls.filter(([sent]: unknown[]) =>
+        String(sent).startsWith("insert into order_token_counts"),
+      );
+      expect(inserts).toHaveLength(1);
+    } finally {
+      query.mockRestore();
+    }
+    const read = await store.orderCounts(counts.map((count) => count.orderId));
+    for (const count of counts) expect(read.get(count.orderId)).toEqual(count);
   });
 });

@@ -4,6 +4,7 @@
  * own accounts, so only the platform and external accounts are shared (compared as deltas).
  * Settlements finish "now" unless a test says otherwise, so no earning is overdue for the audit.
  */
+import pg from "pg";
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { isMarketError, type MarketErrorCode } from "../../server/market/errors.js";
 import { NO_CAPABILITIES } from "../../server/market/registry.js";
@@ -832,25 +833,31 @@ describe("SqlMarketStore", () => {
     const provider = await newProvider();
     const input = orderInput(consumer, provider, CREDIT);
     const connection = testStore.orm.em.getConnection();
-    const execute = vi.spyOn(connection, "execute");
+    // Every statement the driver is sent, whichever path sends it (MikroORM's or the raw one).
+    const query = vi.spyOn(pg.Client.prototype, "query");
+    const statements = () =>
+      query.mock.calls.map(([sent]: unknown[]) =>
+        typeof sent === "string" ? sent : (sent as { text: string }).text,
+      );
     const begin = vi.spyOn(connection, "begin");
     try {
       const order = await store.openOrder(input);
-      expect(execute).toHaveBeenCalledTimes(1);
+      expect(statements()).toEqual([expect.stringMatching(/^select market_ledger_batch\(/)]);
       const settled = await store.settleOrder(order.id, settlement(120, 345));
-      expect(execute).toHaveBeenCalledTimes(2);
+      expect(statements()).toHaveLength(2);
       // A settlement of a final order and a refused open are one statement too.
       expect(await store.settleOrder(order.id, settlement(1, 1))).toEqual(settled);
       await expectMarketError(
         store.openOrder(orderInput(consumer, provider, 10n * CREDIT)),
         "insufficient_credits",
       );
-      expect(execute).toHaveBeenCalledTimes(4);
+      expect(statements()).toHaveLength(4);
+      for (const text of statements()) expect(text).toMatch(/^select market_ledger_batch\(/);
       // Each statement is its own transaction: no BEGIN … COMMIT around it.
       expect(begin).not.toHaveBeenCalled();
       expect(settled).toMatchObject({ cost: COST_120_345, fee: FEE_120_345 });
     } finally {
-      execute.mockRestore();
+      query.mockRestore();
       begin.mockRestore();
     }
     expect(await store.getBalance(consumer.accountId)).toEqual(balance(5n * CREDIT - COST_120_345));
