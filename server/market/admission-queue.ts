@@ -92,10 +92,18 @@ export class AdmissionQueue {
     });
   }
 
-  /** A slot may be free for these models: offer it to their waiters, oldest first. */
-  offer(models: Iterable<string>): void {
+  /**
+   * A slot may be free for these models: offer it to their waiters, oldest first. `hasFreeSlot`
+   * (when given) says cheaply whether any slot for the model could still be reserved; the offer
+   * stops as soon as none can. It may answer true when a waiter's own constraints then find
+   * nothing (that waiter just keeps waiting), never false while a slot is free. Without it, a
+   * freed slot cost one full match per waiter: with dozens waiting, most of the work of a busy
+   * market.
+   */
+  offer(models: Iterable<string>, hasFreeSlot?: (model: string) => boolean): void {
     for (const model of models) {
       for (const waiter of [...(this.queues.get(model) ?? [])]) {
+        if (hasFreeSlot && !hasFreeSlot(model)) break;
         let value: unknown;
         try {
           value = waiter.tryAcquire();

@@ -115,7 +115,7 @@ export class Marketplace {
     // to a microtask so a session never re-enters the market from inside its own bookkeeping.
     registry.onCapacity((connection) => {
       const models = connection.offers.map((offer) => offer.model);
-      queueMicrotask(() => this.queue.offer(models));
+      queueMicrotask(() => this.queue.offer(models, (model) => registry.hasFreeSlot(model)));
     });
     this.checkpointTimer = setInterval(() => {
       this.checkpointing = this.checkpointing.then(() => this.checkpoint());

@@ -173,6 +173,19 @@ export class WorkerRegistry {
     for (const listener of this.capacityListeners) listener(connection);
   }
 
+  /**
+   * Whether some worker offering `model` has a free slot now: admission's cheap check before it
+   * matches a waiting request. True whenever a reservation for the model could succeed.
+   */
+  hasFreeSlot(model: string): boolean {
+    for (const connection of this.connections.values()) {
+      if (connection.draining) continue;
+      const offer = connection.offers.find((candidate) => candidate.model === model);
+      if (offer && connection.activeJobs < capacityOf(offer)) return true;
+    }
+    return false;
+  }
+
   /** Registers a connection; returns the one it replaces (same worker reconnecting), if any. */
   register(connection: WorkerConnection): WorkerConnection | undefined {
     const previous = this.connections.get(connection.workerId);
