@@ -38,12 +38,7 @@ export async function createTestDatabase(
   const removeDataDir = () => rm(dataDir, { recursive: true, force: true });
   if (!serverUrl) {
     if (template) {
-      // The server finds PG_VERSION in the copy and opens it as it is: no initdb, no pending
-      // migration. A clone where the file system can make one, a plain copy otherwise.
-      await cp(join(template, "pgdata"), join(dataDir, "pgdata"), {
-        recursive: true,
-        mode: constants.COPYFILE_FICLONE,
-      }).catch(async (error: unknown) => {
+      await copyPgdata(template, dataDir).catch(async (error: unknown) => {
         await removeDataDir();
         throw error;
       });
@@ -64,6 +59,45 @@ export async function createTestDatabase(
       await removeDataDir();
     },
   };
+}
+
+/**
+ * Copies the `pgdata` of `fromDataDir` (initialised and closed) into `toDataDir`. The server finds
+ * PG_VERSION in the copy and opens it as it is: no initdb, no pending migration. A clone where the
+ * file system can make one, a plain copy otherwise.
+ */
+export async function copyPgdata(fromDataDir: string, toDataDir: string): Promise<void> {
+  await cp(join(fromDataDir, "pgdata"), join(toDataDir, "pgdata"), {
+    recursive: true,
+    mode: constants.COPYFILE_FICLONE,
+  });
+}
+
+export interface InitialisedDataDir {
+  /** A data dir whose `pgdata` is initialised, migrated and closed: copy it with copyPgdata. */
+  dataDir: string;
+  /** Removes it if it was made here (the run's template is left to the globalSetup). */
+  remove(): Promise<void>;
+}
+
+/**
+ * For tests that drive the embedded database themselves yet need no fresh data dir: the run's
+ * template (TEMPLATE_ENV) when there is one, else one data dir created here through `openDatabase`
+ * (seconds of initdb), to be copied by every test of the file instead of each creating its own.
+ */
+export async function initialisedDataDir(): Promise<InitialisedDataDir> {
+  const template = process.env[TEMPLATE_ENV];
+  if (template) return { dataDir: template, remove: async () => {} };
+  const dataDir = await mkdtemp(join(tmpdir(), "locallmarket-initialised-"));
+  const remove = () => rm(dataDir, { recursive: true, force: true });
+  try {
+    const database = await openDatabase({ dataDir, progress: () => {} });
+    await database.close();
+  } catch (error) {
+    await remove();
+    throw error;
+  }
+  return { dataDir, remove };
 }
 
 export interface TestStore {
