@@ -69,16 +69,19 @@ export async function concurrencyBenchmark(context: BenchContext, report: Report
     // check covers the measured run.
     const warmUp = await market.account("load-warm-up", DEPOSIT_CREDITS);
     await consumer.ask({ op: "warm-up", url, apiKey: warmUp.apiKey, model: MODEL, requests: 8 });
-    const warmUpRound = await consumer.ask<LoadAnswer>({
-      op: "load",
-      url,
-      apiKeys: accounts.map((account) => account.apiKey),
-      model: MODEL,
-      tokens: shortTokens,
-      from: 0,
-      to: WARM_UP_REQUESTS_PER_CONSUMER,
-      giveUpMs: GIVE_UP_MS,
-    });
+    /** Every consumer makes its requests number `from` to `to - 1`, all at once. */
+    const load = (from: number, to: number) =>
+      consumer.ask<LoadAnswer>({
+        op: "load",
+        url,
+        apiKeys: accounts.map((account) => account.apiKey),
+        model: MODEL,
+        tokens: shortTokens,
+        from,
+        to,
+        giveUpMs: GIVE_UP_MS,
+      });
+    const warmUpRound = await load(0, WARM_UP_REQUESTS_PER_CONSUMER);
     progress(
       `${NAME}: warm-up round: ${warmUpRound.completed} requests by the ${consumers} consumers, unmeasured`,
     );
@@ -132,16 +135,7 @@ export async function concurrencyBenchmark(context: BenchContext, report: Report
       const threadsBefore = threadCpuMs();
       const workersBefore = cpuMs(workerPids);
       const consumerBefore = cpuMs([consumer.pid]);
-      const answer = await consumer.ask<LoadAnswer>({
-        op: "load",
-        url,
-        apiKeys: accounts.map((account) => account.apiKey),
-        model: MODEL,
-        tokens: shortTokens,
-        from,
-        to,
-        giveUpMs: GIVE_UP_MS,
-      });
+      const answer = await load(from, to);
       const own = process.cpuUsage(ownBefore);
       const threadsAfter = threadCpuMs();
       const workersAfter = cpuMs(workerPids);

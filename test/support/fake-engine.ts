@@ -396,8 +396,16 @@ export async function startFakeEngine(options: FakeEngineOptions = {}): Promise<
       const written = res.write(
         `data: ${typeof payload === "string" ? payload : JSON.stringify(payload)}\n\n`,
       );
-      if (!written && !res.destroyed)
-        await new Promise((resolve) => res.once("drain", resolve).once("close", resolve));
+      if (!written && !res.destroyed) {
+        // Whichever comes first; the other listener goes too (a long stream waits here many times).
+        await new Promise<void>((resolve) => {
+          const done = () => {
+            res.off("drain", done).off("close", done);
+            resolve();
+          };
+          res.once("drain", done).once("close", done);
+        });
+      }
     };
 
     if (!legacy) await send(chunk({ role: "assistant", content: "" }, null));
