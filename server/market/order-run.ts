@@ -6,10 +6,10 @@
  *                │   └────fall back─────┘                              ├──consumer gone──▶ cancelled
  *                └───────────────────────────── any ──────────────────┴──failure────────▶ failed
  *
- * Every transition has a name, is logged with its reason, and is decided synchronously: an attempt
- * is superseded before any `await`, so nothing a superseded attempt sends (chunk, done, failure,
- * stream close) can end, settle or re-route the order, and one failed attempt causes at most one
- * fallback. The order's money is settled exactly once, after the outcome is decided and the
+ * Every transition has a name, is logged with its reason (at debug; failed and cancelled at info),
+ * and is decided synchronously: an attempt is superseded before any `await`, so nothing a
+ * superseded attempt sends (chunk, done, failure, stream close) can end, settle or re-route the
+ * order, and one failed attempt causes at most one fallback. The order's money is settled exactly once, after the outcome is decided and the
  * consumer has taken what it will take; the store computes it from the order row and the token
  * counts passed here (see store-port.ts), and a failed settlement is retried until it succeeds.
  *
@@ -48,6 +48,8 @@ import type { AttemptWatch } from "./reputation.js";
 import type { MarketStore, OrderCheckpoint, OrderRecord } from "./store-port.js";
 
 export interface MarketLogger {
+  /** Detail an operator turns on with --log-level debug (absent: dropped). */
+  debug?(fields: object, message: string): void;
   info(fields: object, message: string): void;
   warn(fields: object, message: string): void;
   error(fields: object, message: string): void;
@@ -691,17 +693,18 @@ export class OrderRun implements AsyncIterable<RunEvent> {
 
   private transition(to: OrderState, reason: string, from: OrderState): void {
     this.state = to;
-    this.deps.log.info(
-      {
-        orderId: this.orderId,
-        from,
-        to,
-        reason,
-        attempt: this.attempt?.n,
-        workerId: this.attempt?.candidate.connection.workerId,
-      },
-      `order ${to}`,
-    );
+    // At info, an order that goes well logs one line ("order settled", with its bill); every step
+    // of it is debug. An order that fails or is cancelled says so at info, with the reason.
+    const fields = {
+      orderId: this.orderId,
+      from,
+      to,
+      reason,
+      attempt: this.attempt?.n,
+      workerId: this.attempt?.candidate.connection.workerId,
+    };
+    if (to === "failed" || to === "cancelled") this.deps.log.info(fields, `order ${to}`);
+    else this.deps.log.debug?.(fields, `order ${to}`);
   }
 
   private signal(text: string): void {
