@@ -93,6 +93,7 @@ describe.skipIf(!present)("audits with real models: honest workers pass, cheater
   let provider: { accountId: string; apiKey: string };
   let dir: string;
   const links: WorkerLink[] = [];
+  const engines: Engine[] = [];
 
   beforeAll(async () => {
     dir = mkdtempSync(join(tmpdir(), "llm-trust-"));
@@ -127,6 +128,8 @@ describe.skipIf(!present)("audits with real models: honest workers pass, cheater
 
   afterAll(async () => {
     await Promise.all(links.map((link) => link.stop()));
+    // The links do not own their engines: each in-process llama.cpp is freed here.
+    await Promise.all(engines.map((engine) => engine.close().catch(() => undefined)));
     await market?.close();
     if (dir) rmSync(dir, { recursive: true, force: true });
   });
@@ -167,6 +170,7 @@ describe.skipIf(!present)("audits with real models: honest workers pass, cheater
       offers: [claimedLlamaCppOffer(model, weightsSha256)],
     });
     links.push(link);
+    engines.push(engine);
     void link.start().catch(() => {});
     await market.plane.registry.whenConnected(workerId);
     return workerId;

@@ -81,6 +81,7 @@ describe.skipIf(!present)(
     let provider: { accountId: string; apiKey: string };
     let verifierId: string;
     const links: WorkerLink[] = [];
+    const engines: Engine[] = [];
 
     beforeAll(async () => {
       // Every consumer order is followed by a canary; no audits, so every verdict below is a canary's.
@@ -106,6 +107,8 @@ describe.skipIf(!present)(
 
     afterAll(async () => {
       await Promise.all(links.map((link) => link.stop()));
+      // The links do not own their engines: each in-process llama.cpp is freed here.
+      await Promise.all(engines.map((engine) => engine.close().catch(() => undefined)));
       await market?.close();
     });
 
@@ -134,6 +137,7 @@ describe.skipIf(!present)(
         original(session, assign);
       };
       links.push(link);
+      engines.push(engine);
       void link.start().catch(() => {});
       await market.plane.registry.whenConnected(workerId);
       return { workerId, received };

@@ -58,6 +58,7 @@ describe.skipIf(!present)("consequences of failed audits", () => {
   let admin: ReturnType<typeof createClient<typeof AdminService>>;
   const processes: ChildProcess[] = [];
   const links: WorkerLink[] = [];
+  const engines: LlamaCppEngine[] = [];
   let consumer: { accountId: string; apiKey: string };
   let provider: string;
   let verifierId: string;
@@ -108,6 +109,8 @@ describe.skipIf(!present)("consequences of failed audits", () => {
 
   afterAll(async () => {
     await Promise.all(links.map((link) => link.stop()));
+    // The links do not own their engines: each in-process llama.cpp is freed here.
+    await Promise.all(engines.map((engine) => engine.close().catch(() => undefined)));
     for (const child of processes) {
       if (child.exitCode === null && child.signalCode === null) {
         const gone = once(child, "exit");
@@ -173,6 +176,7 @@ describe.skipIf(!present)("consequences of failed audits", () => {
       offers: [claimedLlamaCppOffer(model)],
     });
     links.push(link);
+    engines.push(engine);
     void link.start().catch(() => {});
     return { workerId, token, link };
   }
