@@ -6,6 +6,7 @@
  */
 import { type ChildProcess, spawn } from "node:child_process";
 import { once } from "node:events";
+import { existsSync, readFileSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -14,7 +15,9 @@ import { createGrpcTransport } from "@connectrpc/connect-node";
 import { adminTokenHeaderInterceptor } from "../admin-client/token-header.js";
 import { AdminService } from "../gen/locallmarket/v1/admin_pb.js";
 import { REPO_ROOT } from "../test/support/market.js";
+import { startCommandProcess } from "./command-process.js";
 import type { BenchContext } from "./context.js";
+import type { LoadAnswer, LoadCommand } from "./load-consumer.js";
 import { median, progress, type Report } from "./report.js";
 
 const CLI = join(REPO_ROOT, "bin/locallmarket.js");
@@ -111,6 +114,7 @@ export async function startupBenchmark(context: BenchContext, report: Report): P
         }
       }
       report.add("startup", `worker connected, median of ${WORKER_RUNS}`, median(workerTimes), "ms", 0);
+      await embeddedMemory(context, report, running, admin, account?.id ?? "", engine.url);
     } finally {
       await running.stop();
     }
@@ -122,6 +126,8 @@ export async function startupBenchmark(context: BenchContext, report: Report): P
 interface StartedServer {
   readyMs: number;
   grpcUrl: string;
+  httpUrl: string;
+  pid: number;
   stop(): Promise<void>;
 }
 
@@ -147,10 +153,13 @@ async function startServer(dataDir: string): Promise<StartedServer> {
   const banner = await waitForOutput(child, /control plane is up\.[\s\S]*worker gRPC:\s+(\S+)/);
   const readyMs = performance.now() - started;
   const grpcUrl = /worker gRPC:\s+(\S+)/.exec(banner)?.[1] ?? "";
+  const httpUrl = /OpenAI API:\s+(\S+)\/v1/.exec(banner)?.[1] ?? "";
   progress(`startup: server ready in ${Math.round(readyMs)} ms on ${dataDir}`);
   return {
     readyMs,
     grpcUrl,
+    httpUrl,
+    pid: child.pid as number,
     async stop() {
       if (child.exitCode !== null || child.signalCode !== null) return;
       const exited = once(child, "exit");
@@ -210,3 +219,129 @@ function waitForOutput(child: ChildProcess, pattern: RegExp): Promise<string> {
     child.once("exit", onExit);
   });
 }
+
+/** Workers and consumers of the memory phase, and the requests each consumer makes per round. */
+const MEMORY_WORKERS = 4;
+const MEMORY_WORKER_CONCURRENCY = 8;
+const MEMORY_CONSUMERS = 64;
+const MEMORY_REQUESTS_PER_ROUND = 40;
+const MEMORY_ROUNDS = 3;
+/** The issue's target for a server on its embedded database. */
+const RSS_TARGET_MIB = 300;
+
+/**
+ * The compiled server on its embedded database, in its own process, under load: its RSS idle
+ * (workers connected, accounts made) and at its highest while 64 consumers make 16-token requests
+ * (MEMORY_ROUNDS rounds, sampled from /proc every 50 ms by this process), and its CPU per request
+ * (/proc/PID/stat: the control plane and its database thread).
+ */
+async function embeddedMemory(
+  context: BenchContext,
+  report: Report,
+  server: StartedServer,
+  admin: ReturnType<typeof createClient<typeof AdminService>>,
+  providerAccountId: string,
+  engineUrl: string,
+): Promise<void> {
+  if (!existsSync(`/proc/${server.pid}/status`)) {
+    progress("startup: no /proc here; the server's memory under load is not measured");
+    return;
+  }
+  const workers: ChildProcess[] = [];
+  const consumer = await startCommandProcess<LoadCommand>("load-consumer.ts", "load consumer", progress);
+  context.onKill(consumer.kill);
+  try {
+    for (let i = 0; i < MEMORY_WORKERS; i++) {
+      const { workerToken, workerId } = await admin.createWorkerToken({
+        accountId: providerAccountId,
+        label: `memory-${i}`,
+      });
+      const worker = spawnCli([
+        ...["worker", "--server", server.grpcUrl, "--token", workerToken, "--model", "bench-startup"],
+        ...["--price-in", "1", "--price-out", "1", "--tps", "100", "--engine", "openai"],
+        ...["--engine-url", engineUrl, "--concurrency", String(MEMORY_WORKER_CONCURRENCY)],
+      ]);
+      workers.push(worker);
+      await waitForOutput(worker, new RegExp(`connected as worker ${workerId}`));
+    }
+    const apiKeys: string[] = [];
+    for (let i = 0; i < MEMORY_CONSUMERS; i++) {
+      const { account } = await admin.createAccount({
+        name: `memory-consumer-${i}`,
+        initialDeposit: 10n ** 12n,
+      });
+      const { apiKey } = await admin.createApiKey({ accountId: account?.id ?? "", label: "bench" });
+      apiKeys.push(apiKey);
+    }
+    const idle = procStatus(server.pid).rss;
+    let peak = idle;
+    const sampler = setInterval(() => {
+      peak = Math.max(peak, procStatus(server.pid).rss);
+    }, 50);
+    const cpuBefore = procCpuMs(server.pid);
+    let completed = 0;
+    try {
+      for (let round = 0; round < MEMORY_ROUNDS; round++) {
+        const from = round * MEMORY_REQUESTS_PER_ROUND;
+        const answer = await consumer.ask<LoadAnswer>({
+          op: "load",
+          url: `${server.httpUrl}/v1`,
+          apiKeys,
+          model: "bench-startup",
+          tokens: 16,
+          from,
+          to: from + MEMORY_REQUESTS_PER_ROUND,
+          giveUpMs: 60_000,
+        });
+        const errors = Object.values(answer.errors).reduce((sum, count) => sum + count, 0);
+        if (errors > 0)
+          throw new Error(`memory phase: ${errors} requests failed: ${JSON.stringify(answer.errors)}`);
+        completed += answer.completed;
+        progress(
+          `startup: memory round ${round + 1}/${MEMORY_ROUNDS}: ${answer.completed} requests in ${answer.seconds.toFixed(1)} s, server RSS ${mib(procStatus(server.pid).rss)} MiB`,
+        );
+      }
+    } finally {
+      clearInterval(sampler);
+    }
+    const cpuPerRequest = (procCpuMs(server.pid) - cpuBefore) / completed;
+    peak = Math.max(peak, procStatus(server.pid).highWater);
+    const streams = `${MEMORY_CONSUMERS} consumers × ${MEMORY_ROUNDS * MEMORY_REQUESTS_PER_ROUND} requests of 16 tokens, ${MEMORY_WORKERS} workers`;
+    report.add(
+      "startup",
+      "server on PGlite (compiled, own process): RSS idle, workers connected",
+      mib(idle),
+      "MiB",
+    );
+    report.add(
+      "startup",
+      `server on PGlite: peak RSS under ${streams} (target < ${RSS_TARGET_MIB})`,
+      mib(peak),
+      "MiB",
+    );
+    report.add(
+      "startup",
+      "server on PGlite: CPU per request (control plane + database thread)",
+      cpuPerRequest,
+      "ms",
+    );
+  } finally {
+    for (const worker of workers) worker.kill("SIGKILL");
+    await consumer.close();
+  }
+}
+
+/** VmRSS and VmHWM of a process, in bytes. */
+function procStatus(pid: number): { rss: number; highWater: number } {
+  const status = readFileSync(`/proc/${pid}/status`, "utf8");
+  const kib = (field: string) => Number(new RegExp(`${field}:\\s+(\\d+)`).exec(status)?.[1] ?? 0) * 1024;
+  return { rss: kib("VmRSS"), highWater: kib("VmHWM") };
+}
+
+/** User + system CPU time of a process, in ms (clock ticks of 10 ms). */
+function procCpuMs(pid: number): number {
+  const fields = (readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1] ?? "").split(" ");
+  return (Number(fields[11]) + Number(fields[12])) * 10;
+}
+
+const mib = (bytes: number) => Math.round((bytes / 1048576) * 10) / 10;

@@ -4,6 +4,7 @@
  */
 import { parseServerConfig, serverHelp } from "./config.js";
 import type { ControlPlane } from "./control-plane.js";
+import { tightenHeap } from "./heap.js";
 import { DataDirInUseError } from "./store/data-dir-lock.js";
 
 export async function runServerCli(argv: string[]): Promise<number> {
@@ -64,6 +65,8 @@ export async function runServerCli(argv: string[]): Promise<number> {
       "",
     ].join("\n"),
   );
+  // Start-up's garbage is dead now: on the embedded database, size the heap from what is live.
+  if (config.databaseUrl === undefined) tightenHeap();
   let forced = false;
   await new Promise<void>((resolve) => {
     const onSignal = (signal: NodeJS.Signals) => {

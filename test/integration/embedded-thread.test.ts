@@ -11,7 +11,10 @@ import { dirname, join } from "node:path";
 import { pathToFileURL } from "node:url";
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it, vi } from "vitest";
 import { type Database, openDatabase } from "../../server/store/database.js";
-import { EmbeddedDatabaseCrashedError } from "../../server/store/embedded-database.js";
+import {
+  DATABASE_THREAD_YOUNG_GENERATION_MB,
+  EmbeddedDatabaseCrashedError,
+} from "../../server/store/embedded-database.js";
 import { copyPgdata, type InitialisedDataDir, initialisedDataDir } from "../support/database.js";
 import { REPO_ROOT } from "../support/market.js";
 
@@ -64,6 +67,8 @@ describe("the embedded database's thread", () => {
       ]);
       const thread = database.thread;
       expect(thread?.threadId).toBeGreaterThan(0);
+      // Its young generation is bounded (V8 would size it from the machine).
+      expect(thread?.resourceLimits?.maxYoungGenerationSizeMb).toBe(DATABASE_THREAD_YOUNG_GENERATION_MB);
 
       // PGlite computes synchronously: on the main thread, no timer could fire while the query
       // sleeps, only before the database picked it up (milliseconds after sending) or once it has
