@@ -8,8 +8,8 @@
  * pages back. {@link tightenHeap} sets the growth factor to 1.5 and collects once right after
  * start-up, so that limits are derived from the real live set from then on. Measured with a
  * compiled server on PGlite under 64 consumers (BENCHMARKS.md): the old space stayed at 47–58 MiB,
- * with no measurable change in CPU per request (a full collection of a ~35 MiB heap every few
- * seconds under load).
+ * with no change in CPU per request beyond the runs' noise (more frequent full collections, each
+ * of a heap with ~35 MiB live).
  *
  * With PostgreSQL the defaults stay: that server idles at about 120 MiB and is the one measured
  * for CPU per request.
