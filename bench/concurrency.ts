@@ -21,6 +21,7 @@ import { ledgerIsBalanced } from "../test/support/market.js";
 import { type CommandProcess, startCommandProcess } from "./command-process.js";
 import type { BenchContext } from "./context.js";
 import type { LoadAnswer, LoadCommand, WarmUpCommand } from "./load-consumer.js";
+import { CLOCK_TICKS_PER_SECOND, cpuMs, statTicks } from "./proc.js";
 import { mib, percentile, progress, type Report } from "./report.js";
 
 const NAME = "concurrency";
@@ -32,8 +33,6 @@ const WARM_UP_REQUESTS_PER_CONSUMER = 12;
 const GIVE_UP_MS = 30_000;
 /** The event-loop delay histogram's timer; its readings include this period, subtracted again. */
 const LOOP_RESOLUTION_MS = 2;
-/** Linux's USER_HZ: /proc/PID/stat counts CPU time in these ticks. */
-const CLOCK_TICKS_PER_SECOND = 100;
 /** How long this process's CPU is read with no request in flight, before the run. */
 const IDLE_WINDOW_MS = 3_000;
 /** The issue's target for the server's RSS on embedded PGlite. */
@@ -366,17 +365,6 @@ function settledMemory(): NodeJS.MemoryUsage {
   return process.memoryUsage();
 }
 
-/** User + system CPU of these processes, in ms, from /proc (null where it cannot be read). */
-function cpuMs(pids: number[]): number | null {
-  try {
-    let ticks = 0;
-    for (const pid of pids) ticks += statTicks(readFileSync(`/proc/${pid}/stat`, "utf8"));
-    return (ticks * 1000) / CLOCK_TICKS_PER_SECOND;
-  } catch {
-    return null;
-  }
-}
-
 /** User + system CPU of each thread of this process, in ms, by Linux thread id (null without /proc). */
 function threadCpuMs(): Map<number, number> | null {
   try {
@@ -413,14 +401,6 @@ function kernelPeakRss(): number | null {
   } catch {
     return null;
   }
-}
-
-/** utime + stime of a /proc stat line, in clock ticks. */
-function statTicks(stat: string): number {
-  // The fields after the command name, which is in parentheses and may contain spaces: utime and
-  // stime are fields 14 and 15 of the whole line.
-  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  return Number(fields[11]) + Number(fields[12]);
 }
 
 /** The consumers' process (bench/load-consumer.ts); its progress lines are printed as ours. */

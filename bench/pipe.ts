@@ -29,6 +29,7 @@ import { type CommandProcess, startCommandProcess } from "./command-process.js";
 import type { BenchContext } from "./context.js";
 import { startEngineProcess } from "./engine.js";
 import type { ConsumerPath, LoadAnswer, LoadCommand, TtftAnswer, TtftCommand } from "./pipe-consumer.js";
+import { cpuMs } from "./proc.js";
 import { percentile, progress, type Report } from "./report.js";
 
 const NAME = "pipe";
@@ -60,8 +61,6 @@ const UNPACED_PHASES: ReadonlyArray<readonly [number, number]> = [
 const PACED_PHASES: ReadonlyArray<readonly [number, number]> = [[64, 1]];
 /** Slots of each platform worker: every stream of the largest phase runs at once. */
 const WORKER_CONCURRENCY = 512;
-/** Linux's USER_HZ: /proc/PID/stat counts CPU time in these ticks. */
-const CLOCK_TICKS_PER_SECOND = 100;
 
 interface Path extends ConsumerPath {
   /** Processes that relay on this path (CPU read from /proc), besides this process. */
@@ -490,23 +489,6 @@ function pathCpuMs(path: Path, phase: Phase): number | null {
   if (parts.some((part) => part === null)) return null;
   const own = path.relaysHere ? phase.ownCpuMs + phase.databaseCpuMs : 0;
   return (parts as number[]).reduce((sum, part) => sum + part, own);
-}
-
-/** User + system CPU of these processes, in ms, from /proc (null where it cannot be read). */
-function cpuMs(pids: number[]): number | null {
-  try {
-    let ticks = 0;
-    for (const pid of pids) {
-      const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-      // The fields after the command name, which is in parentheses and may contain spaces:
-      // utime and stime are fields 14 and 15 of the whole line.
-      const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-      ticks += Number(fields[11]) + Number(fields[12]);
-    }
-    return (ticks * 1000) / CLOCK_TICKS_PER_SECOND;
-  } catch {
-    return null;
-  }
 }
 
 function ms(value: number): string {

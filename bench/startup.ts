@@ -18,7 +18,8 @@ import { REPO_ROOT } from "../test/support/market.js";
 import { startCommandProcess } from "./command-process.js";
 import type { BenchContext } from "./context.js";
 import type { LoadAnswer, LoadCommand } from "./load-consumer.js";
-import { median, progress, type Report } from "./report.js";
+import { cpuMs } from "./proc.js";
+import { median, mib, progress, type Report } from "./report.js";
 
 const CLI = join(REPO_ROOT, "bin/locallmarket.js");
 const ADMIN_TOKEN = "bench-admin-token";
@@ -278,7 +279,7 @@ async function embeddedMemory(
     const sampler = setInterval(() => {
       peak = Math.max(peak, procStatus(server.pid).rss);
     }, 50);
-    const cpuBefore = procCpuMs(server.pid);
+    const cpuBefore = cpuMs([server.pid]) ?? 0;
     let completed = 0;
     try {
       for (let round = 0; round < MEMORY_ROUNDS; round++) {
@@ -298,13 +299,13 @@ async function embeddedMemory(
           throw new Error(`memory phase: ${errors} requests failed: ${JSON.stringify(answer.errors)}`);
         completed += answer.completed;
         progress(
-          `startup: memory round ${round + 1}/${MEMORY_ROUNDS}: ${answer.completed} requests in ${answer.seconds.toFixed(1)} s, server RSS ${mib(procStatus(server.pid).rss)} MiB`,
+          `startup: memory round ${round + 1}/${MEMORY_ROUNDS}: ${answer.completed} requests in ${answer.seconds.toFixed(1)} s, server RSS ${mib(procStatus(server.pid).rss).toFixed(1)} MiB`,
         );
       }
     } finally {
       clearInterval(sampler);
     }
-    const cpuPerRequest = (procCpuMs(server.pid) - cpuBefore) / completed;
+    const cpuPerRequest = ((cpuMs([server.pid]) ?? 0) - cpuBefore) / completed;
     peak = Math.max(peak, procStatus(server.pid).highWater);
     const streams = `${MEMORY_CONSUMERS} consumers × ${MEMORY_ROUNDS * MEMORY_REQUESTS_PER_ROUND} requests of 16 tokens, ${MEMORY_WORKERS} workers`;
     report.add(
@@ -337,11 +338,3 @@ function procStatus(pid: number): { rss: number; highWater: number } {
   const kib = (field: string) => Number(new RegExp(`${field}:\\s+(\\d+)`).exec(status)?.[1] ?? 0) * 1024;
   return { rss: kib("VmRSS"), highWater: kib("VmHWM") };
 }
-
-/** User + system CPU time of a process, in ms (clock ticks of 10 ms). */
-function procCpuMs(pid: number): number {
-  const fields = (readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1] ?? "").split(" ");
-  return (Number(fields[11]) + Number(fields[12])) * 10;
-}
-
-const mib = (bytes: number) => Math.round((bytes / 1048576) * 10) / 10;
