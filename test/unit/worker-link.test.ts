@@ -431,6 +431,33 @@ describe("WorkerLink flow control", () => {
     expect(await stream.next("jobDone")).toMatchObject({ finishReason: FinishReason.STOP, lastSequence: 2n });
   });
 
+  it("with the window open, sends a burst's first token alone and merges the rest behind one queued chunk", async () => {
+    const { stream, engine } = await setupScripted({ jobWindowChunks: 64 });
+    assign(stream, "job-burst");
+    await stream.next("jobAccepted");
+    // Twenty tokens at once, as an engine's read that held many SSE events.
+    const pieces = Array.from({ length: 20 }, (_, i) => ({ text: `t${i} `, tokenCount: 1 }));
+    engine.feed(...pieces);
+    engine.end();
+    const chunks: { text: string; tokenCount: number }[] = [];
+    for (;;) {
+      const message = await stream.nextAny();
+      if (message.case === "jobDone") {
+        expect(message.value.lastSequence).toBe(BigInt(chunks.length));
+        break;
+      }
+      if (message.case === "jobChunk") chunks.push(message.value);
+    }
+    expect(chunks[0]).toMatchObject({ text: "t0 ", tokenCount: 1 });
+    expect(chunks.map((chunk) => chunk.text).join("")).toBe(pieces.map((piece) => piece.text).join(""));
+    expect(chunks.reduce((sum, chunk) => sum + chunk.tokenCount, 0)).toBe(20);
+    // The first token alone (its frame leaves at the end of the turn), the next one alone as the
+    // link is free again, one queued behind it, and the rest merged into one chunk: 1, 1, 1, 17.
+    // (With four chunks allowed to queue before merging it was seven chunks, the largest of 14.)
+    expect(chunks.length).toBeLessThanOrEqual(4);
+    expect(Math.max(...chunks.map((chunk) => chunk.tokenCount))).toBeGreaterThanOrEqual(16);
+  });
+
   it("coalesces what the engine produced while the window was closed into one chunk with the summed token count", async () => {
     const { stream, engine } = await setupScripted({ jobWindowChunks: 1 });
     assign(stream, "job-co");
