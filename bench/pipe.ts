@@ -167,7 +167,8 @@ export async function pipeBenchmark(context: BenchContext, report: Report): Prom
     // Unmeasured load on every path first, so that each process runs the code it has optimized
     // under load, as a relay in service does, and what is measured is the steady state, not V8
     // compiling a path's code: measured first, the platform's 100 single streams cost its processes
-    // 56-82 ms of CPU per 1,000 tokens, against 37-41 ms after this warm-up. The same for every path.
+    // 56 and 83 ms of CPU per 1,000 tokens in two runs, against a median of 37 ms in eight runs
+    // after this warm-up (BENCHMARKS.md). The same for every path.
     const warmUpStarted = performance.now();
     for (const path of paths) await throughput(consumer, path, MODEL, WARM_UP_LANES, WARM_UP_PER_LANE);
     for (const path of pacedPaths) await throughput(consumer, path, PACED_MODEL, WARM_UP_LANES, 1);
