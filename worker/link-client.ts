@@ -970,7 +970,7 @@ function parseJsonObject(text: string, what: string): Record<string, unknown> {
  * Chunks of one job that may wait for the link (sent, not yet taken for writing) before the job's
  * next pieces are merged into one chunk. One: a token that comes while the link is idle leaves at
  * once, the next one waits in the queue as its own chunk, and what comes after it, while the link
- * is still busy, is merged. (With 4, an engine's burst left as 5 one-token chunks before merging
+ * is still busy, is merged. (With 4, an engine's burst left as 6 one-token chunks before merging
  * began: in alternated benchmark runs, 1 took 10-15 % off the relaying processes' CPU per token.)
  */
 const LINK_QUEUE_CHUNKS = 1;
