@@ -4,7 +4,7 @@
  */
 import { parseServerConfig, serverHelp } from "./config.js";
 import type { ControlPlane } from "./control-plane.js";
-import { tightenHeap } from "./heap.js";
+import { tightenHeap, useBaselineWasmCompiler } from "./heap.js";
 import { DataDirInUseError } from "./store/data-dir-lock.js";
 
 export async function runServerCli(argv: string[]): Promise<number> {
@@ -21,6 +21,9 @@ export async function runServerCli(argv: string[]): Promise<number> {
     );
     return 2;
   }
+  // Before the embedded database's thread compiles PGlite (server/heap.ts).
+  const embedded = config.databaseUrl === undefined;
+  if (embedded && config.embeddedWasmCompiler === "baseline") useBaselineWasmCompiler();
   // Loaded once the options are good: --help and a usage error answer without the control plane.
   const { startControlPlane } = await import("./control-plane.js");
   let plane: ControlPlane;
@@ -50,6 +53,13 @@ export async function runServerCli(argv: string[]): Promise<number> {
       `  worker gRPC:      ${grpc}`,
       `  admin API:        gRPC ${grpc} and Connect/JSON ${plane.httpUrl}`,
       `  database:         ${plane.databaseDescription}`,
+      ...(embedded
+        ? [
+            config.embeddedWasmCompiler === "baseline"
+              ? "                    baseline WebAssembly compiler, for memory (--embedded-wasm-compiler optimizing: less CPU)"
+              : "                    optimizing WebAssembly compiler, for CPU (--embedded-wasm-compiler baseline: less memory)",
+          ]
+        : []),
       tokenLine,
       "",
       "Next:",
@@ -66,7 +76,7 @@ export async function runServerCli(argv: string[]): Promise<number> {
     ].join("\n"),
   );
   // Start-up's garbage is dead now: on the embedded database, size the heap from what is live.
-  if (config.databaseUrl === undefined) tightenHeap();
+  if (embedded) tightenHeap();
   let forced = false;
   await new Promise<void>((resolve) => {
     const onSignal = (signal: NodeJS.Signals) => {

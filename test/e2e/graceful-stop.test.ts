@@ -106,6 +106,16 @@ describe("graceful stop", () => {
     await database?.drop();
   });
 
+  it("says how its embedded database is compiled (nothing about it on PostgreSQL)", () => {
+    const banner = (server as ServerProcess).output();
+    if (database.databaseUrl === undefined) {
+      expect(banner).toMatch(/database: +embedded PGlite.*\n +baseline WebAssembly compiler, for memory/);
+    } else {
+      expect(banner).toMatch(/database: +PostgreSQL/);
+      expect(banner).not.toMatch(/WebAssembly compiler/);
+    }
+  });
+
   it("lets 8 running streams finish with full text and usage, refuses new requests, exits 0", async () => {
     const running = server as ServerProcess;
     const openai = running.openai(consumer.apiKey);

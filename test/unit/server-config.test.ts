@@ -38,8 +38,13 @@ describe("parseServerConfig", () => {
 
   it("reads every option from its flag and from its env var", () => {
     for (const option of OPTIONS) {
-      const value = option.kind === "string" ? "some-value" : String(option.min ?? 0);
-      const expected = option.kind === "string" ? value : (option.min ?? 0);
+      const value =
+        option.kind === "string"
+          ? "some-value"
+          : option.kind === "choice"
+            ? (option.choices?.at(-1) ?? "")
+            : String(option.min ?? 0);
+      const expected = option.kind === "string" || option.kind === "choice" ? value : (option.min ?? 0);
       expect(parseServerConfig([`--${option.flag}`, value], {})[option.key], option.flag).toBe(expected);
       expect(parseServerConfig([], { [option.env]: value })[option.key], option.env).toBe(expected);
     }
@@ -58,8 +63,19 @@ describe("parseServerConfig", () => {
     [["--http-prot", "80"], /^unknown option '--http-prot' \(Did you mean --http-port\?\)$/],
     [["--http-port"], /^option '--http-port <N>' argument missing$/],
     [["8080"], /^unexpected argument '8080'/],
+    [
+      ["--embedded-wasm-compiler", "turbo"],
+      /^--embedded-wasm-compiler \(LOCALLMARKET_EMBEDDED_WASM_COMPILER\) must be one of baseline, optimizing; got "turbo"$/,
+    ],
   ])("rejects %j, naming the option and the value", (argv, message) => {
     expect(parseError(argv)).toMatch(message);
+  });
+
+  it("compiles the embedded database for memory unless told otherwise", () => {
+    expect(parseServerConfig([], {}).embeddedWasmCompiler).toBe("baseline");
+    expect(
+      parseServerConfig([], { LOCALLMARKET_EMBEDDED_WASM_COMPILER: "optimizing" }).embeddedWasmCompiler,
+    ).toBe("optimizing");
   });
 
   it("checks a value from an env var as it checks a flag's", () => {
@@ -77,7 +93,14 @@ describe("serverHelp", () => {
 
     expect(help).toMatch(/^Usage: locallmarket server \[options\]\n/);
     for (const option of OPTIONS) {
-      const value = option.kind === "integer" ? "N" : option.kind === "duration" ? "DURATION" : "VALUE";
+      const value =
+        option.kind === "integer"
+          ? "N"
+          : option.kind === "duration"
+            ? "DURATION"
+            : option.kind === "choice"
+              ? (option.choices ?? []).join("|")
+              : "VALUE";
       expect(help).toContain(`  --${option.flag} <${value}>`);
       expect(folded).toContain(
         option.defaultValue === undefined
