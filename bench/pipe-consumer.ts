@@ -39,6 +39,11 @@ export interface TtftCommand {
   warmUp: number;
   model: string;
   tokens: number;
+  /**
+   * True: round after round, one stream per path in turn, so that each path's processes sit idle
+   * while the others stream. False: each path's rounds back to back, its processes kept busy.
+   */
+  interleaved: boolean;
 }
 
 export interface LoadCommand {
@@ -105,10 +110,17 @@ async function ttft(command: TtftCommand): Promise<TtftAnswer> {
   const firstTokenMs: Record<string, number[]> = Object.fromEntries(
     command.paths.map((path) => [path.label, []]),
   );
-  for (let round = 1 - command.warmUp; round <= command.rounds; round++) {
+  const one = async (path: ConsumerPath, round: number) => {
+    const result = await stream(path, command.model, command.tokens);
+    if (round > 0) firstTokenMs[path.label]?.push(result.firstTokenMs);
+  };
+  if (command.interleaved) {
+    for (let round = 1 - command.warmUp; round <= command.rounds; round++) {
+      for (const path of command.paths) await one(path, round);
+    }
+  } else {
     for (const path of command.paths) {
-      const result = await stream(path, command.model, command.tokens);
-      if (round > 0) firstTokenMs[path.label]?.push(result.firstTokenMs);
+      for (let round = 1 - command.warmUp; round <= command.rounds; round++) await one(path, round);
     }
   }
   return { firstTokenMs };

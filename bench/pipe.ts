@@ -6,7 +6,8 @@
  * (bench/pipe-consumer.ts), so this process's CPU time is the control plane's (with its embedded
  * database, if any).
  *
- * For each path: the time to first token it adds over the engine (p50 / p99); tokens/s delivered
+ * For each path: the time to first token it adds over the engine (p50 / p99), measured with the
+ * paths interleaved and again back to back (see the comment where it is measured); tokens/s delivered
  * with 1, 64 and 512 concurrent streams from an engine that answers at once; the same streams
  * paced at PACED_TOKENS_PER_SECOND tokens/s each (64 at once) with the inter-chunk gap
  * (p50 / p99); and the CPU time of its relaying processes, per 1,000 tokens and per request, the
@@ -38,6 +39,9 @@ const PACED_MODEL = "bench-pipe-paced";
 const PIPE_TOKENS = 200;
 /** The paced engine's rate per stream (a token every 10 ms), about a fast GPU's. */
 const PACED_TOKENS_PER_SECOND = 100;
+/** The paced engine's time to first token: answers this long, at most this many rounds (each ~40 ms). */
+const PACED_TTFT_TOKENS = 4;
+const PACED_TTFT_ROUNDS = 100;
 /** Unmeasured sequential rounds first, so that every path runs on warm (optimized) code. */
 const WARM_UP_ROUNDS = 10;
 /** The unmeasured load run on every path before anything is measured: lanes × streams per lane. */
@@ -176,39 +180,66 @@ export async function pipeBenchmark(context: BenchContext, report: Report): Prom
       `${NAME}: warm-up, ${WARM_UP_LANES} × ${WARM_UP_PER_LANE} streams per path (paced: ${WARM_UP_LANES} × 1), unmeasured, in ${((performance.now() - warmUpStarted) / 1000).toFixed(1)} s`,
     );
 
-    // Time to first token: rounds of one stream per path, interleaved so that a change in the
-    // machine's load touches every path alike.
+    // Time to first token, three times: interleaved (rounds of one stream per path, so that a
+    // change in the machine's load touches every path alike, and each path's processes sit idle
+    // while the others stream: what a lone request to an idle server sees), back to back (each
+    // path's streams one after another: its processes stay busy and their code in the CPU's
+    // caches), and from the paced engine, interleaved (short answers: the first token is not
+    // followed at once by a burst of 199 more that the relays must carry while it is on its way).
     const rounds = context.config.pipeStreams;
-    const { firstTokenMs } = await consumer.ask<TtftAnswer>({
-      op: "ttft",
-      paths: paths.map(consumerPath),
-      rounds,
-      warmUp: WARM_UP_ROUNDS,
-      model: MODEL,
-      tokens: PIPE_TOKENS,
-    } satisfies TtftCommand);
-    progress(`${NAME}: ${rounds} sequential streams per path (interleaved) for the time to first token`);
-    const direct = firstTokenMs["engine direct"] ?? [];
-    const added = (label: string, p: number) =>
-      percentile(firstTokenMs[label] ?? [], p) - percentile(direct, p);
-    report.add(
-      NAME,
-      "time to first token, engine direct, p50 / p99",
-      `${ms(percentile(direct, 50))} / ${ms(percentile(direct, 99))}`,
-      "ms",
-    );
-    for (const label of ["two-hop pipe", "platform"]) {
-      const ratio =
-        label === "platform"
-          ? ` (p50 ${(added(label, 50) / added("two-hop pipe", 50)).toFixed(1)}× the pipe)`
-          : "";
+    const ttft = async (
+      on: Path[],
+      model: string,
+      tokens: number,
+      count: number,
+      interleaved: boolean,
+      suffix: string,
+    ) => {
+      const { firstTokenMs } = await consumer.ask<TtftAnswer>({
+        op: "ttft",
+        paths: on.map(consumerPath),
+        rounds: count,
+        warmUp: WARM_UP_ROUNDS,
+        model,
+        tokens,
+        interleaved,
+      } satisfies TtftCommand);
+      progress(
+        `${NAME}: ${count} sequential streams per path${suffix || ", interleaved"} for the time to first token`,
+      );
+      const direct = firstTokenMs["engine direct"] ?? [];
+      const added = (label: string, p: number) =>
+        percentile(firstTokenMs[label] ?? [], p) - percentile(direct, p);
       report.add(
         NAME,
-        `time to first token added, ${label}, p50 / p99${ratio}`,
-        `${signed(added(label, 50))} / ${signed(added(label, 99))}`,
+        `time to first token${suffix}, engine direct, p50 / p99`,
+        `${ms(percentile(direct, 50))} / ${ms(percentile(direct, 99))}`,
         "ms",
       );
-    }
+      for (const label of ["two-hop pipe", "platform"]) {
+        const ratio =
+          label === "platform"
+            ? ` (p50 ${(added(label, 50) / added("two-hop pipe", 50)).toFixed(1)}× the pipe)`
+            : "";
+        report.add(
+          NAME,
+          `time to first token added${suffix}, ${label}, p50 / p99${ratio}`,
+          `${signed(added(label, 50))} / ${signed(added(label, 99))}`,
+          "ms",
+        );
+      }
+    };
+    // The interleaved figures keep the names they always had; the others say how they differ.
+    await ttft(paths, MODEL, PIPE_TOKENS, rounds, true, "");
+    await ttft(paths, MODEL, PIPE_TOKENS, rounds, false, ", back to back");
+    await ttft(
+      pacedPaths,
+      PACED_MODEL,
+      PACED_TTFT_TOKENS,
+      Math.min(rounds, PACED_TTFT_ROUNDS),
+      true,
+      `, engine paced at ${PACED_TOKENS_PER_SECOND} tokens/s (${PACED_TTFT_TOKENS}-token answers)`,
+    );
 
     for (const [lanes, perLane] of UNPACED_PHASES) {
       await runPhase(report, consumer, paths, MODEL, lanes, perLane, false);

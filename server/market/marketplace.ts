@@ -287,8 +287,15 @@ export class Marketplace {
           throw new MarketError("cancelled", "The consumer went away during admission.");
         }
         // Speculative dispatch: the job goes to the reserved worker while the hold is placed; the
-        // run keeps the consumer and the money waiting for the hold (order-run.ts).
-        run = newRun(pendingOrder(terms), this.store.openOrder(terms));
+        // run keeps the consumer and the money waiting for the hold (order-run.ts). The hold's
+        // statement is sent only after the JobAssign's HTTP/2 frame has left (Node writes that
+        // frame in this turn's check phase, before the next immediate), so that the worker, not
+        // the database, gets the idle core first: an engine takes longer to its first token than
+        // the hold takes, and the hold waits for it anyway (BENCHMARKS.md, seventh round).
+        const placing = new Promise<void>((resolve) => setImmediate(resolve)).then(() =>
+          this.store.openOrder(terms),
+        );
+        run = newRun(pendingOrder(terms), placing);
         this.track(run);
         const onAbort = () => run.cancel("consumer disconnected");
         signal?.addEventListener("abort", onAbort, { once: true });

@@ -33,6 +33,10 @@ describe("speculative dispatch", () => {
   let gate: { enter(input: OpenOrderInput): void; released: Promise<void> } | null = null;
   /** Called on the next first token the control plane receives from any worker. */
   let onFirstToken: (() => void) | null = null;
+  /** Jobs handed to a worker's session so far (the JobAssign is sent as the job is watched). */
+  let dispatched = 0;
+  /** `dispatched` as each hold was asked of the store, in order. */
+  const dispatchedAtHold: number[] = [];
   /** Called when a worker's slot frees (its job ended at the control plane). */
   let onFreed: ((workerId: string) => void) | null = null;
   const releaseAll: (() => void)[] = [];
@@ -43,6 +47,7 @@ describe("speculative dispatch", () => {
     // The real store's hold, placed only once the test releases it.
     const openOrder = store.openOrder.bind(store);
     store.openOrder = async (input: OpenOrderInput): Promise<OrderRecord> => {
+      dispatchedAtHold.push(dispatched);
       const current = gate;
       gate = null;
       if (current) {
@@ -50,6 +55,12 @@ describe("speculative dispatch", () => {
         await current.released;
       }
       return openOrder(input);
+    };
+    // An attempt is watched right before its JobAssign goes to the worker's session.
+    const watch = registry.reputation.watch.bind(registry.reputation);
+    registry.reputation.watch = (workerId, model) => {
+      dispatched += 1;
+      return watch(workerId, model);
     };
     // Observes (and passes on) the first token of each attempt as the control plane receives it.
     const firstToken = registry.reputation.firstToken.bind(registry.reputation);
@@ -141,6 +152,20 @@ describe("speculative dispatch", () => {
       platform: await market.balance("acct_platform"),
     };
   }
+
+  it("(0) sends the JobAssign before the hold's statement, for an account that speculates (not before its first hold)", async () => {
+    const { client } = await payingConsumer("ordering");
+    // The paying consumer's first order was not speculative: its hold came before its dispatch.
+    const first = dispatchedAtHold.at(-1) as number;
+    expect(dispatched).toBe(first + 1);
+    const dispatchedBefore = dispatched;
+
+    expect(await streamText(client, "quick")).toBe(FULL_TEXT);
+
+    // This order's hold was asked for once its job had gone to the worker.
+    expect(dispatchedAtHold.at(-1)).toBe(dispatchedBefore + 1);
+    expect(dispatched).toBe(dispatchedBefore + 1);
+  });
 
   it("(1) the worker streams its whole answer before the hold commits: the consumer gets nothing until then, then all of it, billed exactly", async () => {
     const { accountId, client } = await payingConsumer("early");
