@@ -29,6 +29,7 @@ import type {
 import type { Completion, CompletionCreateParamsStreaming } from "openai/resources/completions";
 import type { ResponseFormatJSONSchema } from "openai/resources/shared";
 import type { TokenLogprob } from "../../common/generation.js";
+import { type ChunkKind, ChunkParser } from "./chunk-template.js";
 import {
   type Engine,
   EngineError,
@@ -176,6 +177,7 @@ export class OpenAiEngine implements Engine {
       this.headers,
       JSON.stringify(params),
       this.timeoutMs,
+      path === "completions" ? "completion" : "chat",
     );
   }
 
@@ -259,6 +261,8 @@ class EngineStream {
   private paused = false;
   private waiter: (() => void) | null = null;
   private settleOpened!: { resolve: () => void; reject: (error: unknown) => void };
+  /** Parses the events' JSON, building the chunks that differ only in their token (chunk-template.ts). */
+  private readonly chunks: ChunkParser;
 
   constructor(
     private readonly url: URL,
@@ -266,7 +270,9 @@ class EngineStream {
     private readonly requestHeaders: Record<string, string>,
     private readonly body: string,
     private readonly timeoutMs: number,
+    kind: ChunkKind,
   ) {
+    this.chunks = new ChunkParser(kind);
     this.opened = new Promise<void>((resolve, reject) => {
       this.settleOpened = { resolve, reject };
     });
@@ -440,7 +446,7 @@ class EngineStream {
       }
       let event: (StreamEvent & { error?: object }) | null;
       try {
-        event = JSON.parse(data) as (StreamEvent & { error?: object }) | null;
+        event = this.chunks.parse(data) as (StreamEvent & { error?: object }) | null;
       } catch (error) {
         this.fail(error);
         return "";
