@@ -1,7 +1,9 @@
 /**
  * `npm run bench -- --only trust`: runs bench/trust.ts (real tiny models through node-llama-cpp, one
- * thread) in a process of its own, shows its progress, and puts its per-scenario figures in the
- * report. Without the models (or without node-llama-cpp) it reports that it was skipped.
+ * thread), then bench/verifier-cost.ts (the verifier's cost on stories260K and on a wider copy of
+ * it), each in a process of its own, shows their progress, and puts the rows of the tables they
+ * print in the report. Without the models (or without node-llama-cpp) it reports that it was
+ * skipped.
  */
 import { spawn } from "node:child_process";
 import { join } from "node:path";
@@ -11,19 +13,28 @@ import type { BenchContext } from "./context.js";
 import { progress, type Report } from "./report.js";
 
 export async function trustBenchmark(context: BenchContext, report: Report): Promise<void> {
-  const child = spawn(
-    process.execPath,
-    [
-      "--import",
-      "tsx",
-      join(REPO_ROOT, "bench/trust.ts"),
-      "--jobs",
-      String(context.config.trustJobs),
-      "--tokens",
-      String(context.config.trustTokens),
-    ],
-    { cwd: REPO_ROOT, stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, NODE_NO_WARNINGS: "1" } },
-  );
+  const tokens = String(context.config.trustTokens);
+  await tableScript(context, report, "bench/trust.ts", [
+    "--jobs",
+    String(context.config.trustJobs),
+    "--tokens",
+    tokens,
+  ]);
+  await tableScript(context, report, "bench/verifier-cost.ts", ["--tokens", tokens]);
+}
+
+/** Runs a script that prints markdown tables; each row becomes report lines under the table's headings. */
+async function tableScript(
+  context: BenchContext,
+  report: Report,
+  script: string,
+  args: string[],
+): Promise<void> {
+  const child = spawn(process.execPath, ["--import", "tsx", join(REPO_ROOT, script), ...args], {
+    cwd: REPO_ROOT,
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, NODE_NO_WARNINGS: "1" },
+  });
   context.onKill(() => child.kill("SIGKILL"));
   let stderr = "";
   child.stderr.on("data", (data: Buffer) => {
@@ -56,6 +67,6 @@ export async function trustBenchmark(context: BenchContext, report: Report): Pro
     scenarios += 1;
   }
   const code = await exited;
-  if (code !== 0) throw new Error(`bench/trust.ts exited with ${code}:\n${stderr.slice(-2000)}`);
-  if (scenarios === 0) report.add("trust", "skipped", stderr.trim() || "no scenario was measured");
+  if (code !== 0) throw new Error(`${script} exited with ${code}:\n${stderr.slice(-2000)}`);
+  if (scenarios === 0) report.add("trust", `${script}: skipped`, stderr.trim() || "nothing was measured");
 }
