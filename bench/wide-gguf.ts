@@ -6,27 +6,13 @@
  * prefill batches, outweighs the per-position attention work that dominates stories260K, as it does
  * in every real model. Its text is gibberish, which does not matter for timing a verifier.
  *
- * It parses GGUF v3 as `test/support/gguf-perturb.ts` does, copies the metadata with the widths
+ * It parses GGUF v3 with `test/support/gguf-perturb.ts`'s cursor, copies the metadata with the widths
  * patched, and writes new tensor infos and data (F32, 32-byte aligned).
  */
 import { readFileSync, writeFileSync } from "node:fs";
+import { GgufCursor, gaussian } from "../test/support/gguf-perturb.js";
 
 const GGUF_TYPE_UINT32 = 4;
-const GGUF_TYPE_STRING = 8;
-const GGUF_TYPE_ARRAY = 9;
-const SCALAR_SIZES: Record<number, number> = {
-  0: 1,
-  1: 1,
-  2: 2,
-  3: 2,
-  4: 4,
-  5: 4,
-  6: 4,
-  7: 1,
-  10: 8,
-  11: 8,
-  12: 8,
-};
 const ALIGNMENT = 32;
 const GGML_TYPE_F32 = 0;
 
@@ -36,52 +22,26 @@ const WIDTH_KEYS = ["llama.embedding_length", "llama.feed_forward_length", "llam
 /** Writes stories260K widened `factor` times to `target`; answers the new model's parameter count. */
 export function writeWidenedGguf(source: string, target: string, factor: number, seed = 7): number {
   const file = readFileSync(source);
-  let at = 0;
-  const u32 = () => {
-    const v = file.readUInt32LE(at);
-    at += 4;
-    return v;
-  };
-  const u64 = () => {
-    const v = file.readBigUInt64LE(at);
-    at += 8;
-    return v;
-  };
-  const str = () => {
-    const length = Number(u64());
-    const s = file.toString("utf8", at, at + length);
-    at += length;
-    return s;
-  };
-  const skip = (type: number): void => {
-    if (type === GGUF_TYPE_STRING) {
-      str();
-    } else if (type === GGUF_TYPE_ARRAY) {
-      const inner = u32();
-      const count = Number(u64());
-      for (let i = 0; i < count; i++) skip(inner);
-    } else {
-      const size = SCALAR_SIZES[type];
-      if (size === undefined) throw new Error(`GGUF: unknown metadata type ${type}`);
-      at += size;
-    }
-  };
+  const cursor = new GgufCursor(file);
+  const u32 = () => cursor.u32();
+  const u64 = () => cursor.u64();
+  const str = () => cursor.str();
   if (file.toString("latin1", 0, 4) !== "GGUF") throw new Error(`${source} is not a GGUF file`);
-  at = 4;
+  cursor.at = 4;
   if (u32() !== 3) throw new Error(`${source}: only GGUF v3 is supported`);
   const tensorCount = Number(u64());
   const kvCount = Number(u64());
-  const metadataStart = at;
+  const metadataStart = cursor.at;
   const patches: number[] = [];
   const widths = new Map<number, number>();
   for (let i = 0; i < kvCount; i++) {
     const key = str();
     const type = u32();
-    if (WIDTH_KEYS.includes(key) && type === GGUF_TYPE_UINT32) patches.push(at);
+    if (WIDTH_KEYS.includes(key) && type === GGUF_TYPE_UINT32) patches.push(cursor.at);
     if (key === "general.alignment") throw new Error("a GGUF with its own alignment is not supported");
-    skip(type);
+    cursor.skipValue(type);
   }
-  const metadata = Buffer.from(file.subarray(metadataStart, at));
+  const metadata = Buffer.from(file.subarray(metadataStart, cursor.at));
   for (const position of patches) {
     const offset = position - metadataStart;
     const width = metadata.readUInt32LE(offset);
@@ -149,17 +109,4 @@ export function writeWidenedGguf(source: string, target: string, factor: number,
   }
   writeFileSync(target, out);
   return parameters;
-}
-
-/** A seeded N(0, 1) source (mulberry32 + Box–Muller). */
-function gaussian(seed: number): () => number {
-  let state = seed >>> 0;
-  const uniform = () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-  return () => Math.sqrt(-2 * Math.log(1 - uniform())) * Math.cos(2 * Math.PI * uniform());
 }

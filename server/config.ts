@@ -417,6 +417,14 @@ export const OPTIONS: readonly OptionSpec[] = [
   },
 ];
 
+/** What `--help` shows an option's value as: N, DURATION, its choices (a|b) or VALUE. */
+export function valueName(option: OptionSpec): string {
+  if (option.kind === "integer") return "N";
+  if (option.kind === "duration") return "DURATION";
+  if (option.kind === "choice") return (option.choices ?? []).join("|");
+  return "VALUE";
+}
+
 /** `locallmarket server`'s options, driven by OPTIONS: a flag for each row, its env var in help. */
 function serverCommand(): Command {
   const command = newProgram("locallmarket server")
@@ -432,14 +440,7 @@ function serverCommand(): Command {
     command.addOption(
       declareOption({
         flag: option.flag,
-        value:
-          option.kind === "integer"
-            ? "N"
-            : option.kind === "duration"
-              ? "DURATION"
-              : option.kind === "choice"
-                ? (option.choices ?? []).join("|")
-                : "VALUE",
+        value: valueName(option),
         description: option.help,
         env: option.env,
         defaultText: option.defaultValue,

@@ -48,42 +48,58 @@ const SCALAR_SIZES: Record<number, number> = {
   12: 8,
 };
 
-/** Parses a GGUF v2/v3 header and tensor infos. Throws on anything else. */
-export function parseGguf(file: Buffer): GgufLayout {
-  let at = 0;
-  const u32 = () => {
-    const v = file.readUInt32LE(at);
-    at += 4;
+/** Reads GGUF's little-endian fields one after the other from `at`. */
+export class GgufCursor {
+  constructor(
+    private readonly file: Buffer,
+    public at = 0,
+  ) {}
+
+  u32(): number {
+    const v = this.file.readUInt32LE(this.at);
+    this.at += 4;
     return v;
-  };
-  const u64 = () => {
-    const v = file.readBigUInt64LE(at);
-    at += 8;
+  }
+
+  u64(): bigint {
+    const v = this.file.readBigUInt64LE(this.at);
+    this.at += 8;
     return v;
-  };
-  const str = () => {
-    const length = Number(u64());
-    const s = file.toString("utf8", at, at + length);
-    at += length;
+  }
+
+  str(): string {
+    const length = Number(this.u64());
+    const s = this.file.toString("utf8", this.at, this.at + length);
+    this.at += length;
     return s;
-  };
-  const skipValue = (type: number): void => {
+  }
+
+  /** Steps over a metadata value of GGUF type `type`. */
+  skipValue(type: number): void {
     if (type === GGUF_TYPE_STRING) {
-      str();
+      this.str();
       return;
     }
     if (type === GGUF_TYPE_ARRAY) {
-      const inner = u32();
-      const count = Number(u64());
-      for (let i = 0; i < count; i++) skipValue(inner);
+      const inner = this.u32();
+      const count = Number(this.u64());
+      for (let i = 0; i < count; i++) this.skipValue(inner);
       return;
     }
     const size = SCALAR_SIZES[type];
-    if (size === undefined) throw new Error(`GGUF: unknown metadata type ${type} at byte ${at}`);
-    at += size;
-  };
+    if (size === undefined) throw new Error(`GGUF: unknown metadata type ${type} at byte ${this.at}`);
+    this.at += size;
+  }
+}
+
+/** Parses a GGUF v2/v3 header and tensor infos. Throws on anything else. */
+export function parseGguf(file: Buffer): GgufLayout {
+  const cursor = new GgufCursor(file);
+  const u32 = () => cursor.u32();
+  const u64 = () => cursor.u64();
+  const str = () => cursor.str();
   if (file.toString("latin1", 0, 4) !== "GGUF") throw new Error("not a GGUF file (bad magic)");
-  at = 4;
+  cursor.at = 4;
   const version = u32();
   if (version !== 2 && version !== 3) throw new Error(`GGUF version ${version} is not supported`);
   const tensorCount = Number(u64());
@@ -92,8 +108,8 @@ export function parseGguf(file: Buffer): GgufLayout {
   for (let i = 0; i < kvCount; i++) {
     const key = str();
     const type = u32();
-    if (key === "general.alignment" && type === 4) alignment = file.readUInt32LE(at);
-    skipValue(type);
+    if (key === "general.alignment" && type === 4) alignment = file.readUInt32LE(cursor.at);
+    cursor.skipValue(type);
   }
   const tensors: GgufTensorInfo[] = [];
   for (let i = 0; i < tensorCount; i++) {
@@ -105,12 +121,12 @@ export function parseGguf(file: Buffer): GgufLayout {
     const offset = u64();
     tensors.push({ name, dims, type, offset });
   }
-  const dataOffset = Math.ceil(at / alignment) * alignment;
+  const dataOffset = Math.ceil(cursor.at / alignment) * alignment;
   return { version, alignment, tensors, dataOffset };
 }
 
 /** A seeded N(0, 1) source (mulberry32 + Box–Muller), so a perturbed copy is reproducible. */
-function gaussian(seed: number): () => number {
+export function gaussian(seed: number): () => number {
   let state = seed >>> 0;
   const uniform = () => {
     state = (state + 0x6d2b79f5) >>> 0;

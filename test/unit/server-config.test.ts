@@ -3,7 +3,7 @@
  * wins over its env var, which wins over the default; a bad command line is named precisely.
  */
 import { describe, expect, it } from "vitest";
-import { OPTIONS, parseServerConfig, serverHelp } from "../../server/config.js";
+import { OPTIONS, parseServerConfig, serverHelp, valueName } from "../../server/config.js";
 import { MarketError } from "../../server/market/errors.js";
 
 function parseError(argv: string[], env: NodeJS.ProcessEnv = {}): string {
@@ -93,14 +93,7 @@ describe("serverHelp", () => {
 
     expect(help).toMatch(/^Usage: locallmarket server \[options\]\n/);
     for (const option of OPTIONS) {
-      const value =
-        option.kind === "integer"
-          ? "N"
-          : option.kind === "duration"
-            ? "DURATION"
-            : option.kind === "choice"
-              ? (option.choices ?? []).join("|")
-              : "VALUE";
+      const value = valueName(option);
       expect(help).toContain(`  --${option.flag} <${value}>`);
       expect(folded).toContain(
         option.defaultValue === undefined
@@ -109,5 +102,6 @@ describe("serverHelp", () => {
       );
     }
     expect(help).toMatch(/-h, --help +show this help/);
+    expect(help).toContain("--embedded-wasm-compiler <baseline|optimizing>");
   });
 });
