@@ -45,7 +45,7 @@ import { MarketError } from "./errors.js";
 import type { Candidate } from "./matcher.js";
 import type { FinishReason, JobPiece, JobSink, JobSpec, SlotLease, WorkerRegistry } from "./registry.js";
 import type { AttemptWatch } from "./reputation.js";
-import type { MarketStore, OrderCheckpoint, OrderRecord } from "./store-port.js";
+import type { MarketStore, OrderCheckpoint, OrderRecord, SettleOrderInput } from "./store-port.js";
 
 export interface MarketLogger {
   /** Detail an operator turns on with --log-level debug (absent: dropped). */
@@ -725,7 +725,7 @@ export class OrderRun implements AsyncIterable<RunEvent> {
       this.markSettled();
       return null;
     }
-    const input = this.settlementInput(outcome);
+    const input = this.withCount(this.settlementInput(outcome));
     let answered = false;
     let backoffMs = 100;
     for (let attempt = 1; ; attempt++) {
@@ -748,21 +748,18 @@ export class OrderRun implements AsyncIterable<RunEvent> {
         backoffMs = Math.min(backoffMs * 2, MAX_SETTLE_BACKOFF_MS);
       }
     }
-    this.afterSettlement(input);
+    this.afterSettlement();
     this.terminal = this.terminalEvent(outcome, this.order);
     return this.order;
   }
 
-  private async keepSettling(
-    input: ReturnType<OrderRun["settlementInput"]>,
-    initialBackoffMs: number,
-  ): Promise<void> {
+  private async keepSettling(input: SettleOrderInput, initialBackoffMs: number): Promise<void> {
     let backoffMs = initialBackoffMs;
     for (;;) {
       await new Promise((resolve) => setTimeout(resolve, backoffMs + Math.random() * backoffMs));
       try {
         this.order = await this.deps.store.settleOrder(this.orderId, input);
-        this.afterSettlement(input);
+        this.afterSettlement();
         return;
       } catch (error) {
         this.deps.log.error({ orderId: this.orderId, err: String(error) }, "settlement failed; retrying");
@@ -771,13 +768,12 @@ export class OrderRun implements AsyncIterable<RunEvent> {
     }
   }
 
-  /** Records how the order was counted (verified or not), for the admin API; never fails the order. */
-  private async recordTokenCount(input: ReturnType<OrderRun["settlementInput"]>): Promise<void> {
-    const source = this.deps.tokenCounts;
-    if (!source) return;
-    try {
-      await source.recordOrderCount({
-        orderId: this.orderId,
+  /** The settlement's input, with how the order was counted when the platform records that. */
+  private withCount(input: ReturnType<OrderRun["settlementInput"]>): SettleOrderInput {
+    if (!this.deps.tokenCounts) return input;
+    return {
+      ...input,
+      count: {
         model: this.model,
         verified: this.counter !== null,
         ggufSha256: this.counter?.ggufSha256 ?? null,
@@ -786,10 +782,8 @@ export class OrderRun implements AsyncIterable<RunEvent> {
         reportedPromptTokens: input.reportedPromptTokens,
         reportedCompletionTokens: input.reportedCompletionTokens,
         claimedCompletionTokens: this.claimedTokens,
-      });
-    } catch (error) {
-      this.deps.log.error({ orderId: this.orderId, err: String(error) }, "recording the token count failed");
-    }
+      },
+    };
   }
 
   private settlementInput(outcome: Outcome) {
@@ -869,11 +863,10 @@ export class OrderRun implements AsyncIterable<RunEvent> {
   }
 
   /**
-   * The order is settled: logs it, records how it was counted and then resolves `settled`. The
-   * count's record (its own statement) is not on the consumer's path: the answer's last event
-   * waits for the settlement only, `settled` (what whenSettled and shutdown wait for) for both.
+   * The order is settled (and how it was counted recorded, in the same transaction): logs it and
+   * resolves `settled`, what whenSettled and shutdown wait for.
    */
-  private afterSettlement(input: ReturnType<OrderRun["settlementInput"]>): void {
+  private afterSettlement(): void {
     if (this.trustSignals.length > 0) {
       this.deps.log.warn(
         { orderId: this.orderId, workerId: this.order.workerId, signals: this.trustSignals },
@@ -891,7 +884,7 @@ export class OrderRun implements AsyncIterable<RunEvent> {
       },
       "order settled",
     );
-    void this.recordTokenCount(input).then(() => this.markSettled());
+    this.markSettled();
   }
 
   private terminalEvent(outcome: Outcome, order: OrderRecord | null): RunEvent {

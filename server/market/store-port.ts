@@ -195,6 +195,29 @@ export interface SettleOrderInput {
   error: string | null;
   firstTokenAt: Date | null;
   finishedAt: Date;
+  /**
+   * How the order's tokens were counted, for the admin API: written in the settlement's own
+   * transaction (one round trip settles and records), once per order, the first record standing.
+   * Absent: no record.
+   */
+  count?: OrderCount;
+}
+
+/** How one order's tokens were counted. */
+export interface OrderCount {
+  model: string;
+  /** True when the platform counted with a registered tokenizer; false: the worker's count, byte-bounded. */
+  verified: boolean;
+  /** The GGUF whose tokenizer counted; null when unverified. */
+  ggufSha256: string | null;
+  /** The platform's own counts (null when unverified). */
+  promptTokens: number | null;
+  completionTokens: number | null;
+  /** What the worker reported in its usage, if it did. */
+  reportedPromptTokens: number | null;
+  reportedCompletionTokens: number | null;
+  /** The sum of the token counts the worker's chunks claimed. */
+  claimedCompletionTokens: number;
 }
 
 /** A running order's progress, written about once a second so a crash loses at most that. */

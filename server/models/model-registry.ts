@@ -25,10 +25,12 @@ export interface RegisteredModel extends StoredModel {
   problem: string;
 }
 
-/** What order-run.ts needs: the counter of a model, and where to record how an order was counted. */
+/**
+ * What order-run.ts needs: the counter of a model. (How an order was counted is recorded by its
+ * settlement, SettleOrderInput.count.)
+ */
 export interface TokenCountSource {
   counterFor(model: string): TokenCounter | undefined;
-  recordOrderCount(count: OrderTokenCount): Promise<void>;
 }
 
 const MAX_NAME_LENGTH = 200;
@@ -72,10 +74,6 @@ export class ModelRegistry implements TokenCountSource {
 
   counterFor(model: string): TokenCounter | undefined {
     return this.counters.get(model);
-  }
-
-  recordOrderCount(count: OrderTokenCount): Promise<void> {
-    return this.store.recordOrderCount(count);
   }
 
   orderCounts(orderIds: readonly string[]): Promise<Map<string, OrderTokenCount>> {

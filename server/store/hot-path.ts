@@ -13,11 +13,12 @@ import { formatCredits } from "../../common/credits.js";
 import { MarketError } from "../market/errors.js";
 import {
   type OpenOrderInput,
+  type OrderCount,
   type OrderRecord,
   type OrderStatus,
   openedOrderRecord,
 } from "../market/store-port.js";
-import { rawQuery, sqlText } from "./raw-sql.js";
+import { rawQuery, sqlText, sqlValue } from "./raw-sql.js";
 import { type OrderJson, orderRecordFromJson } from "./records.js";
 import { newId } from "./secrets.js";
 
@@ -58,6 +59,11 @@ export interface SettleItem {
   maturesAt: string;
   transactionId: string;
   createdAt: string;
+  /**
+   * How the order was counted: not sent to market_ledger_batch but written by the batch's second
+   * statement, in its transaction (order_token_counts; the first record of an order stands).
+   */
+  count?: OrderCount;
 }
 
 export type LedgerItem = OpenItem | SettleItem;
@@ -109,12 +115,24 @@ interface BatchAnswer {
   orders: Record<string, OrderJson>;
 }
 
-/** Runs the items in one statement, hence one transaction; one outcome per item, in order. */
+/**
+ * Runs the items in one round trip and one transaction: the function's statement, and after it the
+ * settlements' count records (simple query protocol: the statements of one message commit
+ * together). One outcome per item, in order.
+ */
 export async function runLedgerBatch(orm: MikroORM, items: readonly LedgerItem[]): Promise<LedgerOutcome[]> {
+  // By order id, the first of the batch standing (an INSERT's rows need not be applied in order).
+  const counts = new Map<string, string>();
+  const sent = items.map((item) => {
+    if (item.op !== "settle" || item.count === undefined) return item;
+    if (!counts.has(item.orderId)) counts.set(item.orderId, countRow(item.orderId, item.count));
+    const { count: _, ...rest } = item;
+    return rest;
+  });
   // Straight on the pool's client: this statement runs for every few requests (raw-sql.ts).
   const rows = await rawQuery<{ answer: BatchAnswer }>(
     orm,
-    `select market_ledger_batch(${sqlText(JSON.stringify(items))}::jsonb) as answer`,
+    `select market_ledger_batch(${sqlText(JSON.stringify(sent))}::jsonb) as answer${counts.size > 0 ? `;\n${insertCounts([...counts.values()])}` : ""}`,
   );
   const answer = rows[0]?.answer;
   if (!Array.isArray(answer?.results) || answer.results.length !== items.length) {
@@ -126,6 +144,41 @@ export async function runLedgerBatch(orm: MikroORM, items: readonly LedgerItem[]
     if (!order) throw new Error(`market_ledger_batch settled order ${result.orderId} but did not return it.`);
     return { outcome: "ok", order };
   });
+}
+
+/** One order_token_counts row as a VALUES tuple, in insertCounts' column order. */
+function countRow(orderId: string, count: OrderCount): string {
+  return [
+    orderId,
+    count.model,
+    count.verified,
+    count.ggufSha256,
+    count.promptTokens,
+    count.completionTokens,
+    count.reportedPromptTokens,
+    count.reportedCompletionTokens,
+    count.claimedCompletionTokens,
+  ]
+    .map(sqlValue)
+    .join(", ");
+}
+
+/**
+ * Records the counts of the batch's settled orders: only for orders that exist (a refused
+ * settlement of an unknown order leaves none), the first record of an order standing (a
+ * settlement sent again, or twice in one batch, changes nothing). The casts type the columns a
+ * VALUES list of nulls would leave as text.
+ */
+function insertCounts(rows: readonly string[]): string {
+  return `insert into order_token_counts (order_id, model, verified, gguf_sha256, prompt_tokens,
+      completion_tokens, reported_prompt_tokens, reported_completion_tokens, claimed_completion_tokens)
+    select v.order_id, v.model, v.verified::boolean, v.gguf_sha256::text, v.prompt_tokens::integer,
+      v.completion_tokens::integer, v.reported_prompt_tokens::bigint, v.reported_completion_tokens::bigint,
+      v.claimed_completion_tokens::bigint
+    from (values (${rows.join("), (")})) as v(order_id, model, verified, gguf_sha256, prompt_tokens,
+      completion_tokens, reported_prompt_tokens, reported_completion_tokens, claimed_completion_tokens)
+    where exists (select 1 from orders as o where o.id = v.order_id)
+    on conflict (order_id) do nothing`;
 }
 
 /** The order an outcome carries, or the MarketError its refusal means (as the ORM path threw). */

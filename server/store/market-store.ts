@@ -29,6 +29,7 @@ import {
   type OfferRecord,
   type OpenOrderInput,
   type OrderCheckpoint,
+  type OrderCount,
   type OrderRecord,
   type ReassignOrderInput,
   type RoutingDefaults,
@@ -619,6 +620,7 @@ export class SqlMarketStore implements MarketStore {
         firstTokenAt: validDate(input.firstTokenAt)?.toISOString() ?? null,
         finishedAt: finishedAt.toISOString(),
         maturesAt: new Date(finishedAt.getTime() + this.settleAfterMs).toISOString(),
+        ...(input.count ? { count: storableCount(input.count) } : {}),
       },
       new Date(),
     );
@@ -869,6 +871,25 @@ function clampCount(value: number, max: number): number {
 function reportedCount(value: number | null): number | null {
   if (value === null || Number.isNaN(value)) return null;
   return clampCount(value, Number.MAX_SAFE_INTEGER);
+}
+
+/**
+ * A count record that cannot fail its statement (it shares the settlement's transaction): text
+ * without NUL, integers within their columns.
+ */
+function storableCount(count: OrderCount): OrderCount {
+  const optional = (value: number | null, max: number) =>
+    value === null || Number.isNaN(value) ? null : clampCount(value, max);
+  return {
+    model: storable(count.model),
+    verified: count.verified === true,
+    ggufSha256: count.ggufSha256 === null ? null : storable(count.ggufSha256),
+    promptTokens: optional(count.promptTokens, MAX_INT32),
+    completionTokens: optional(count.completionTokens, MAX_INT32),
+    reportedPromptTokens: reportedCount(count.reportedPromptTokens),
+    reportedCompletionTokens: reportedCount(count.reportedCompletionTokens),
+    claimedCompletionTokens: clampCount(count.claimedCompletionTokens, Number.MAX_SAFE_INTEGER),
+  };
 }
 
 /** PostgreSQL text and jsonb cannot hold NUL, which a protobuf string may carry. */

@@ -1,12 +1,12 @@
 /**
  * Persistence of the model registry (server/models/): the registered GGUFs and, per order, whether
  * its billed token counts are the platform's own. Plain SQL on its own tables
- * (Migration20251125181000_model_registry), one short statement per call (the orders' records: one
- * per batch), never inside another transaction (PGlite runs one connection).
+ * (Migration20251125181000_model_registry), one short statement per call, never inside another
+ * transaction (PGlite runs one connection). The orders' records are written by their settlements
+ * (hot-path.ts), in the same transaction; this store reads them.
  */
 import type { MikroORM } from "@mikro-orm/core";
-import { GroupCommitter } from "./group-commit.js";
-import { rawQuery, sqlValue } from "./raw-sql.js";
+import type { OrderCount } from "../market/store-port.js";
 
 /** A registered model as stored. */
 export interface StoredModel {
@@ -27,22 +27,9 @@ export interface StoredModel {
   registeredAt: Date;
 }
 
-/** How one order's tokens were counted. */
-export interface OrderTokenCount {
+/** How one order's tokens were counted, by order id (written with its settlement, hot-path.ts). */
+export interface OrderTokenCount extends OrderCount {
   orderId: string;
-  model: string;
-  /** True when the platform counted with a registered tokenizer; false: the worker's count, byte-bounded. */
-  verified: boolean;
-  /** The GGUF whose tokenizer counted; null when unverified. */
-  ggufSha256: string | null;
-  /** The platform's own counts (null when unverified). */
-  promptTokens: number | null;
-  completionTokens: number | null;
-  /** What the worker reported in its usage, if it did. */
-  reportedPromptTokens: number | null;
-  reportedCompletionTokens: number | null;
-  /** The sum of the token counts the worker's chunks claimed. */
-  claimedCompletionTokens: number;
 }
 
 interface ModelRow {
@@ -74,10 +61,6 @@ const nullableNumber = (value: string | number | null): number | null =>
   value === null ? null : Number(value);
 
 export class ModelRegistryStore {
-  private readonly counts = new GroupCommitter<OrderTokenCount, undefined>({
-    runBatch: (counts) => this.insertCounts(counts),
-  });
-
   constructor(private readonly orm: MikroORM) {}
 
   private execute<T extends object>(sql: string, params: unknown[] = []): Promise<T[]> {
@@ -115,41 +98,6 @@ export class ModelRegistryStore {
   async listModels(): Promise<StoredModel[]> {
     const rows = await this.execute<ModelRow>("select * from registered_models order by name");
     return rows.map(modelFromRow);
-  }
-
-  /**
-   * Records how an order was counted. Idempotent: a second record of the same order is ignored.
-   * Every order writes one, so concurrent records are group-committed: one multi-row statement per
-   * batch (group-commit.ts), straight on the pool's client (raw-sql.ts).
-   */
-  async recordOrderCount(count: OrderTokenCount): Promise<void> {
-    await this.counts.submit(count);
-  }
-
-  private async insertCounts(counts: readonly OrderTokenCount[]): Promise<undefined[]> {
-    const rows = counts.map((count) =>
-      [
-        count.orderId,
-        count.model,
-        count.verified,
-        count.ggufSha256,
-        count.promptTokens,
-        count.completionTokens,
-        count.reportedPromptTokens,
-        count.reportedCompletionTokens,
-        count.claimedCompletionTokens,
-      ]
-        .map(sqlValue)
-        .join(", "),
-    );
-    await rawQuery(
-      this.orm,
-      `insert into order_token_counts (order_id, model, verified, gguf_sha256, prompt_tokens, completion_tokens,
-         reported_prompt_tokens, reported_completion_tokens, claimed_completion_tokens)
-       values (${rows.join("), (")})
-       on conflict (order_id) do nothing`,
-    );
-    return counts.map(() => undefined);
   }
 
   /** The recorded counts of these orders (orders without a record are absent from the map). */

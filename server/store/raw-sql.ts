@@ -1,9 +1,9 @@
 /**
  * One statement straight on a pooled `pg` client, for the statements every request pays for (the
- * ledger's batches, the token-count records). MikroORM's `execute` goes through knex's raw query
- * builder, which scans the text for bindings and interpolates them, then through MikroORM's query
- * logging and its own promise chain: measured under load, that cost about as much control-plane
- * CPU per statement as the rest of the client's work. The client comes from the same pool
+ * ledger's batches, with their settlements' token-count records). MikroORM's `execute` goes
+ * through knex's raw query builder, which scans the text for bindings and interpolates them, then
+ * through MikroORM's query logging and its own promise chain: measured under load, that cost about
+ * as much control-plane CPU per statement as the rest of the client's work. The client comes from the same pool
  * MikroORM uses (on embedded PGlite, its one connection), so it never competes with MikroORM for
  * more connections than the pool holds, and each statement runs outside any transaction, in the
  * simple query protocol: one message, one socket write.
@@ -14,9 +14,9 @@
 import type { MikroORM } from "@mikro-orm/core";
 import type { AbstractSqlConnection } from "@mikro-orm/knex";
 
-/** What this module needs of a `pg` client. */
+/** What this module needs of a `pg` client: one result per statement when a text holds several. */
 interface PgClient {
-  query(text: string): Promise<{ rows: unknown[] }>;
+  query(text: string): Promise<{ rows: unknown[] } | Array<{ rows: unknown[] }>>;
 }
 
 /** What this module needs of knex's client (its pool). */
@@ -25,13 +25,18 @@ interface KnexClient {
   releaseConnection(connection: PgClient): Promise<unknown>;
 }
 
-/** Runs one statement (no parameters: inline them with sqlText / sqlValue) and returns its rows. */
+/**
+ * Runs one statement (no parameters: inline them with sqlText / sqlValue) and returns its rows. A
+ * text of several statements separated by semicolons runs them in one transaction (the simple
+ * query protocol's rule) and returns the first one's rows.
+ */
 export async function rawQuery<Row>(orm: MikroORM, text: string): Promise<Row[]> {
   const connection = orm.em.getConnection() as unknown as AbstractSqlConnection;
   const client = connection.getKnex().client as unknown as KnexClient;
   const pg = await client.acquireConnection();
   try {
-    return (await pg.query(text)).rows as Row[];
+    const result = await pg.query(text);
+    return (Array.isArray(result) ? (result[0]?.rows ?? []) : result.rows) as Row[];
   } finally {
     await client.releaseConnection(pg);
   }

@@ -5,10 +5,17 @@
  * written by one transaction share their `xmin`, so "committed together" is read from the
  * database itself, not from the committer's bookkeeping.
  */
+import pg from "pg";
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { isMarketError } from "../../server/market/errors.js";
-import type { OpenOrderInput, OrderRecord, SettleOrderInput } from "../../server/market/store-port.js";
+import type {
+  OpenOrderInput,
+  OrderCount,
+  OrderRecord,
+  SettleOrderInput,
+} from "../../server/market/store-port.js";
 import { SqlMarketStore } from "../../server/store/market-store.js";
+import { ModelRegistryStore } from "../../server/store/model-registry-store.js";
 import { openTestStore, type TestStore } from "../support/database.js";
 
 const CREDIT = 1_000_000n;
@@ -282,6 +289,88 @@ describe("group commit", () => {
       held: 2n * CREDIT,
       pending: 0n,
     });
+    expect((await store.auditLedger()).problems).toEqual([]);
+    await store.close();
+  });
+
+  it("records how each settled order was counted in its settlement's round trip and transaction, the first record standing", async () => {
+    const { store, sizes, holdNext, release } = gatedStore({ maxWaitMs: 60_000 });
+    const provider = await newProvider();
+    const consumer = await newConsumer(10n * CREDIT);
+    const opened: OrderRecord[] = [];
+    for (let i = 0; i < 5; i++) opened.push(await store.openOrder(orderInput(consumer, provider, CREDIT)));
+    const [held, ...rest] = opened.map((order) => order.id) as [string, ...string[]];
+    const count = (model: string, claimed: number): OrderCount => ({
+      model,
+      verified: false,
+      ggufSha256: null,
+      promptTokens: null,
+      completionTokens: null,
+      reportedPromptTokens: null,
+      reportedCompletionTokens: 200,
+      claimedCompletionTokens: claimed,
+    });
+    // Quotes, backslashes and non-ASCII text travel inlined in the statement (raw-sql.ts).
+    const models = ["it's", "back\\slash\\'", "名前 ☃"];
+    const verified: OrderCount = {
+      model: "plain",
+      verified: true,
+      ggufSha256: "ab".repeat(32),
+      promptTokens: 100,
+      completionTokens: 200,
+      reportedPromptTokens: 999,
+      reportedCompletionTokens: 4,
+      claimedCompletionTokens: 4,
+    };
+    const query = vi.spyOn(pg.Client.prototype, "query");
+    try {
+      holdNext();
+      const first = store.settleOrder(held, { ...settlement(), count: count("held", 7) });
+      await vi.waitFor(() => expect(sizes.at(-1)).toBe(1), { timeout: 10_000 });
+      const collected = Promise.all([
+        ...rest
+          .slice(0, 3)
+          .map((id, i) => store.settleOrder(id, { ...settlement(), count: count(models[i] as string, 9) })),
+        store.settleOrder(rest[3] as string, { ...settlement(), count: verified }),
+        // The same order again in the same batch, with another count: the first record stands.
+        store.settleOrder(rest[0] as string, { ...settlement(), count: count("second", 1) }),
+        // No record for an order that does not exist, nor for a settlement that brings none.
+        store
+          .settleOrder("ord_group_unknown", { ...settlement(), count: count("unknown", 1) })
+          .catch((error: unknown) => (isMarketError(error) ? error.code : String(error))),
+      ]);
+      release();
+      await first;
+      const results = await collected;
+      expect(sizes.slice(-2)).toEqual([1, 6]);
+      expect(results.at(-1)).toBe("not_found");
+      const sent = query.mock.calls.map(([text]: unknown[]) => String(text));
+      // Two round trips for the two batches, each one statement pair; no statement of its own.
+      expect(sent.filter((text) => text.includes("order_token_counts"))).toHaveLength(2);
+      expect(sent.filter((text) => text.startsWith("insert into order_token_counts"))).toEqual([]);
+    } finally {
+      query.mockRestore();
+    }
+    const counts = await new ModelRegistryStore(testStore.orm).orderCounts([
+      ...opened.map((order) => order.id),
+      "ord_group_unknown",
+    ]);
+    expect(counts.get(held)).toEqual({ orderId: held, ...count("held", 7) });
+    for (const [i, id] of rest.slice(0, 3).entries()) {
+      expect(counts.get(id)).toEqual({ orderId: id, ...count(models[i] as string, 9) });
+    }
+    expect(counts.get(rest[3] as string)).toEqual({ orderId: rest[3], ...verified });
+    expect(counts.has("ord_group_unknown")).toBe(false);
+    // Each record was written by its settlement's transaction.
+    const recordWriters = await testStore.orm.em
+      .fork()
+      .execute<{ order_id: string; writer: string }[]>(
+        "select order_id, xmin::text as writer from order_token_counts where order_id in (?)",
+        [opened.map((order) => order.id)],
+      );
+    const written = await writers(opened.map((order) => order.id));
+    expect(recordWriters).toHaveLength(5);
+    for (const row of recordWriters) expect(row.writer).toBe(written.get(row.order_id)?.[1]);
     expect((await store.auditLedger()).problems).toEqual([]);
     await store.close();
   });

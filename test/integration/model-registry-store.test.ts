@@ -2,13 +2,13 @@
  * The model registry's persistence (server/store/model-registry-store.ts) and its reload at start
  * (server/models/model-registry.ts), on the real store (PGlite, or PostgreSQL with DATABASE_URL)
  * with the real stories260K GGUF: a registration survives a restart, a GGUF that changed since is
- * left inactive (its orders unverified) with the reason, and per-order counts are kept once.
+ * left inactive (its orders unverified) with the reason. (Per-order counts are written by their
+ * settlements: group-commit.test.ts.)
  */
 import { copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import pg from "pg";
-import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { MarketError } from "../../server/market/errors.js";
 import { ModelRegistry } from "../../server/models/model-registry.js";
 import { ModelRegistryStore } from "../../server/store/model-registry-store.js";
@@ -83,65 +83,5 @@ describe.skipIf(!present)("model registry store and reload", () => {
     await expect(refused).rejects.toBeInstanceOf(MarketError);
     await expect(refused).rejects.toThrow(`has SHA-256 ${STORIES_SHA256}, not ${wrong}: it is another file`);
     expect((await registry.list()).map((m) => m.name)).not.toContain("x");
-  });
-
-  it("records an order's count once and reads it back by id", async () => {
-    const store = new ModelRegistryStore(db.orm);
-    const count = {
-      orderId: "chatcmpl-count-1",
-      model: "stories",
-      verified: true,
-      ggufSha256: STORIES_SHA256,
-      promptTokens: 18,
-      completionTokens: 21,
-      reportedPromptTokens: 999,
-      reportedCompletionTokens: 4,
-      claimedCompletionTokens: 4,
-    };
-    await store.recordOrderCount(count);
-    await store.recordOrderCount({ ...count, completionTokens: 1 });
-    await store.recordOrderCount({
-      ...count,
-      orderId: "chatcmpl-count-2",
-      verified: false,
-      ggufSha256: null,
-    });
-    const read = await store.orderCounts(["chatcmpl-count-1", "chatcmpl-count-2", "chatcmpl-unknown"]);
-    expect(read.get("chatcmpl-count-1")).toEqual(count);
-    expect(read.get("chatcmpl-count-2")?.verified).toBe(false);
-    expect(read.has("chatcmpl-unknown")).toBe(false);
-    expect((await store.orderCounts([])).size).toBe(0);
-  });
-
-  it("writes concurrent orders' counts in one statement, text kept byte for byte, the first record winning", async () => {
-    const store = new ModelRegistryStore(db.orm);
-    const base = {
-      verified: false,
-      ggufSha256: null,
-      promptTokens: null,
-      completionTokens: null,
-      reportedPromptTokens: null,
-      reportedCompletionTokens: 7,
-      claimedCompletionTokens: 9,
-    };
-    // Quotes, backslashes and non-ASCII text travel inlined in the statement (raw-sql.ts).
-    const models = ["it's", "back\\slash\\'", "名前 ☃", "plain"];
-    const counts = models.map((model, i) => ({ ...base, orderId: `chatcmpl-batch-${i}`, model }));
-    const query = vi.spyOn(pg.Client.prototype, "query");
-    try {
-      await Promise.all([
-        ...counts.map((count) => store.recordOrderCount(count)),
-        // The same order twice in one batch: the first record stands.
-        store.recordOrderCount({ ...(counts[0] as (typeof counts)[number]), claimedCompletionTokens: 1 }),
-      ]);
-      const inserts = query.mock.calls.filter(([sent]: unknown[]) =>
-        String(sent).startsWith("insert into order_token_counts"),
-      );
-      expect(inserts).toHaveLength(1);
-    } finally {
-      query.mockRestore();
-    }
-    const read = await store.orderCounts(counts.map((count) => count.orderId));
-    for (const count of counts) expect(read.get(count.orderId)).toEqual(count);
   });
 });
