@@ -194,7 +194,9 @@ export async function runGeneration(
     const step = await generation.next();
     if (step.done) return step.value;
     try {
-      await onPiece(step.value);
+      // A consumer that takes the piece at once returns nothing: no microtask turn per piece then.
+      const taken = onPiece(step.value);
+      if (taken) await taken;
     } catch (error) {
       // Let the engine release what it holds (run its `finally` blocks) before rethrowing.
       await generation.return({ finishReason: "cancelled" }).catch(() => undefined);
