@@ -1,10 +1,14 @@
 /**
  * Worker agents for the benchmarks: real `locallmarket worker` processes, like the test market's,
- * but keeping only the tail of their output (a long run logs every job) and counting the jobs they
- * refused (assigned while already full).
+ * writing their output (a line per job) to a file, not to a pipe: the benchmark process hosts the
+ * control plane, whose CPU is what it measures, so it must not wake up to read a worker's log
+ * line after every job, as it did (BENCHMARKS.md, eighth round). The file gives the tail of the
+ * output and the jobs a worker refused (assigned while already full) when asked.
  */
 import { spawn } from "node:child_process";
 import { once } from "node:events";
+import { closeSync, mkdtempSync, openSync, readSync, rmSync, statSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { REPO_ROOT, type TestMarket } from "../test/support/market.js";
 
@@ -31,6 +35,9 @@ export async function startWorker(
     accountId: options.accountId,
     label: options.name,
   });
+  const dir = mkdtempSync(join(tmpdir(), "llm-bench-worker-"));
+  const log = join(dir, "output.log");
+  const output = openSync(log, "a");
   const child = spawn(
     process.execPath,
     [
@@ -57,37 +64,69 @@ export async function startWorker(
       "--engine-url",
       options.engineUrl,
     ],
-    { cwd: REPO_ROOT, stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, NODE_NO_WARNINGS: "1" } },
+    { cwd: REPO_ROOT, stdio: ["ignore", output, output], env: { ...process.env, NODE_NO_WARNINGS: "1" } },
   );
-  let tail = "";
-  let partial = "";
-  let refused = 0;
-  const onData = (data: Buffer) => {
-    const text = data.toString();
-    tail = (tail + text).slice(-TAIL_BYTES);
-    const lines = (partial + text).split("\n");
-    partial = lines.pop() ?? "";
-    for (const line of lines) if (/ refused: /.test(line)) refused++;
-  };
-  child.stdout.on("data", onData);
-  child.stderr.on("data", onData);
+  closeSync(output);
   const exited = once(child, "exit");
+  const refused = refusalCounter(log);
   await Promise.race([
     market.plane.registry.whenConnected(workerId),
     exited.then(([code]) => {
-      throw new Error(`worker exited with code ${code} before connecting:\n${tail}`);
+      throw new Error(`worker exited with code ${code} before connecting:\n${tailOf(log)}`);
     }),
   ]);
   return {
     workerId,
     pid: child.pid,
-    refusedJobs: () => refused,
-    outputTail: () => tail,
+    refusedJobs: () => refused.count(),
+    outputTail: () => tailOf(log),
     async stop() {
-      if (child.exitCode !== null || child.signalCode !== null) return;
-      child.kill("SIGTERM");
-      await exited;
+      if (child.exitCode === null && child.signalCode === null) {
+        child.kill("SIGTERM");
+        await exited;
+      }
+      rmSync(dir, { recursive: true, force: true });
     },
     kill: () => child.kill("SIGKILL"),
+  };
+}
+
+/** The last TAIL_BYTES of a file (a character cut in two at its start shows as U+FFFD). */
+function tailOf(path: string): string {
+  const size = statSync(path).size;
+  const length = Math.min(size, TAIL_BYTES);
+  const buffer = Buffer.alloc(length);
+  const fd = openSync(path, "r");
+  try {
+    readSync(fd, buffer, 0, length, size - length);
+  } finally {
+    closeSync(fd);
+  }
+  return buffer.toString();
+}
+
+/** Counts the "job … refused: …" lines of a growing file, reading only what was added since. */
+function refusalCounter(path: string): { count(): number } {
+  let offset = 0;
+  let partial = "";
+  let refused = 0;
+  return {
+    count() {
+      const size = statSync(path).size;
+      if (size > offset) {
+        const buffer = Buffer.alloc(size - offset);
+        const fd = openSync(path, "r");
+        try {
+          readSync(fd, buffer, 0, buffer.length, offset);
+        } finally {
+          closeSync(fd);
+        }
+        offset = size;
+        const lines = (partial + buffer.toString()).split("\n");
+        partial = lines.pop() ?? "";
+        for (const line of lines) if (/ refused: /.test(line)) refused++;
+      }
+      return refused;
+    },
   };
 }
