@@ -869,8 +869,12 @@ function clampCount(value: number, max: number): number {
 
 /** A worker-reported count as stored (bigint column, read back exactly as a JS number). */
 function reportedCount(value: number | null): number | null {
-  if (value === null || Number.isNaN(value)) return null;
-  return clampCount(value, Number.MAX_SAFE_INTEGER);
+  return optionalCount(value, Number.MAX_SAFE_INTEGER);
+}
+
+/** A count that may be absent, clamped to 0..max; null (or NaN) stays null. */
+function optionalCount(value: number | null, max: number): number | null {
+  return value === null || Number.isNaN(value) ? null : clampCount(value, max);
 }
 
 /**
@@ -878,14 +882,12 @@ function reportedCount(value: number | null): number | null {
  * without NUL, integers within their columns.
  */
 function storableCount(count: OrderCount): OrderCount {
-  const optional = (value: number | null, max: number) =>
-    value === null || Number.isNaN(value) ? null : clampCount(value, max);
   return {
     model: storable(count.model),
     verified: count.verified === true,
     ggufSha256: count.ggufSha256 === null ? null : storable(count.ggufSha256),
-    promptTokens: optional(count.promptTokens, MAX_INT32),
-    completionTokens: optional(count.completionTokens, MAX_INT32),
+    promptTokens: optionalCount(count.promptTokens, MAX_INT32),
+    completionTokens: optionalCount(count.completionTokens, MAX_INT32),
     reportedPromptTokens: reportedCount(count.reportedPromptTokens),
     reportedCompletionTokens: reportedCount(count.reportedCompletionTokens),
     claimedCompletionTokens: clampCount(count.claimedCompletionTokens, Number.MAX_SAFE_INTEGER),
