@@ -106,6 +106,85 @@ describe("ChunkParser", () => {
     expect(parser.fromTemplate).toBe(0);
   });
 
+  it("gives the token alone for a chunk that carries nothing but its text, and undefined for any other", () => {
+    const parser = new ChunkParser("chat");
+    const tokenWithLogprob = (token: string) =>
+      JSON.stringify({
+        id: "chatcmpl-7",
+        choices: [
+          {
+            index: 0,
+            delta: { content: token },
+            // The same in every chunk: one template serves them all.
+            logprobs: { content: [{ token: "t", logprob: -0.5, top_logprobs: [] }] },
+            finish_reason: null,
+          },
+        ],
+      });
+    // After each chunk that is not plain, a token that teaches a plain template again, then one
+    // that it serves.
+    const chunks = [
+      ...answer(),
+      chatChunk({ content: " last" }, "length"),
+      chatChunk({ content: " a1" }),
+      chatChunk({ content: " a2" }),
+      chatChunk({ content: " used" }, null, { usage: { prompt_tokens: 1, completion_tokens: 1 } }),
+      chatChunk({ content: " b1" }),
+      chatChunk({ content: " b2" }),
+      chatChunk({ content: " call", tool_calls: [{ index: 0, function: { arguments: "{" } }] }),
+      chatChunk({ content: " c1" }),
+      chatChunk({ content: " c2" }),
+      // A template that is not plain serves these: parsed from it, never taken as plain.
+      ...["x", " y", " z"].map(tokenWithLogprob),
+      chatChunk({ content: " d1" }),
+      chatChunk({ content: " d2" }),
+    ];
+    const plain: string[] = [];
+    for (const data of chunks) {
+      const text = parser.plainText(data);
+      const event = JSON.parse(data);
+      if (text === undefined) {
+        expect(parser.parse(data)).toStrictEqual(event);
+        continue;
+      }
+      plain.push(text);
+      // Exactly a one-choice chunk of that text, with nothing else the worker reads.
+      expect(event.choices).toHaveLength(1);
+      expect(event.choices[0]).toStrictEqual({
+        index: 0,
+        delta: { content: text },
+        logprobs: null,
+        finish_reason: null,
+      });
+      expect(event.usage).toBeUndefined();
+    }
+    // The answer's plain tokens after the first (which teaches the template), then each second one.
+    const unescaped = TOKENS.filter((token) => JSON.stringify(token) === `"${token}"`);
+    expect(plain).toEqual([...unescaped.slice(1), " a2", " b2", " c2", " d2"]);
+    expect(parser.fromTemplate).toBe(plain.length + 2);
+  });
+
+  it("never takes a legacy completion chunk with log-probabilities as plain", () => {
+    const parser = new ChunkParser("completion");
+    const chunk = (text: string, logprobs: object | null) =>
+      JSON.stringify({ id: "cmpl-1", choices: [{ index: 0, text, logprobs, finish_reason: null }] });
+    // The same log-probabilities in every chunk: one template serves them all.
+    const withLogprobs = (text: string) =>
+      chunk(text, { tokens: ["t"], token_logprobs: [-1], top_logprobs: null });
+
+    expect(
+      ["a", " b", " c"].map(
+        (text) => parser.plainText(withLogprobs(text)) ?? parser.parse(withLogprobs(text)),
+      ),
+    ).toStrictEqual(["a", " b", " c"].map((text) => JSON.parse(withLogprobs(text))));
+    expect(parser.fromTemplate).toBe(2);
+    expect(
+      ["d", " e", " f"].map(
+        (text) => parser.plainText(chunk(text, null)) ?? typeof parser.parse(chunk(text, null)),
+      ),
+    ).toEqual(["object", " e", " f"]);
+  });
+
   it(`stops learning after ${MAX_UNUSED_TEMPLATES} templates in a row that served nothing (a counter in every chunk)`, () => {
     const parser = new ChunkParser("chat");
     const chunks = Array.from({ length: 50 }, (_, i) => chatChunk({ content: ` t${i}` }, null, { seq: i }));

@@ -125,17 +125,25 @@ export class OpenAiEngine implements Engine {
           if (await stream.more()) continue;
           break;
         }
-        if (event.usage) {
-          usage = {
-            promptTokens: event.usage.prompt_tokens,
-            completionTokens: event.usage.completion_tokens,
-          };
+        let piece: EnginePiece | undefined;
+        let finish: string | null | undefined;
+        if (typeof event === "string") {
+          // A chunk of one token's text and nothing else, as chatPiece/completionPiece make it.
+          piece = event === "" ? undefined : { text: event, tokenCount: 1 };
+        } else {
+          if (event.usage) {
+            usage = {
+              promptTokens: event.usage.prompt_tokens,
+              completionTokens: event.usage.completion_tokens,
+            };
+          }
+          const choice = event.choices?.find((c) => c.index === 0);
+          if (!choice) continue;
+          piece = legacy
+            ? completionPiece(choice as unknown as Completion["choices"][number])
+            : chatPiece(choice as unknown as ChatCompletionChunk.Choice);
+          finish = choice.finish_reason;
         }
-        const choice = event.choices?.find((c) => c.index === 0);
-        if (!choice) continue;
-        const piece = legacy
-          ? completionPiece(choice as unknown as Completion["choices"][number])
-          : chatPiece(choice as unknown as ChatCompletionChunk.Choice);
         if (piece) {
           if (maxTokens > 0 && completionTokens >= maxTokens) {
             // The engine ignored max_tokens: stop it ourselves (leaving the loop ends the request).
@@ -146,7 +154,7 @@ export class OpenAiEngine implements Engine {
           yield piece;
           if (signal.aborted) return { finishReason: "cancelled" };
         }
-        if (choice.finish_reason) finishReason = mapFinishReason(choice.finish_reason);
+        if (finish) finishReason = mapFinishReason(finish);
       }
     } catch (error) {
       if (signal.aborted || error instanceof StreamAborted) return { finishReason: "cancelled" };
@@ -248,7 +256,8 @@ const HIGH_WATER_EVENTS = 256;
 class EngineStream {
   /** Settles once the answer's status and headers are in: rejects for a non-2xx answer. */
   readonly opened: Promise<void>;
-  private readonly events: StreamEvent[] = [];
+  /** Parsed events; a string is a chunk that carries only that text (ChunkParser.plainText). */
+  private readonly events: Array<StreamEvent | string> = [];
   private head = 0;
   private buffer = "";
   private request!: http.ClientRequest;
@@ -279,10 +288,10 @@ class EngineStream {
     this.send(true);
   }
 
-  /** The next parsed event, or undefined when none is waiting. */
-  next(): StreamEvent | undefined {
+  /** The next parsed event (a string: a chunk of only that text), or undefined when none is waiting. */
+  next(): StreamEvent | string | undefined {
     if (this.head < this.events.length) {
-      const event = this.events[this.head] as StreamEvent;
+      const event = this.events[this.head] as StreamEvent | string;
       this.head += 1;
       if (this.head === this.events.length) {
         this.events.length = 0;
@@ -444,6 +453,12 @@ class EngineStream {
         this.finished = true;
         return "";
       }
+      // Most chunks: a token and nothing else, taken without building their event.
+      const text = this.chunks.plainText(data);
+      if (text !== undefined) {
+        this.events.push(text);
+        continue;
+      }
       let event: (StreamEvent & { error?: object }) | null;
       try {
         event = this.chunks.parse(data) as (StreamEvent & { error?: object }) | null;
@@ -455,7 +470,8 @@ class EngineStream {
         this.fail(new APIError(undefined, event.error, undefined, new Headers()));
         return "";
       }
-      if (event) this.events.push(event);
+      // An event that is not an object (a bare JSON value) carries nothing the reader looks at.
+      if (typeof event === "object" && event !== null) this.events.push(event);
     }
     return buffer.slice(start);
   }
