@@ -15,7 +15,12 @@ export interface EmbeddedThreadData {
   pgdata: string;
   /** Where to listen; the directory exists and only this user may enter it. */
   socketPath: string;
+  /** PGlite's WebAssembly, compiled by the main thread (see embedded-database.ts); else PGlite compiles it. */
+  wasmModule?: CompiledWasm;
 }
+
+/** A WebAssembly.Module (whose type TypeScript declares only with the DOM library). */
+export type CompiledWasm = object;
 
 /** Thread → main thread. */
 export type EmbeddedThreadMessage = { type: "ready" } | { type: "closed" };
@@ -29,8 +34,11 @@ export type EmbeddedThreadCommand = { type: "close" };
  */
 const SETTINGS = ["-c", "shared_buffers=16MB"];
 
-const openPGlite = (pgdata: string) =>
-  PGlite.create(pgdata, { startParams: [...PGlite.defaultStartParams, ...SETTINGS] });
+const openPGlite = (pgdata: string, wasmModule?: CompiledWasm) =>
+  PGlite.create(pgdata, {
+    startParams: [...PGlite.defaultStartParams, ...SETTINGS],
+    ...(wasmModule ? { wasmModule } : {}),
+  });
 
 if (parentPort) {
   await serve(parentPort, workerData as EmbeddedThreadData);
@@ -39,7 +47,7 @@ if (parentPort) {
 }
 
 async function serve(port: MessagePort, data: EmbeddedThreadData): Promise<void> {
-  const pglite = await openPGlite(data.pgdata);
+  const pglite = await openPGlite(data.pgdata, data.wasmModule);
   const server = new PGLiteSocketServer({ db: pglite, path: data.socketPath, maxConnections: 1 });
   try {
     await server.start();

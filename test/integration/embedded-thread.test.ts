@@ -12,8 +12,10 @@ import { pathToFileURL } from "node:url";
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it, vi } from "vitest";
 import { type Database, openDatabase } from "../../server/store/database.js";
 import {
+  compiledPglite,
   DATABASE_THREAD_YOUNG_GENERATION_MB,
   EmbeddedDatabaseCrashedError,
+  wasm,
 } from "../../server/store/embedded-database.js";
 import { copyPgdata, type InitialisedDataDir, initialisedDataDir } from "../support/database.js";
 import { REPO_ROOT } from "../support/market.js";
@@ -51,6 +53,14 @@ describe("the embedded database's thread", () => {
 
   /** Makes this test's data dir a copy of an initialised one. */
   const startFromInitialised = () => copyPgdata(initialised.dataDir, dataDir);
+
+  it("compiles PGlite's WebAssembly once per process, from where PGlite keeps it", async () => {
+    // Undefined would mean PGlite moved the file: every thread would then compile it again.
+    const compiled = await compiledPglite();
+    expect(compiled).toBeInstanceOf(wasm().Module);
+    expect(wasm().Module.exports(compiled as object).length).toBeGreaterThan(0);
+    expect(await compiledPglite()).toBe(compiled);
+  });
 
   it(
     "keeps the main thread running while a query runs, and ends with close",

@@ -4,8 +4,8 @@
  * holding a copy of the run's migrated template when there is one (see TEMPLATE_ENV).
  */
 import { randomBytes } from "node:crypto";
-import { constants } from "node:fs";
-import { cp, mkdtemp, rm } from "node:fs/promises";
+import { constants, cpSync } from "node:fs";
+import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import type { MikroORM } from "@mikro-orm/postgresql";
@@ -64,10 +64,12 @@ export async function createTestDatabase(
 /**
  * Copies the `pgdata` of `fromDataDir` (initialised and closed) into `toDataDir`. The server finds
  * PG_VERSION in the copy and opens it as it is: no initdb, no pending migration. A clone where the
- * file system can make one, a plain copy otherwise.
+ * file system can make one, a plain copy otherwise. Synchronous: Node 20's promise-based `cp`
+ * awaits each of pgdata's ~1,000 files in turn and took 0.35-0.45 s on tmpfs, `cpSync` 0.07-0.09 s
+ * (a pause that no test's timing comes near).
  */
 export async function copyPgdata(fromDataDir: string, toDataDir: string): Promise<void> {
-  await cp(join(fromDataDir, "pgdata"), join(toDataDir, "pgdata"), {
+  cpSync(join(fromDataDir, "pgdata"), join(toDataDir, "pgdata"), {
     recursive: true,
     mode: constants.COPYFILE_FICLONE,
   });
